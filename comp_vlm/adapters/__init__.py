@@ -1,0 +1,3 @@
+"""Model adapters, one file per family, registered by model class."""
+
+from . import clip  # noqa: F401

@@ -1,0 +1,182 @@
+"""Adapter for Hugging Face ``CLIPModel`` (vision tower: mode P_v / T_v; text tower: P_l / T_l).
+
+Instance-level forwards (no class patch): each tower's ``encoder.forward`` carries a :class:`TokenState` through
+the layers and scatters the surviving tokens back to their original positions at the end, so CLIP's own pooling
+(vision CLS at 0, text EOS by input ids) reads the right token; each layer's ``forward`` runs attention, its token
+site, then the MLP. A pre-hook on the text model records the padding mask and the pooled EOS position of the call.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from types import MethodType
+
+import torch
+from torch import nn
+from transformers import CLIPModel
+from transformers.modeling_outputs import BaseModelOutput
+
+from .. import masks, tokens
+from ..errors import CompVLMError
+from ..tokens import TokenState
+from .base import LayerParts, ModelAdapter, TowerSpec, register_adapter
+from .common import LayerRuntime, heads_alive, restore_sdpa, site_step, use_comp_attention
+
+CLIP_PARTS = LayerParts(
+    attention="self_attn",
+    head_in=(("self_attn.q_proj", 1), ("self_attn.k_proj", 1), ("self_attn.v_proj", 1)),
+    head_out="self_attn.out_proj",
+    mlp="mlp",
+    neuron_in=("mlp.fc1",),
+    neuron_out="mlp.fc2",
+    head_count_attrs=("num_heads",),
+)
+
+
+def clip_pooled_positions(input_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
+    """Where CLIPTextModel pools: the highest id when ``eos_token_id == 2`` (legacy rule), else the first EOS."""
+    ids = input_ids.to(torch.int)
+    if eos_token_id == 2:
+        return ids.argmax(dim=-1).long()
+    return (ids == eos_token_id).int().argmax(dim=-1).long()
+
+
+class TextCallHook:
+    """Forward pre-hook (with kwargs) on CLIPTextModel: hands the call's padding mask and pooled positions to the
+    encoder forward through a transient attribute that the encoder pops."""
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        attention_mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+        if input_ids is None:
+            return None
+        input_ids = input_ids.view(-1, input_ids.shape[-1])
+        valid = None if attention_mask is None else attention_mask.view(input_ids.shape).bool()
+        pooled = clip_pooled_positions(input_ids, module.eos_token_id)
+        module.encoder.__dict__["_comp_call"] = (valid, pooled)
+        return None
+
+
+def clip_encoder_forward(self: nn.Module, inputs_embeds: torch.Tensor, attention_mask=None, **kwargs) -> BaseModelOutput:
+    """Instance forward of CLIPEncoder: layers exchange a TokenState; output scattered to full length."""
+    call = self.__dict__.pop("_comp_call", None)
+    b, n = inputs_embeds.shape[:2]
+    valid, pooled = call if call is not None else (None, None)
+    if valid is not None and valid.shape != (b, n):
+        valid, pooled = None, None
+    first = torch.zeros(b, n, dtype=torch.bool, device=inputs_embeds.device)
+    first[:, 0] = True
+    state = TokenState.start(b, n, inputs_embeds.device, valid=valid, pooled=pooled, always_kept=first)
+    hidden = inputs_embeds
+    for layer in self.layers:
+        hidden, state = layer(hidden, attention_mask, comp_state=state, **kwargs)
+    return BaseModelOutput(last_hidden_state=tokens.scatter_to_full(hidden, state))
+
+
+def _clip_layer_body(
+    self: nn.Module, hidden: torch.Tensor, attention_mask, comp_state: TokenState, **kwargs
+) -> tuple[torch.Tensor, TokenState]:
+    rt: LayerRuntime = self.comp_runtime
+    state = comp_state
+    mask = state.attn_mask if state.gathered else attention_mask
+    attn = self.self_attn
+    head_mask = getattr(attn, masks.HEAD_MASK, None)
+    n_heads = attn.q_proj.out_features // attn.head_dim
+    keep = getattr(self, "comp_site_keep", 1.0)
+    site_on = keep < 1.0 and heads_alive(attn, n_heads, head_mask)
+    x = self.layer_norm1(hidden)
+    if n_heads == 0:
+        attn_out, probs = attn.out_proj(x.new_zeros(*x.shape[:-1], 0)), None
+    else:
+        attn_out, probs = attn(hidden_states=x, attention_mask=mask, comp_need_probs=site_on, **kwargs)
+    hidden = hidden + attn_out
+    if site_on:
+        if probs is None:
+            raise CompVLMError(
+                "token sites need attention probabilities, which this model's attention implementation does not "
+                "return; use attn_implementation 'comp_vlm' (installed by default) or 'eager'"
+            )
+        hidden, state = site_step(hidden, probs, head_mask, state, keep, rt.causal)
+    if rt.pooled_only_mlp:
+        hidden, state = tokens.keep_pooled_only(hidden, state)
+    hidden = hidden + self.mlp(self.layer_norm2(hidden))
+    return hidden, state
+
+
+def clip_layer_forward(self: nn.Module, hidden_states: torch.Tensor, attention_mask=None, comp_state=None, **kwargs):
+    """Instance forward of CLIPEncoderLayer: attention -> token site -> MLP; keeps gradient checkpointing."""
+    if comp_state is None:  # called outside the comp-vlm encoder: behave like the class
+        return type(self).forward(self, hidden_states, attention_mask, **kwargs)
+    if getattr(self, "gradient_checkpointing", False) and self.training and torch.is_grad_enabled():
+        body = partial(_clip_layer_body, self, comp_state=comp_state, **kwargs)
+        return self._gradient_checkpointing_func(body, hidden_states, attention_mask)
+    return _clip_layer_body(self, hidden_states, attention_mask, comp_state=comp_state, **kwargs)
+
+
+@register_adapter
+class CLIPAdapter(ModelAdapter):
+    family = "clip"
+    model_classes = (CLIPModel,)
+    supports_dead_compute = True
+
+    def _tower_modules(self) -> dict[str, nn.Module]:
+        return {"vision": self.model.vision_model, "text": self.model.text_model}
+
+    def tower_specs(self) -> list[TowerSpec]:
+        cfg = self.model.config
+        specs = []
+        for name, sub, pmode, tmode, causal in (
+            ("vision", cfg.vision_config, "P_v", "T_v", False),
+            ("text", cfg.text_config, "P_l", "T_l", True),
+        ):
+            specs.append(
+                TowerSpec(
+                    name=name, param_mode=pmode, token_mode=tmode,
+                    layers_path=f"{name}_model.encoder.layers",
+                    num_heads=sub.num_attention_heads, head_dim=sub.hidden_size // sub.num_attention_heads,
+                    hidden=sub.hidden_size, neurons=sub.intermediate_size, causal=causal, parts=CLIP_PARTS,
+                )
+            )
+        return specs
+
+    def default_reference(self) -> dict:
+        cfg = self.model.config
+        return {"image_size": cfg.vision_config.image_size, "text_length": min(16, cfg.text_config.max_position_embeddings)}
+
+    def tower_io(self, spec: TowerSpec, reference: dict) -> tuple[int, int, int]:
+        cfg = self.model.config
+        proj = cfg.projection_dim
+        if spec.name == "vision":
+            vc = cfg.vision_config
+            patches = (int(reference["image_size"]) // vc.patch_size) ** 2
+            patch_embed = 2 * patches * vc.num_channels * vc.patch_size**2 * vc.hidden_size
+            return patches + 1, 1, patch_embed + 2 * vc.hidden_size * proj
+        length = int(reference["text_length"])
+        return length, min(2, length), 2 * cfg.text_config.hidden_size * proj
+
+    def _install_forward(self) -> None:
+        use_comp_attention(self.model)
+        pooled_only = self.pooled_only_last_mlp()
+        for spec in self.tower_specs():
+            encoder = self._tower_modules()[spec.name].encoder
+            encoder.forward = MethodType(clip_encoder_forward, encoder)
+            layers = self.layers(spec)
+            for i, layer in enumerate(layers):
+                layer.forward = MethodType(clip_layer_forward, layer)
+                layer.comp_runtime = LayerRuntime(spec.name, i, spec.causal, pooled_only and i == len(layers) - 1)
+        text = self.model.text_model
+        if not masks.has_hook(text, (TextCallHook,)):
+            text.register_forward_pre_hook(TextCallHook(), with_kwargs=True)
+        object.__setattr__(self.model, "_comp_vlm_installed", True)
+
+    def _uninstall_forward(self) -> None:
+        for spec in self.tower_specs():
+            encoder = self._tower_modules()[spec.name].encoder
+            encoder.__dict__.pop("forward", None)
+            encoder.__dict__.pop("_comp_call", None)
+            for layer in self.layers(spec):
+                layer.__dict__.pop("forward", None)
+                layer.__dict__.pop("comp_runtime", None)
+        masks.remove_hooks(self.model.text_model, (TextCallHook,))
+        restore_sdpa(self.model)
+        self.model.__dict__.pop("_comp_vlm_installed", None)

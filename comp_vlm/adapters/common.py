@@ -1,0 +1,133 @@
+"""Transformer plumbing shared by the adapters: the ``comp_vlm`` attention implementation and the token-site step.
+
+The attention function runs transformers' sdpa for every module except where a layer asks for attention
+probabilities (an active token site, statistics collection); there it runs eager attention and returns them.
+Registered once, by name, in transformers' ``AttentionInterface`` (and the sdpa mask builder under the same name,
+without which ``create_causal_mask`` silently returns no mask at all); selected per model instance through
+``config._attn_implementation`` -- no class is patched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .. import importance, tokens
+from ..tokens import TokenState
+
+COMP_ATTENTION = "comp_vlm"
+_registered = False
+
+
+def eager_attention_with_probs(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    is_causal: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain softmax attention returning (output (B, n, H, d), probabilities (B, H, n, n))."""
+    groups = getattr(module, "num_key_value_groups", 1)
+    if groups > 1:
+        key = key.repeat_interleave(groups, dim=1)
+        value = value.repeat_interleave(groups, dim=1)
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    logits = torch.matmul(query, key.transpose(-1, -2)) * scaling
+    if attention_mask is not None:
+        mask = attention_mask[:, :, :, : key.shape[-2]]
+        if mask.dtype == torch.bool:
+            logits = logits.masked_fill(~mask, torch.finfo(logits.dtype).min)
+        else:
+            logits = logits + mask
+    elif is_causal and query.shape[-2] > 1:
+        q, k = query.shape[-2], key.shape[-2]
+        allowed = torch.ones(q, k, dtype=torch.bool, device=query.device).tril(k - q)
+        logits = logits.masked_fill(~allowed, torch.finfo(logits.dtype).min)
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(query.dtype)
+    probs_used = nn.functional.dropout(probs, p=dropout, training=module.training)
+    out = torch.matmul(probs_used, value).transpose(1, 2).contiguous()
+    return out, probs
+
+
+def comp_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    comp_need_probs: bool = False,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """sdpa, or eager with probabilities where the caller passed ``comp_need_probs=True``."""
+    if comp_need_probs:
+        return eager_attention_with_probs(
+            module, query, key, value, attention_mask, scaling, dropout, kwargs.get("is_causal")
+        )
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+
+
+def register_comp_attention() -> None:
+    global _registered
+    if _registered:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(COMP_ATTENTION, comp_attention_forward)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(COMP_ATTENTION, sdpa_mask)
+    _registered = True
+
+
+def use_comp_attention(model: nn.Module) -> None:
+    """Switch a model instance from sdpa to ``comp_vlm`` attention (eager and others are left alone)."""
+    register_comp_attention()
+    if getattr(model.config, "_attn_implementation", None) in (None, "sdpa"):
+        model.set_attn_implementation(COMP_ATTENTION)
+
+
+def restore_sdpa(model: nn.Module) -> None:
+    if getattr(model.config, "_attn_implementation", None) == COMP_ATTENTION:
+        model.set_attn_implementation("sdpa")
+
+
+@dataclass(frozen=True)
+class LayerRuntime:
+    """Per-layer settings the instance forward reads (stored on the layer module)."""
+
+    tower: str
+    index: int
+    causal: bool
+    pooled_only_mlp: bool
+
+
+def heads_alive(attention: nn.Module, n_heads: int, head_mask: torch.Tensor | None) -> bool:
+    if n_heads == 0:
+        return False
+    return head_mask is None or bool((head_mask > 0).any())
+
+
+def token_scores(probs: torch.Tensor, head_mask: torch.Tensor | None, state: TokenState, causal: bool) -> torch.Tensor:
+    """CIT scores (Eq. 6-7) of the current slots: pooled-query row for causal towers, received attention otherwise."""
+    if causal:
+        return importance.cit_pooled_row(probs, head_mask, state.pooled_slot, state.prunable)
+    query_rows = state.valid & (state.positions != state.pooled[:, None])
+    return importance.cit_received_attention(probs, head_mask, query_rows, state.prunable)
+
+
+def site_step(
+    hidden: torch.Tensor, probs: torch.Tensor, head_mask: torch.Tensor | None, state: TokenState, keep: float,
+    causal: bool,
+) -> tuple[torch.Tensor, TokenState]:
+    """Score, select (top-k, sorted) and gather the tokens a site keeps."""
+    scores = token_scores(probs.detach(), None if head_mask is None else head_mask.detach(), state, causal)
+    slots, slot_valid = tokens.select_tokens(scores, state, keep)
+    return tokens.gather_tokens(hidden, slots), state.gather(slots, slot_valid, causal, hidden.dtype)

@@ -1,0 +1,1 @@
+"""Data: tokenizers/processors for tiny models and the synthetic worlds."""

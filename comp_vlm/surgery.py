@@ -1,0 +1,48 @@
+"""Physical removal of units from ``nn.Linear`` layers, shared by every adapter."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def _new_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    out_f, in_f = weight.shape
+    layer = nn.utils.skip_init(nn.Linear, in_f, out_f, bias=bias is not None, device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+        if bias is not None:
+            layer.bias.copy_(bias)
+    layer.weight.requires_grad_(weight.requires_grad)
+    return layer
+
+
+def slice_linear_out(linear: nn.Linear, keep: torch.Tensor) -> nn.Linear:
+    """Keep output rows ``keep`` (weight rows and bias entries)."""
+    keep = keep.to(linear.weight.device)
+    bias = None if linear.bias is None else linear.bias.detach()[keep]
+    return _new_linear(linear.weight.detach()[keep], bias)
+
+
+def slice_linear_in(linear: nn.Linear, keep: torch.Tensor) -> nn.Linear:
+    """Keep input columns ``keep`` (the bias is untouched)."""
+    keep = keep.to(linear.weight.device)
+    bias = None if linear.bias is None else linear.bias.detach()
+    return _new_linear(linear.weight.detach()[:, keep], bias)
+
+
+def head_channels(heads: torch.Tensor, head_dim: int, repeats: int = 1, stride: int = 0) -> torch.Tensor:
+    """Channel indices of ``heads`` in a projection laid out head after head; ``repeats`` copies at offset
+    ``stride`` (a fused [q|k|v] projection has repeats=3, stride=H*head_dim)."""
+    base = (heads.long()[:, None] * head_dim + torch.arange(head_dim)[None, :]).reshape(-1)
+    return torch.cat([base + r * stride for r in range(repeats)])
+
+
+def get_submodule_parent(root: nn.Module, path: str) -> tuple[nn.Module, str]:
+    parent_path, _, name = path.rpartition(".")
+    return (root.get_submodule(parent_path) if parent_path else root), name
+
+
+def replace_submodule(root: nn.Module, path: str, new: nn.Module) -> None:
+    parent, name = get_submodule_parent(root, path)
+    setattr(parent, name, new)
