@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
 
 def _new_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
     out_f, in_f = weight.shape
-    layer = nn.utils.skip_init(nn.Linear, in_f, out_f, bias=bias is not None, device=weight.device, dtype=weight.dtype)
+    with warnings.catch_warnings():  # a fully pruned layer has zero-element weights; their init is a no-op anyway
+        warnings.simplefilter("ignore", UserWarning)
+        layer = nn.utils.skip_init(nn.Linear, in_f, out_f, bias=bias is not None, device=weight.device, dtype=weight.dtype)
     with torch.no_grad():
         layer.weight.copy_(weight)
         if bias is not None:

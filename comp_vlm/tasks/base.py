@@ -1,0 +1,78 @@
+"""The task protocol the pruning engine drives: a training loss, an evaluation, and a validation loss.
+
+A task knows how to turn a model and a batch into numbers; it knows nothing about pruning or about a particular
+architecture (no adapter or model-class imports here). Batches are dicts of tensors (plus optional non-tensor
+entries such as caption strings); loaders are any iterables of such batches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+Batch = Mapping[str, Any]
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put ``model`` in eval mode for the block and restore every submodule's previous ``training`` flag after
+    (per module, so mixed train/eval states survive too)."""
+    previous = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, flag in previous.items():
+            m.training = flag
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (CPU for a parameterless module)."""
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+class Task(ABC):
+    """What the engine needs from a task.
+
+    Subclasses set :attr:`primary_metric` (a key of :meth:`evaluate`'s result) and :attr:`higher_is_better`, and
+    implement :meth:`loss` and :meth:`evaluate`.
+    """
+
+    #: name of the metric, among :meth:`evaluate`'s keys, that decides which model is better
+    primary_metric: str = "loss"
+    #: whether a larger :attr:`primary_metric` is better
+    higher_is_better: bool = True
+
+    @abstractmethod
+    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        """Training loss of ``model`` on ``batch`` as a scalar tensor with a graph (the model's current mode and
+        grad state are left as they are). ``batch`` is already on the model's device."""
+
+    @abstractmethod
+    def evaluate(self, model: nn.Module, loader: Iterable[Batch]) -> dict[str, float]:
+        """Metrics of ``model`` over ``loader`` (eval mode, no grad, previous mode restored). The result holds
+        :attr:`primary_metric` and ``"loss"``."""
+
+    def validation_loss(self, model: nn.Module, batches: Iterable[Batch]) -> float:
+        """Mean of :meth:`loss` over a fixed list of batches (each batch weighs the same), in eval mode under
+        ``torch.no_grad()``; the model's previous train/eval state is restored afterwards."""
+        device = model_device(model)
+        total, count = 0.0, 0
+        with eval_mode(model), torch.no_grad():
+            for batch in batches:
+                total += float(self.loss(model, self.batch_to(batch, device)))
+                count += 1
+        if count == 0:
+            raise ValueError("validation_loss needs at least one batch")
+        return total / count
+
+    @staticmethod
+    def batch_to(batch: Batch, device: torch.device | str) -> dict[str, Any]:
+        """A shallow copy of ``batch`` with every tensor moved to ``device`` (other entries kept as they are)."""
+        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}

@@ -1,0 +1,212 @@
+"""Image-text retrieval for CLIP-style dual encoders: symmetric InfoNCE loss and Recall@K.
+
+Batch format (a dict):
+
+- ``pixel_values``: float ``(B, 3, H, W)``; ``input_ids``, ``attention_mask``: long ``(B, L)`` -- pair ``i`` is
+  image ``i`` with text ``i``;
+- ``captions`` (optional): ``list[str]`` of the ``B`` caption strings;
+- ``image_ids`` (optional): ``B`` hashable image identities, for datasets that repeat an image with several
+  captions (COCO/Flickr pairs).
+
+Matching rule. Items are identified by *keys*: a text by its caption string (by its position in the loader when
+``captions`` is absent), an image by its ``image_ids`` entry (else its position). The galleries are
+de-duplicated by key (the first occurrence's embedding stands for the key; identical captions have identical
+embeddings anyway), and an image and a text are *relevant* to each other when some pair in the data joins their
+keys. So when one caption string describes several images, image-to-text retrieval is correct when the retrieved
+caption string equals the query image's caption, and each unique caption is one text query whose correct
+answers are all images carrying it. Recall@K is the percentage of queries with a relevant item among the top K;
+ties are counted against the query (a relevant item ranks below every irrelevant item scoring the same or more).
+
+The training loss uses the same relevance inside a batch: the targets of a row are spread evenly over every
+column relevant to it (same caption or same image), so duplicates are not pushed apart as false negatives.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable, Iterable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import Batch, Task, eval_mode, model_device
+
+DEFAULT_KS: tuple[int, ...] = (1, 5, 10)
+
+
+def _embedding(out: Any) -> torch.Tensor:
+    """A feature tensor from ``get_*_features``: a tensor (transformers 4.x) or an output whose ``pooler_output``
+    holds the projected embedding (transformers 5.x)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    pooled = getattr(out, "pooler_output", None)
+    if isinstance(pooled, torch.Tensor):
+        return pooled
+    raise TypeError(f"cannot read an embedding from {type(out).__name__}: expected a tensor or .pooler_output")
+
+
+def _key_ids(keys: Sequence[Hashable]) -> torch.Tensor:
+    """Dense ids ``0..U-1`` (in order of first occurrence) for a sequence of hashable keys."""
+    table: dict[Hashable, int] = {}
+    return torch.tensor([table.setdefault(k, len(table)) for k in keys], dtype=torch.long)
+
+
+def batch_positives(batch: Batch, n: int, device: torch.device | None = None) -> torch.Tensor | None:
+    """``(n, n)`` bool matrix of relevant (image i, text j) pairs in a batch, or ``None`` when the batch carries no
+    keys (then only the diagonal is relevant)."""
+    pos = None
+    for name in ("captions", "image_ids"):
+        keys = batch.get(name)
+        if keys is not None:
+            ids = _key_ids(list(keys)).to(device)
+            same = ids[:, None] == ids[None, :]
+            pos = same if pos is None else pos | same
+    return pos
+
+
+def contrastive_loss(
+    image_emb: torch.Tensor, text_emb: torch.Tensor, scale: torch.Tensor | float,
+    positives: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Symmetric InfoNCE over cosine similarities times ``scale``: the mean of the image-to-text and
+    text-to-image cross-entropies. ``positives`` (``(B, B)`` bool, diagonal set) spreads each row's target evenly
+    over its relevant columns; ``None`` means the diagonal only (standard CLIP loss)."""
+    img = F.normalize(image_emb.float(), dim=-1)
+    txt = F.normalize(text_emb.float(), dim=-1)
+    logits = scale * img @ txt.t()
+    if positives is None:
+        labels = torch.arange(logits.shape[0], device=logits.device)
+        return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
+    target = positives.float()
+    return (F.cross_entropy(logits, target / target.sum(1, keepdim=True))
+            + F.cross_entropy(logits.t(), target.t() / target.t().sum(1, keepdim=True))) / 2
+
+
+def _ranks(queries: torch.Tensor, gallery: torch.Tensor, q_of_pair: torch.Tensor, g_of_pair: torch.Tensor,
+           chunk: int = 1024) -> torch.Tensor:
+    """For each query, how many irrelevant gallery items score at least as high as its best relevant item."""
+    ranks = torch.empty(queries.shape[0], dtype=torch.long)
+    for start in range(0, queries.shape[0], chunk):
+        sim = queries[start:start + chunk] @ gallery.t()
+        rel = torch.zeros_like(sim, dtype=torch.bool)
+        sel = (q_of_pair >= start) & (q_of_pair < start + sim.shape[0])
+        rel[q_of_pair[sel] - start, g_of_pair[sel]] = True
+        best = sim.masked_fill(~rel, -math.inf).amax(1, keepdim=True)
+        ranks[start:start + sim.shape[0]] = ((sim >= best) & ~rel).sum(1).cpu()
+    return ranks
+
+
+def retrieval_metrics(
+    image_emb: torch.Tensor, text_emb: torch.Tensor, image_keys: Sequence[Hashable] | None = None,
+    text_keys: Sequence[Hashable] | None = None, ks: Sequence[int] = DEFAULT_KS,
+) -> dict[str, float]:
+    """Recall@K in percent for ``N`` (image, text) pairs given as per-pair embeddings ``(N, D)``.
+
+    Keys identify items (default: the pair index, i.e. every item unique); see the module docstring for the
+    matching rule. Returns ``i2t_r{k}``, ``t2i_r{k}`` for each ``k`` and ``r1_mean`` (mean of the two R@1)
+    when 1 is among ``ks``."""
+    n = image_emb.shape[0]
+    if text_emb.shape[0] != n or n == 0:
+        raise ValueError(f"need the same positive number of images and texts, got {n} and {text_emb.shape[0]}")
+    img_id = _key_ids(list(image_keys) if image_keys is not None else range(n))
+    txt_id = _key_ids(list(text_keys) if text_keys is not None else range(n))
+    if len(img_id) != n or len(txt_id) != n:
+        raise ValueError("image_keys and text_keys must have one entry per pair")
+    first = torch.arange(n)
+    img_first = torch.full((int(img_id.max()) + 1,), n).scatter_reduce(0, img_id, first, "amin")
+    txt_first = torch.full((int(txt_id.max()) + 1,), n).scatter_reduce(0, txt_id, first, "amin")
+    images = F.normalize(image_emb.float(), dim=-1)[img_first.to(image_emb.device)]
+    texts = F.normalize(text_emb.float(), dim=-1)[txt_first.to(text_emb.device)].to(images.device)
+    dev = images.device
+    i2t = _ranks(images, texts, img_id.to(dev), txt_id.to(dev))
+    t2i = _ranks(texts, images, txt_id.to(dev), img_id.to(dev))
+    out: dict[str, float] = {}
+    for name, ranks in (("i2t", i2t), ("t2i", t2i)):
+        for k in ks:
+            out[f"{name}_r{k}"] = 100.0 * (ranks < k).float().mean().item()
+    if 1 in ks:
+        out["r1_mean"] = (out["i2t_r1"] + out["t2i_r1"]) / 2
+    return out
+
+
+class RetrievalTask(Task):
+    """Contrastive image-text retrieval for models with ``get_image_features(pixel_values=...)``,
+    ``get_text_features(input_ids=..., attention_mask=...)`` and a ``logit_scale`` parameter (log of the
+    inverse temperature), e.g. ``transformers.CLIPModel``.
+
+    ``max_scale`` caps ``exp(logit_scale)`` in the loss (100, as in CLIP training); ``default_logit_scale`` is
+    used for models without ``logit_scale``.
+    """
+
+    primary_metric = "r1_mean"
+    higher_is_better = True
+
+    def __init__(self, ks: Sequence[int] = DEFAULT_KS, max_scale: float = 100.0,
+                 default_logit_scale: float = math.log(1 / 0.07)) -> None:
+        if 1 not in ks:
+            raise ValueError("ks must contain 1 (the primary metric is R@1)")
+        self.ks = tuple(ks)
+        self.max_scale = max_scale
+        self.default_logit_scale = default_logit_scale
+
+    # -- encoders ---------------------------------------------------------------------------------------------
+    @staticmethod
+    def encode_images(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Projected (unnormalised) image embeddings ``(B, D)``."""
+        return _embedding(model.get_image_features(pixel_values=pixel_values))
+
+    @staticmethod
+    def encode_texts(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """Projected (unnormalised) text embeddings ``(B, D)``."""
+        return _embedding(model.get_text_features(input_ids=input_ids, attention_mask=attention_mask))
+
+    def scale(self, model: nn.Module) -> torch.Tensor:
+        """``exp(logit_scale)`` capped at ``max_scale`` (differentiable below the cap)."""
+        log_scale = getattr(model, "logit_scale", None)
+        if log_scale is None:
+            log_scale = torch.tensor(self.default_logit_scale, device=model_device(model))
+        return log_scale.float().exp().clamp(max=self.max_scale)
+
+    # -- Task -------------------------------------------------------------------------------------------------
+    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        img = self.encode_images(model, batch["pixel_values"])
+        txt = self.encode_texts(model, batch["input_ids"], batch.get("attention_mask"))
+        return contrastive_loss(img, txt, self.scale(model), batch_positives(batch, img.shape[0], img.device))
+
+    def embed(self, model: nn.Module, loader: Iterable[Batch]) -> dict[str, Any]:
+        """Embeddings of every pair in ``loader`` (eval mode, no grad, previous mode restored): ``image_emb``,
+        ``text_emb`` ``(N, D)``, ``image_keys``, ``text_keys`` (lists) and ``loss`` (mean over batches)."""
+        device = model_device(model)
+        imgs: list[torch.Tensor] = []
+        txts: list[torch.Tensor] = []
+        image_keys: list[Hashable] = []
+        text_keys: list[Hashable] = []
+        losses: list[float] = []
+        with eval_mode(model), torch.no_grad():
+            scale = self.scale(model)
+            for batch in loader:
+                batch = self.batch_to(batch, device)
+                img = self.encode_images(model, batch["pixel_values"])
+                txt = self.encode_texts(model, batch["input_ids"], batch.get("attention_mask"))
+                losses.append(float(contrastive_loss(img, txt, scale, batch_positives(batch, len(img), device))))
+                offset = len(image_keys)
+                # keys of different kinds never collide: positions are ints, real keys come from the data
+                image_keys += list(batch["image_ids"]) if "image_ids" in batch else \
+                    [("#", offset + i) for i in range(len(img))]
+                text_keys += list(batch["captions"]) if "captions" in batch else \
+                    [("#", offset + i) for i in range(len(txt))]
+                imgs.append(img.float())
+                txts.append(txt.float())
+        if not imgs:
+            raise ValueError("evaluation loader is empty")
+        return {"image_emb": torch.cat(imgs), "text_emb": torch.cat(txts), "image_keys": image_keys,
+                "text_keys": text_keys, "loss": sum(losses) / len(losses)}
+
+    def evaluate(self, model: nn.Module, loader: Iterable[Batch]) -> dict[str, float]:
+        """``i2t_r{k}``, ``t2i_r{k}`` (percent), ``r1_mean`` and ``loss`` over the whole loader as one gallery."""
+        e = self.embed(model, loader)
+        metrics = retrieval_metrics(e["image_emb"], e["text_emb"], e["image_keys"], e["text_keys"], self.ks)
+        metrics["loss"] = e["loss"]
+        return metrics
