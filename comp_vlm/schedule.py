@@ -12,22 +12,18 @@ Stage protocol (one evaluation per stage, "before" of stage T is "after" of stag
     # or, if m could not prune at all (floors reached): sched.mark_exhausted(m)  -> the stage is cancelled
     # if m pruned part of a step and is now at its floors: update(...) first, then mark_exhausted(m)
 
-Strategies (``MPSConfig.strategy``) and the flags they resolve to (:func:`resolve_strategy`):
+Strategies (``MPSConfig.strategy``) and the flags they resolve to (:func:`resolve_strategy`)::
 
-============== =================== ===== ===== =================================================
-name           rule                RE    HI    modes
-============== =================== ===== ===== =================================================
-``comp``       CAS (Eq.8)          yes   yes   all
-``greedy``     CAS                 no    no    all (R_m = latest r)
-``no-re``      CAS                 no    yes   all
-``no-hi``      CAS                 yes   no    all
-``cycle``      round-robin         —     —     all
-``random-mode`` uniform random     —     —     all
-``param-only`` ``subset_rule``     —     —     ``P*`` modes only
-``token-only`` ``subset_rule``     —     —     ``T*`` modes only
-``sjp``        ``subset_rule``     —     —     ``T*`` until :meth:`~MultiModeScheduler.set_token_share_reached`,
-                                               then ``P*``
-============== =================== ===== ===== =================================================
+    name          rule              RE   HI   modes used
+    comp          CAS (Eq.8)        yes  yes  all
+    greedy        CAS               no   no   all (HI off: R_m = latest r)
+    no-re         CAS               no   yes  all
+    no-hi         CAS               yes  no   all
+    cycle         round-robin       -    -    all
+    random-mode   uniform random    -    -    all
+    param-only    subset_rule       -    -    P* modes only
+    token-only    subset_rule       -    -    T* modes only
+    sjp           subset_rule       -    -    T* until set_token_share_reached() (or all T* exhausted), then P*
 
 ``subset_rule`` (default ``"cycle"``) is the rule *within* the restricted set of ``param-only``,
 ``token-only`` and ``sjp``: ``"cycle"`` (round-robin: these are the non-MPS baselines — the paper's ablation
@@ -420,7 +416,7 @@ def _sample_index(rng: random.Random, probs: Sequence[float]) -> int:
 
 
 __all__ = [
-    "MPSConfig", "MultiModeScheduler", "NoModeLeftError", "STRATEGIES", "SUBSET_RULES", "ScheduleError",
+    "STRATEGIES", "SUBSET_RULES", "MPSConfig", "MultiModeScheduler", "NoModeLeftError", "ScheduleError",
     "StrategySpec", "exploration_probabilities", "history_lambda", "history_update", "mode_kind",
     "resolve_strategy", "stage_cost",
 ]
