@@ -6,6 +6,7 @@ from torch import nn
 
 from . import adapters  # noqa: F401  (registers the adapters)
 from .adapters.base import AdapterOptions, ModelAdapter, get_adapter, register_adapter
+from .engine import PruneConfig, PruneResult, Pruner, prune
 from .errors import CheckpointError, CompVLMError, ConfigError, RecipeError, UnsupportedModelError
 from .io import load_pruned, read_recipe, save_pruned
 from .recipe import Recipe
@@ -30,7 +31,7 @@ def apply_recipe(model: nn.Module, recipe: Recipe) -> nn.Module:
 
 
 __all__ = [
-    "AdapterOptions", "CheckpointError", "CompVLMError", "ConfigError", "ModelAdapter", "Recipe", "RecipeError",
+    "AdapterOptions", "CheckpointError", "PruneConfig", "PruneResult", "Pruner", "prune", "CompVLMError", "ConfigError", "ModelAdapter", "Recipe", "RecipeError",
     "UnsupportedModelError", "apply_recipe", "count_flops", "count_params", "get_adapter", "load_pruned",
     "read_recipe", "register_adapter", "save_pruned",
 ]

@@ -242,10 +242,11 @@ def test_unsupported_model_class():
 
 def test_modes_and_units():
     adapter = get_adapter(make_clip(0, vision_layers=3, text_layers=2))
-    assert adapter.modes() == ["P_v", "T_v", "P_l", "T_l"]
+    assert adapter.modes() == ["P_v", "T_v", "P_l"]  # 2 text layers + dead compute: no text site
     groups = adapter.param_groups("P_v")
     assert [(g.layer, g.kind, g.size) for g in groups][:2] == [(0, "head", 4), (0, "neuron", 64)]
     assert {s.layer for s in adapter.token_sites("T_v")} == {1}  # dead compute: no site in the last layer
     assert {s.layer for s in adapter.token_sites("T_l")} == set()
     adapter.install(AdapterOptions(dead_compute=False))
     assert {s.layer for s in adapter.token_sites("T_v")} == {1, 2}
+    assert adapter.modes() == ["P_v", "T_v", "P_l", "T_l"]

@@ -64,11 +64,14 @@ class AdapterOptions:
 
     ``dead_compute``: CLIP only -- run each tower's last-layer MLP on the pooled token alone (method.md §1).
     ``site_start``/``site_every``: token sites sit at layers site_start, site_start+site_every, ...
+    ``cit``: token scores see the soft head masks (Eq. 7); False gives the no-cit ablation (search-time only:
+    a sliced model has no masks, so this does not change what it computes).
     """
 
     dead_compute: bool = True
     site_start: int = 1
     site_every: int = 1
+    cit: bool = True
 
     def __post_init__(self) -> None:
         if self.site_start < 0 or self.site_every < 1:
@@ -234,9 +237,11 @@ class ModelAdapter(ABC):
         ]
 
     def modes(self) -> list[str]:
+        """The pruning modes this model offers (a token mode only if it has at least one site)."""
         found = []
         for spec in self.tower_specs():
-            for m in (spec.param_mode, spec.token_mode):
+            token = spec.token_mode if self.site_layers(spec) else None
+            for m in (spec.param_mode, token):
                 if m is not None and m not in found:
                     found.append(m)
         return found
@@ -250,8 +255,8 @@ class ModelAdapter(ABC):
             if not masks.has_mask_hook(lin):
                 lin.register_forward_hook(masks.HeadMaskHook(attn, spec.head_dim, repeats))
         out = module.get_submodule(spec.parts.neuron_out)
-        if not masks.has_mask_hook(out):
-            out.register_forward_pre_hook(masks.NeuronMaskHook(mlp))
+        if not masks.has_mask_hook(out):  # prepend: the mask acts before any input capture (statistics)
+            out.register_forward_pre_hook(masks.NeuronMaskHook(mlp), prepend=True)
 
     def _check_mask(self, values: torch.Tensor | list, size: int, what: str) -> torch.Tensor:
         values = torch.as_tensor(values, dtype=torch.float32)
@@ -301,6 +306,33 @@ class ModelAdapter(ABC):
         mask = getattr(self.mlp(spec, layer), masks.NEURON_MASK, None)
         n = len(self.neuron_index(spec, layer))
         return list(range(n)) if mask is None else torch.nonzero(mask > 0).flatten().tolist()
+
+    # ---- statistics collection (CIM) -----------------------------------------------------------------------
+    def attach_collector(self, collector: Any) -> None:
+        """Let the layers feed ``collector`` (a :class:`comp_vlm.collect.StatsCollector`) during training."""
+        from ..collect import capture_input_hook
+
+        self.install()
+        for spec in self.tower_specs():
+            for layer in self.layers(spec):
+                layer.comp_collector = collector
+                for path in (spec.parts.head_out, spec.parts.neuron_out):
+                    lin = layer.get_submodule(path)
+                    if not any(h is capture_input_hook for h in lin._forward_pre_hooks.values()):
+                        lin.register_forward_pre_hook(capture_input_hook)
+
+    def detach_collector(self) -> None:
+        from ..collect import CAPTURE_FLAG, CAPTURED, capture_input_hook
+
+        for spec in self.tower_specs():
+            for layer in self.layers(spec):
+                layer.__dict__.pop("comp_collector", None)
+                for path in (spec.parts.head_out, spec.parts.neuron_out):
+                    lin = layer.get_submodule(path)
+                    for key in [k for k, h in lin._forward_pre_hooks.items() if h is capture_input_hook]:
+                        del lin._forward_pre_hooks[key]
+                    lin.__dict__.pop(CAPTURE_FLAG, None)
+                    lin.__dict__.pop(CAPTURED, None)
 
     # ---- token sites ---------------------------------------------------------------------------------------------
     def set_keep_ratio(self, tower: str, layer: int, ratio: float) -> None:

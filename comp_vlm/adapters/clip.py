@@ -17,10 +17,11 @@ from transformers import CLIPModel
 from transformers.modeling_outputs import BaseModelOutput
 
 from .. import masks, tokens
+from ..collect import CAPTURE_FLAG, pop_captured
 from ..errors import CompVLMError
 from ..tokens import TokenState
 from .base import LayerParts, ModelAdapter, TowerSpec, register_adapter
-from .common import LayerRuntime, heads_alive, restore_sdpa, site_step, use_comp_attention
+from .common import LayerRuntime, heads_alive, restore_sdpa, site_step, token_scores, use_comp_attention
 
 CLIP_PARTS = LayerParts(
     attention="self_attn",
@@ -70,6 +71,9 @@ def clip_encoder_forward(self: nn.Module, inputs_embeds: torch.Tensor, attention
     hidden = inputs_embeds
     for layer in self.layers:
         hidden, state = layer(hidden, attention_mask, comp_state=state, **kwargs)
+    collector = self.layers[0].__dict__.get("comp_collector") if len(self.layers) else None
+    if collector is not None and collector.active(self.layers[0]):
+        collector.end_tower(self.layers[0].comp_runtime.tower)
     return BaseModelOutput(last_hidden_state=tokens.scatter_to_full(hidden, state))
 
 
@@ -79,27 +83,43 @@ def _clip_layer_body(
     rt: LayerRuntime = self.comp_runtime
     state = comp_state
     mask = state.attn_mask if state.gathered else attention_mask
-    attn = self.self_attn
+    attn, mlp = self.self_attn, self.mlp
     head_mask = getattr(attn, masks.HEAD_MASK, None)
     n_heads = attn.q_proj.out_features // attn.head_dim
     keep = getattr(self, "comp_site_keep", 1.0)
-    site_on = keep < 1.0 and heads_alive(attn, n_heads, head_mask)
+    alive = heads_alive(attn, n_heads, head_mask)
+    site_on = keep < 1.0 and alive
+    collector = self.__dict__.get("comp_collector")
+    collect = collector is not None and collector.active(self)
+    attn.out_proj.__dict__[CAPTURE_FLAG] = collect
+    mlp.fc2.__dict__[CAPTURE_FLAG] = collect
     x = self.layer_norm1(hidden)
     if n_heads == 0:
         attn_out, probs = attn.out_proj(x.new_zeros(*x.shape[:-1], 0)), None
     else:
-        attn_out, probs = attn(hidden_states=x, attention_mask=mask, comp_need_probs=site_on, **kwargs)
-    hidden = hidden + attn_out
-    if site_on:
+        attn_out, probs = attn(hidden_states=x, attention_mask=mask, comp_need_probs=site_on or collect, **kwargs)
+    scores = None
+    if (site_on or collect) and alive:
         if probs is None:
             raise CompVLMError(
                 "token sites need attention probabilities, which this model's attention implementation does not "
                 "return; use attn_implementation 'comp_vlm' (installed by default) or 'eager'"
             )
-        hidden, state = site_step(hidden, probs, head_mask, state, keep, rt.causal)
+        cit_mask = head_mask.detach() if (rt.cit and head_mask is not None) else None
+        scores = token_scores(probs.detach(), cit_mask, state, rt.causal)
+    if collect:
+        collector.on_attention(rt.tower, rt.index, scores, state, pop_captured(attn.out_proj))
+    hidden = hidden + attn_out
+    if site_on:
+        hidden, state, slots = site_step(hidden, scores, state, keep, rt.causal)
+        scores = scores.gather(1, slots)
     if rt.pooled_only_mlp:
+        slot = state.pooled_slot[:, None]
         hidden, state = tokens.keep_pooled_only(hidden, state)
-    hidden = hidden + self.mlp(self.layer_norm2(hidden))
+        scores = None if scores is None else scores.gather(1, slot)
+    hidden = hidden + mlp(self.layer_norm2(hidden))
+    if collect:
+        collector.on_mlp(rt.tower, rt.index, pop_captured(mlp.fc2), state, scores)
     return hidden, state
 
 
@@ -163,7 +183,9 @@ class CLIPAdapter(ModelAdapter):
             layers = self.layers(spec)
             for i, layer in enumerate(layers):
                 layer.forward = MethodType(clip_layer_forward, layer)
-                layer.comp_runtime = LayerRuntime(spec.name, i, spec.causal, pooled_only and i == len(layers) - 1)
+                layer.comp_runtime = LayerRuntime(
+                    spec.name, i, spec.causal, pooled_only and i == len(layers) - 1, self.options.cit
+                )
         text = self.model.text_model
         if not masks.has_hook(text, (TextCallHook,)):
             text.register_forward_pre_hook(TextCallHook(), with_kwargs=True)

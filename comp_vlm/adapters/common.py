@@ -107,6 +107,7 @@ class LayerRuntime:
     index: int
     causal: bool
     pooled_only_mlp: bool
+    cit: bool = True  # token scores see the head masks (Eq. 7); False: the no-cit ablation (Eq. 6 on raw A)
 
 
 def heads_alive(attention: nn.Module, n_heads: int, head_mask: torch.Tensor | None) -> bool:
@@ -124,10 +125,8 @@ def token_scores(probs: torch.Tensor, head_mask: torch.Tensor | None, state: Tok
 
 
 def site_step(
-    hidden: torch.Tensor, probs: torch.Tensor, head_mask: torch.Tensor | None, state: TokenState, keep: float,
-    causal: bool,
-) -> tuple[torch.Tensor, TokenState]:
-    """Score, select (top-k, sorted) and gather the tokens a site keeps."""
-    scores = token_scores(probs.detach(), None if head_mask is None else head_mask.detach(), state, causal)
+    hidden: torch.Tensor, scores: torch.Tensor, state: TokenState, keep: float, causal: bool
+) -> tuple[torch.Tensor, TokenState, torch.Tensor]:
+    """Select (top-k by ``scores``, sorted) and gather the tokens a site keeps; also returns the kept slots."""
     slots, slot_valid = tokens.select_tokens(scores, state, keep)
-    return tokens.gather_tokens(hidden, slots), state.gather(slots, slot_valid, causal, hidden.dtype)
+    return tokens.gather_tokens(hidden, slots), state.gather(slots, slot_valid, causal, hidden.dtype), slots

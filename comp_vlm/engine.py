@@ -1,0 +1,605 @@
+"""The staged CoMP search (method.md §3): pick a mode (MPS) -> raise its threshold by one FLOPs step -> train K
+steps with the symmetric decay/recovery schedule -> measure the cost -> ... -> snapshot -> fine-tune -> slice.
+
+Architecture-free: it talks to a model adapter (units, sites, masks, structure) and a task (loss, validation).
+:class:`Pruner` is driven step by step (``pruner.step()`` after each optimizer step, from the user's own loop);
+:func:`prune` is the one-call loop built on it.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import random
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import importance
+from .adapters.base import AdapterOptions, ModelAdapter, get_adapter
+from .collect import StatsCollector
+from .errors import ConfigError
+from .flops import LayerStructure, attention_flops, model_flops, tower_flops
+from .recipe import Recipe
+from .schedule import MPSConfig, MultiModeScheduler, NoModeLeftError, mode_kind
+from .structure import TowerStructure
+
+log = logging.getLogger("comp_vlm")
+
+STRATEGIES = ("comp", "param-only", "token-only", "sjp", "cycle", "random-mode", "greedy",
+              "no-cip", "uniform-rms", "no-cit", "no-re", "no-hi")
+PARAM_ALL = "P"  # param-only ranks every parameter mode together (UPop-like global ranking)
+
+
+@dataclass
+class PruneConfig:
+    """Everything that shapes a search. ``ratio`` is the fraction of dense FLOPs removed (0.8 keeps 20%)."""
+
+    ratio: float = 0.8
+    snapshots: tuple[float, ...] = ()
+    strategy: str = "comp"
+    flops_step: float = 0.04
+    stage_steps: int = 50
+    calibration_batches: int = 8
+    finetune_steps: int = 100
+    lr: float = 5e-5
+    weight_decay: float = 0.0
+    seed: int = 0
+    badness: str = "val_loss"  # or "metric" (B = -metric, the paper's choice)
+    normalization: str = "rank"
+    head_floor: int = 1
+    neuron_floor: float = 0.05
+    sjp_token_share: float = 0.5
+    bootstrap: int = 200
+    rho: float = 0.2
+    tau: float = 5.0
+    lambda0: float = 0.4
+    i_max: int = 5
+    dead_compute: bool = True
+    site_start: int = 1
+    site_every: int = 1
+    reference: dict | None = None
+    log_path: str | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if not (0.0 < self.ratio < 1.0):
+            raise ConfigError(f"ratio must lie in (0, 1) (fraction of FLOPs removed), got {self.ratio}")
+        for s in self.snapshots:
+            if not (0.0 < s < 1.0):
+                raise ConfigError(f"snapshot ratios must lie in (0, 1), got {s}")
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"unknown strategy {self.strategy!r}; choose from {', '.join(STRATEGIES)}")
+        if not (0.0 < self.flops_step <= 1.0) or self.stage_steps < 2:
+            raise ConfigError("flops_step must lie in (0, 1] and stage_steps be >= 2")
+        if self.badness not in ("val_loss", "metric"):
+            raise ConfigError(f"badness must be 'val_loss' or 'metric', got {self.badness!r}")
+        if self.normalization not in importance.NORMALIZATIONS:
+            raise ConfigError(f"normalization must be one of {importance.NORMALIZATIONS}")
+
+    @property
+    def targets(self) -> list[float]:
+        return sorted(set(self.snapshots) | {self.ratio})
+
+    def weighting(self) -> str:
+        return {"no-cip": "no-cip", "uniform-rms": "uniform-rms"}.get(self.strategy, "cip")
+
+    def scheduler_strategy(self) -> str:
+        return {"no-cip": "comp", "uniform-rms": "comp", "no-cit": "comp"}.get(self.strategy, self.strategy)
+
+
+@dataclass
+class Snapshot:
+    ratio: float
+    recipe: Recipe
+    weights: dict[str, torch.Tensor] = field(repr=False)
+    stage: int
+
+
+@dataclass
+class StagePlan:
+    """What one stage does: the mode, the units it newly selects, or the token level it moves to."""
+
+    mode: str
+    heads: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)  # new (local) head indices per layer
+    neurons: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
+    token_level: float | None = None  # the token mode's new level q
+    prev_level: float = 1.0  # its level before the stage (live until K/2)
+    requested: float = 0.0  # FLOPs fraction the step asked for
+    flops_before: float = 0.0
+    flops_after: float = 0.0
+    b_before: float = 0.0
+    losses_before: list[float] = field(default_factory=list)
+
+
+def bootstrap_se(deltas: list[float], resamples: int, seed: int) -> float:
+    """Standard error of the mean of paired per-batch deltas, by bootstrap."""
+    if len(deltas) < 2 or resamples < 2:
+        return float("nan")
+    rng = np.random.default_rng(seed)
+    arr = np.asarray(deltas)
+    means = arr[rng.integers(0, len(arr), size=(resamples, len(arr)))].mean(axis=1)
+    return float(means.std(ddof=1))
+
+
+class Pruner:
+    """Step-wise CoMP search on a model instance. Call :meth:`calibrate` once, then :meth:`step` after every
+    optimizer step of the training loop (the forward that produced the loss must run in train mode, so the
+    collector sees it); :attr:`done` turns True when the final target is reached."""
+
+    def __init__(self, model: nn.Module, task: Any, val_batches: list, config: PruneConfig) -> None:
+        self.model, self.task, self.val_batches, self.config = model, task, list(val_batches), config
+        if not self.val_batches:
+            raise ConfigError("the search needs at least one validation batch (for the pruning cost)")
+        self.adapter: ModelAdapter = get_adapter(model)
+        self.adapter.clear_masks()
+        self.adapter.install(AdapterOptions(config.dead_compute, config.site_start, config.site_every,
+                                            cit=config.strategy != "no-cit"))
+        self.reference = self.adapter.reference(config.reference)
+        object.__setattr__(model, "comp_vlm_reference", dict(self.reference))
+        self.dense_flops = float(model_flops(self.adapter.dense_structure(self.reference)))
+        self.collector = StatsCollector(config.weighting())
+        self.adapter.attach_collector(self.collector)
+        self.specs = {s.name: s for s in self.adapter.tower_specs()}
+        self.selected_heads = {(s, i): torch.zeros(len(self.adapter.head_index(spec, i)), dtype=torch.bool)
+                               for s, spec in self.specs.items() for i in range(len(self.adapter.layers(spec)))}
+        self.selected_neurons = {(s, i): torch.zeros(len(self.adapter.neuron_index(spec, i)), dtype=torch.bool)
+                                 for s, spec in self.specs.items() for i in range(len(self.adapter.layers(spec)))}
+        self.token_levels = {m: 1.0 for m in self.adapter.modes() if mode_kind(m) == "token"}
+        modes = self._search_modes()
+        self.scheduler = MultiModeScheduler(modes, MPSConfig(
+            strategy=config.scheduler_strategy(), rho=config.rho, tau=config.tau, lambda0=config.lambda0,
+            i_max=config.i_max), seed=config.seed)
+        self.pending_targets = list(config.targets)
+        self.snapshots: list[Snapshot] = []
+        self.not_reached: list[float] = []
+        self.stage_log: list[dict] = []
+        self.plan: StagePlan | None = None
+        self.stage_step = 0
+        self.stage_index = 0
+        self.done = False
+        self._stage_t0 = time.perf_counter()
+        self._b_last: tuple[float, list[float]] | None = None
+        self._check_floors()
+
+    # ---- modes and floors ----------------------------------------------------------------------------------------
+    def _search_modes(self) -> list[str]:
+        modes = self.adapter.modes()
+        if self.config.strategy == "param-only":
+            return [PARAM_ALL]
+        return modes
+
+    def _param_modes(self, mode: str) -> list[str]:
+        if mode == PARAM_ALL:
+            return [m for m in self.adapter.modes() if mode_kind(m) == "param"]
+        return [mode]
+
+    def floor_flops(self, strategy: str | None = None) -> float:
+        """The lowest FLOPs fraction the strategy can reach (all floors hit / every site keeps one token)."""
+        strategy = strategy or self.config.strategy
+        params = strategy != "token-only"
+        tokens = strategy != "param-only"
+        towers = []
+        for t in self.structural_towers():
+            spec = self.specs[t.name]
+            layers = []
+            for i, lay in enumerate(t.layers):
+                if params:
+                    lay = replace(lay, heads=min(lay.heads, self.config.head_floor),
+                                  neurons=min(lay.neurons, self._neuron_floor(spec.neurons)))
+                if tokens and self._has_site(t.name, i):
+                    lay = replace(lay, site_keep=1e-9)  # every site keeps a single prunable token
+                layers.append(lay)
+            towers.append(replace(t, layers=tuple(layers)))
+        return model_flops(towers) / self.dense_flops
+
+    def _has_site(self, tower: str, layer: int) -> bool:
+        return layer in self.adapter.site_layers(self.specs[tower])
+
+    def _neuron_floor(self, n: int) -> int:
+        return max(1, math.ceil(self.config.neuron_floor * n))
+
+    def _check_floors(self) -> None:
+        floor = self.floor_flops()
+        reachable = [t for t in self.pending_targets if (1 - t) >= floor - 1e-9]
+        self.not_reached = [t for t in self.pending_targets if t not in reachable]
+        if not reachable:
+            raise ConfigError(
+                f"strategy {self.config.strategy!r} cannot remove {max(self.pending_targets):.0%} of FLOPs: its floor "
+                f"keeps {floor:.1%} of dense FLOPs (at most {1 - floor:.1%} removable)"
+            )
+        for t in self.not_reached:
+            log.warning("snapshot %.2f is below the %s floor (keeps %.1f%%): not reached", t, self.config.strategy,
+                        100 * floor)
+        self.pending_targets = reachable
+
+    # ---- structure -----------------------------------------------------------------------------------------------
+    def structural_towers(self) -> list[TowerStructure]:
+        """The structure with every selected unit removed and the planned keep ratios (method.md §1: during
+        the search FLOPs are structural)."""
+        towers = []
+        for t in self.adapter.structure(self.reference):
+            spec = self.specs[t.name]
+            level = self.token_levels.get(spec.token_mode, 1.0) if spec.token_mode else 1.0
+            layers = []
+            for i, lay in enumerate(t.layers):
+                heads = int((~self.selected_heads[(t.name, i)]).sum())
+                neurons = int((~self.selected_neurons[(t.name, i)]).sum())
+                keep = level if (self._has_site(t.name, i) and level < 1.0) else None
+                layers.append(replace(lay, heads=heads, neurons=neurons, site_keep=keep))
+            towers.append(replace(t, layers=tuple(layers)))
+        return towers
+
+    def flops_kept(self) -> float:
+        return model_flops(self.structural_towers()) / self.dense_flops
+
+    # ---- evaluation ----------------------------------------------------------------------------------------------
+    def _badness(self) -> tuple[float, list[float]]:
+        if self.config.badness == "metric":
+            metrics = self.task.evaluate(self.model, self.val_batches)
+            value = -float(metrics[self.task.primary_metric])
+            return value, [value]
+        losses = [self.task.validation_loss(self.model, [b]) for b in self.val_batches]
+        for v in losses:
+            if not math.isfinite(v):
+                raise FloatingPointError("validation loss is NaN/inf: the search diverged")
+        return float(np.mean(losses)), losses
+
+    # ---- stages --------------------------------------------------------------------------------------------------
+    def calibrate(self, batches: Iterable) -> None:
+        """Statistics-only pass (no pruning, no update) before stage 1."""
+        was = self.model.training
+        self.model.train()
+        self.collector.reset()
+        self.collector.enabled = True
+        for i, batch in enumerate(batches):
+            if i >= self.config.calibration_batches:
+                break
+            self.task.loss(self.model, batch)
+            self.collector.end_batch()
+        self.model.train(was)
+        self._b_last = self._badness()
+        self._start_stage()
+
+    def _next_step_flops(self) -> float:
+        """Absolute FLOPs to remove this stage: the fixed step, cut short to land on the next target."""
+        current = self.flops_kept()
+        nxt = min(self.pending_targets)
+        return min(self.config.flops_step, current - (1 - nxt)) * self.dense_flops
+
+    def _start_stage(self) -> None:
+        while True:
+            try:
+                mode = self.scheduler.choose()
+            except NoModeLeftError:
+                log.warning("every mode is exhausted before the target: stopping at FLOPs kept %.3f", self.flops_kept())
+                self.not_reached.extend(self.pending_targets)
+                self.pending_targets = []
+                self._finish()
+                return
+            target = self._next_step_flops()
+            before = self.flops_kept()
+            plan = self._plan_tokens(mode, target) if mode_kind(mode) == "token" else self._plan_params(mode, target)
+            plan.requested = target / self.dense_flops
+            removed = before - plan.flops_after
+            if removed <= 1e-12:
+                log.info("mode %s cannot prune further: exhausted", mode)
+                self.scheduler.mark_exhausted(mode)
+                self._restore_plan(plan)
+                continue
+            plan.flops_before = before
+            plan.b_before, plan.losses_before = self._b_last
+            self.plan = plan
+            self.stage_step = 0
+            self.stage_index += 1
+            self._stage_t0 = time.perf_counter()
+            self.collector.reset()
+            return
+
+    def _restore_plan(self, plan: StagePlan) -> None:
+        if plan.token_level is not None:
+            self.token_levels[plan.mode] = plan.prev_level
+        for key, idx in plan.heads.items():
+            self.selected_heads[key][idx] = False
+        for key, idx in plan.neurons.items():
+            self.selected_neurons[key][idx] = False
+
+    def _plan_params(self, mode: str, target: float) -> StagePlan:
+        """Knapsack-greedy over the mode's unselected units, by normalised CIP score per FLOP (method.md §2)."""
+        towers = {t.name: t for t in self.structural_towers()}
+        modes = self._param_modes(mode)
+        keys, scores, costs, groups, floors = [], [], [], [], []
+        for name, spec in self.specs.items():
+            if spec.param_mode not in modes:
+                continue
+            tf = tower_flops(towers[name])
+            for i, layer in enumerate(self.adapter.layers(spec)):
+                for kind in ("head", "neuron"):
+                    sel = (self.selected_heads if kind == "head" else self.selected_neurons)[(name, i)]
+                    free = torch.nonzero(~sel).flatten()
+                    if len(free) == 0:
+                        continue
+                    if kind == "head":
+                        s = self.collector.head_scores(name, i, layer.get_submodule(spec.parts.head_out), spec.head_dim)
+                        unit = attention_flops(tf.tokens_in[i], LayerStructure(spec.hidden, 1, spec.head_dim, 0))
+                        floor = self.config.head_floor
+                    else:
+                        s = self.collector.neuron_scores(name, i, layer.get_submodule(spec.parts.neuron_out))
+                        unit = 2 * tf.tokens_mlp[i] * spec.hidden * spec.mlp_matrices
+                        floor = self._neuron_floor(spec.neurons)
+                    if s is None:
+                        s = torch.zeros(len(sel), dtype=torch.float64)
+                    importance.check_finite(s, f"{name} layer {i} {kind} score")
+                    g = len(floors)
+                    floors.append(floor)
+                    for u in free.tolist():
+                        keys.append((kind, name, i, u))
+                        scores.append(float(s[u]))
+                        costs.append(float(max(unit, 1)))
+                        groups.append(g)
+        plan = StagePlan(mode)
+        if not keys:
+            plan.flops_after = self.flops_kept()
+            return plan
+        groups_t = torch.tensor(groups, dtype=torch.long)
+        norm = importance.normalize_groups(torch.tensor(scores, dtype=torch.float64), groups_t, self.config.normalization)
+        new, _ = importance.knapsack_select(norm, torch.tensor(costs, dtype=torch.float64), target,
+                                            torch.zeros(len(keys), dtype=torch.bool), groups_t,
+                                            torch.tensor(floors, dtype=torch.long))
+        for j in torch.nonzero(new).flatten().tolist():
+            kind, name, i, u = keys[j]
+            table, target_map = ((self.selected_heads, plan.heads) if kind == "head"
+                                 else (self.selected_neurons, plan.neurons))
+            table[(name, i)][u] = True
+            target_map.setdefault((name, i), []).append(u)
+        plan.heads = {k: torch.tensor(v) for k, v in plan.heads.items()}
+        plan.neurons = {k: torch.tensor(v) for k, v in plan.neurons.items()}
+        plan.flops_after = self.flops_kept()
+        return plan
+
+    def _plan_tokens(self, mode: str, target: float) -> StagePlan:
+        """Bisection on the mode's pyramid level q (every site keeps q of what reaches it) for the FLOPs step."""
+        current = self.token_levels[mode]
+        goal = self.flops_kept() - target / self.dense_flops
+
+        def kept_at(q: float) -> float:
+            self.token_levels[mode] = q
+            return self.flops_kept()
+
+        lo, hi = 1e-6, current
+        if kept_at(lo) > goal:  # cannot reach the step: go to the floor
+            best = lo
+        else:
+            for _ in range(40):
+                mid = 0.5 * (lo + hi)
+                if kept_at(mid) <= goal:
+                    lo = mid
+                else:
+                    hi = mid
+            best = lo
+        # structurally counted from now on; the live keep ratios switch at K/2 (see _apply_masks)
+        return StagePlan(mode, token_level=best, prev_level=current, flops_after=kept_at(best))
+
+    # ---- per-step schedule -----------------------------------------------------------------------------------------
+    def _apply_masks(self) -> None:
+        """Symmetric stage schedule: new units fade 1 -> 0 over the first K/2 steps; the token mode switches to
+        its new level at K/2; then K/2 steps of recovery."""
+        plan = self.plan
+        half = self.config.stage_steps // 2
+        fade = max(0.0, 1.0 - self.stage_step / half)
+        for table, new, setter in ((self.selected_heads, plan.heads, self.adapter.set_head_mask),
+                                   (self.selected_neurons, plan.neurons, self.adapter.set_neuron_mask)):
+            for (name, i), sel in table.items():
+                if not sel.any():
+                    continue
+                values = (~sel).float()
+                if (name, i) in new and fade > 0:
+                    values[new[(name, i)]] = fade
+                setter(name, i, values)
+        for mode, level in self.token_levels.items():
+            live = level if (mode != plan.mode or self.stage_step >= half) else plan.prev_level
+            for site in self.adapter.token_sites(mode):
+                self.adapter.set_keep_ratio(site.tower, site.layer, min(1.0, max(live, 1e-6)))
+
+    def step(self) -> None:
+        """Call after each optimizer step during the search."""
+        if self.done or self.plan is None:
+            return
+        self.stage_step += 1
+        self.collector.end_batch()
+        self._apply_masks()
+        if self.stage_step >= self.config.stage_steps:
+            self._end_stage()
+
+    def _end_stage(self) -> None:
+        plan = self.plan
+        self.model.eval()
+        b_after, losses_after = self._badness()
+        self.model.train()
+        f_before, f_after = plan.flops_before, self.flops_kept()
+        r = (b_after - plan.b_before) / max(f_before - f_after, 1e-12)
+        deltas = [a - b for a, b in zip(losses_after, plan.losses_before)]
+        se = bootstrap_se(deltas, self.config.bootstrap, self.config.seed + self.stage_index) / max(f_before - f_after, 1e-12)
+        R = self.scheduler.update(plan.mode, r, info={"se": se if math.isfinite(se) else None})
+        record = {
+            "stage": self.stage_index, "mode": plan.mode, "chosen": self.scheduler.history[-1].get("how"),
+            "flops_kept": f_after, "flops_removed_step": f_before - f_after, "b_before": plan.b_before,
+            "b_after": b_after, "cost": r, "cost_se": se, "R": R, "token_level": plan.token_level,
+            "heads_pruned": sum(len(v) for v in plan.heads.values()),
+            "neurons_pruned": sum(len(v) for v in plan.neurons.values()),
+            "wall_s": time.perf_counter() - self._stage_t0,
+        }
+        self.stage_log.append(record)
+        self._write_log(record)
+        self._b_last = (b_after, losses_after)
+        if f_before - f_after < 0.999 * plan.requested:  # floors reached before the full step
+            log.info("mode %s removed %.4f of %.4f requested: exhausted", plan.mode, f_before - f_after, plan.requested)
+            self.scheduler.mark_exhausted(plan.mode)
+        if self.config.strategy == "sjp" and self.scheduler.phase == "token":
+            token_removed = 1.0 - self._token_only_kept()
+            if token_removed >= self.config.sjp_token_share * self.config.ratio:
+                self.scheduler.set_token_share_reached()
+        self._take_snapshots()
+        if not self.pending_targets:
+            self._finish()
+        else:
+            self._start_stage()
+
+    def _token_only_kept(self) -> float:
+        towers = [replace(t, layers=tuple(replace(lay, heads=self.specs[t.name].num_heads,
+                                                  neurons=self.specs[t.name].neurons) for lay in t.layers))
+                  for t in self.structural_towers()]
+        return model_flops(towers) / self.dense_flops
+
+    def _take_snapshots(self) -> None:
+        kept = self.flops_kept()
+        for t in sorted(self.pending_targets):
+            if kept <= (1 - t) + 1e-9:
+                recipe = self.adapter.recipe(self.reference)
+                recipe.extra.update({"strategy": self.config.strategy, "ratio": t, "seed": self.config.seed,
+                                     "stage": self.stage_index})
+                weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+                self.snapshots.append(Snapshot(t, recipe, weights, self.stage_index))
+                self.pending_targets.remove(t)
+                log.info("snapshot at ratio %.2f (FLOPs kept %.3f) after stage %d", t, kept, self.stage_index)
+
+    def _finish(self) -> None:
+        self.done = True
+        self.plan = None
+        self.collector.enabled = False
+        self.adapter.detach_collector()
+
+    def _write_log(self, record: dict) -> None:
+        if self.config.log_path:
+            path = Path(self.config.log_path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("a") as fh:
+                fh.write(json.dumps(record) + "\n")
+
+    # ---- snapshot -> pruned model ----------------------------------------------------------------------------------
+    def materialize(self, snapshot: Snapshot) -> nn.Module:
+        """A sliced copy of the model at a snapshot (weights and structure of that moment)."""
+        model = copy.deepcopy(self.model)
+        adapter = get_adapter(model)
+        adapter.detach_collector()
+        adapter.clear_masks()
+        model.load_state_dict(snapshot.weights)
+        adapter.apply_recipe(snapshot.recipe)
+        return model
+
+
+@dataclass
+class PruneResult:
+    """What :func:`prune` returns: the pruned model at the final ratio, every snapshot's model and recipe, the
+    per-stage log, and the ratios not reached."""
+
+    model: nn.Module
+    recipe: Recipe
+    snapshots: dict[float, tuple[nn.Module, Recipe]]
+    stage_log: list[dict]
+    not_reached: list[float]
+    metrics: dict[float, dict[str, float]]
+
+    def save(self, directory: str, **extras: Any) -> Path:
+        from .io import save_pruned
+
+        return save_pruned(self.model, directory, recipe=self.recipe, **extras)
+
+
+def _cycle(data: Iterable) -> Iterator:
+    """Endless batches. A stateful re-iterable (it resumes mid-epoch) may yield nothing once at an epoch end;
+    two empty passes in a row mean there is no data."""
+    empty_passes = 0
+    while True:
+        empty = True
+        for batch in data:
+            empty, empty_passes = False, 0
+            yield batch
+        if empty:
+            empty_passes += 1
+            if empty_passes >= 2:
+                raise ConfigError("the training data yielded no batch")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def train_steps(model: nn.Module, task: Any, batches: Iterator, steps: int, lr: float, weight_decay: float,
+                desc: str = "train", progress: bool = True) -> None:
+    """Plain fine-tuning: AdamW, ``steps`` batches."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    model.train()
+    for _ in tqdm(range(steps), desc=desc, disable=not progress, leave=False):
+        loss = task.loss(model, next(batches))
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"training loss is {loss.item()} during {desc}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    model.eval()
+
+
+def prune(model: nn.Module, task: Any, train_data: Iterable, val_batches: list, config: PruneConfig | None = None,
+          test_data: Iterable | None = None) -> PruneResult:
+    """One-call CoMP: calibrate, search with MPS to ``config.ratio`` (snapshotting ``config.snapshots`` on the
+    way), fine-tune every snapshot ``config.finetune_steps`` steps, slice, and (if ``test_data``) evaluate."""
+    config = config or PruneConfig()
+    seed_everything(config.seed)
+    pruner = Pruner(model, task, val_batches, config)
+    batches = _cycle(train_data)
+    pruner.calibrate(_cycle(train_data))
+    bar = tqdm(desc=f"CoMP {config.strategy}", total=None, disable=not config.progress)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    model.train()
+    while not pruner.done:
+        loss = task.loss(model, next(batches))
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"training loss is {loss.item()} at search stage {pruner.stage_index}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        pruner.step()
+        if pruner.stage_step == 0 and pruner.stage_log:
+            last = pruner.stage_log[-1]
+            bar.set_postfix(stage=last["stage"], mode=last["mode"], flops=f"{last['flops_kept']:.3f}",
+                            val=f"{last['b_after']:.3f}")
+            bar.update(1)
+    bar.close()
+    results: dict[float, tuple[nn.Module, Recipe]] = {}
+    metrics: dict[float, dict[str, float]] = {}
+    for snap in pruner.snapshots:
+        seed_everything(config.seed)
+        pruned = pruner.materialize(snap)
+        if config.finetune_steps > 0:
+            train_steps(pruned, task, _cycle(train_data), config.finetune_steps, config.lr, config.weight_decay,
+                        desc=f"fine-tune {snap.ratio:.2f}", progress=config.progress)
+        pruned.eval()
+        if test_data is not None:
+            metrics[snap.ratio] = task.evaluate(pruned, test_data)
+        results[snap.ratio] = (pruned, snap.recipe)
+    if config.ratio not in results:
+        reached = sorted(results)
+        if not reached:
+            raise ConfigError(f"no requested ratio was reached (not reached: {pruner.not_reached})")
+        final_ratio = reached[-1]
+    else:
+        final_ratio = config.ratio
+    final_model, final_recipe = results[final_ratio]
+    return PruneResult(final_model, final_recipe, results, pruner.stage_log, sorted(pruner.not_reached), metrics)
+
+
+__all__ = ["STRATEGIES", "PruneConfig", "PruneResult", "Pruner", "Snapshot", "prune"]

@@ -1,0 +1,133 @@
+"""The staged search end to end on a tiny CLIP, plus its guards."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import CLIPConfig, CLIPModel
+
+import comp_vlm
+from comp_vlm import ConfigError, PruneConfig, Pruner, load_pruned, prune
+from comp_vlm.data.synthetic import SyntheticWorld, make_retrieval_loaders
+from comp_vlm.data.text import build_word_tokenizer
+from comp_vlm.tasks.retrieval import RetrievalTask
+
+REF = {"image_size": 16, "text_length": 10}
+
+
+@pytest.fixture(scope="module")
+def setup():
+    world = SyntheticWorld(image_size=16, seed=0)
+    tok = build_word_tokenizer(world.vocabulary())
+    loaders = make_retrieval_loaders(world, tok, n_train=96, n_val=32, n_test=32, batch_size=16, seed=0)
+    cfg = CLIPConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                         num_attention_heads=4, max_position_embeddings=24, bos_token_id=tok.bos_token_id,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                           image_size=16, patch_size=4),
+        projection_dim=16,
+    )
+    return cfg, tok, loaders
+
+
+def fresh(cfg):
+    torch.manual_seed(0)
+    return CLIPModel._from_config(cfg)
+
+
+def quick(**kw):
+    base = dict(stage_steps=4, flops_step=0.1, finetune_steps=2, calibration_batches=2, progress=False,
+                reference=REF)
+    base.update(kw)
+    return PruneConfig(**base)
+
+
+def test_comp_reaches_target_with_snapshots(setup, tmp_path):
+    cfg, tok, loaders = setup
+    log_path = tmp_path / "stages.jsonl"
+    res = prune(fresh(cfg), RetrievalTask(), loaders.train, loaders.val,
+                quick(ratio=0.5, snapshots=(0.3,), log_path=str(log_path)), test_data=loaders.test)
+    assert sorted(res.snapshots) == [0.3, 0.5] and res.not_reached == []
+    for ratio, (model, recipe) in res.snapshots.items():
+        kept = comp_vlm.count_flops(model, REF) / recipe.dense_flops
+        assert kept <= 1 - ratio + 1e-9  # the target is met ...
+        assert kept >= 1 - ratio - 0.1 - 0.05  # ... within about one step (a unit can overshoot a little)
+        assert recipe.pruned_flops == comp_vlm.count_flops(model, REF)
+    modes = {r["mode"] for r in res.stage_log}
+    assert len(modes) >= 2
+    lines = [json.loads(x) for x in log_path.read_text().splitlines()]
+    assert [r["stage"] for r in lines] == [r["stage"] for r in res.stage_log]
+    assert {"cost", "cost_se", "flops_kept", "b_before", "b_after", "wall_s"} <= set(lines[0])
+    assert set(res.metrics) == {0.3, 0.5} and "r1_mean" in res.metrics[0.5]
+    out = res.save(str(tmp_path / "pruned"), tokenizer=tok)
+    loaded = load_pruned(out)
+    batch = loaders.test[0]
+    with torch.no_grad():
+        a = res.model.get_text_features(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).pooler_output
+        b = loaded.get_text_features(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).pooler_output
+    assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_same_seed_same_recipe(setup):
+    cfg, tok, _ = setup
+    recipes = []
+    for _ in range(2):
+        loaders = make_retrieval_loaders(SyntheticWorld(image_size=16, seed=0), tok, n_train=96, n_val=32,
+                                         n_test=32, batch_size=16, seed=0)
+        res = prune(fresh(cfg), RetrievalTask(), loaders.train, loaders.val, quick(ratio=0.3, finetune_steps=0))
+        recipes.append(res.recipe.to_dict())
+        modes = [r["mode"] for r in res.stage_log]
+    recipes[0]["extra"].pop("stage", None)
+    recipes[1]["extra"].pop("stage", None)
+    assert recipes[0] == recipes[1]
+    assert len(modes) >= 2
+
+
+@pytest.mark.parametrize("strategy", ["param-only", "token-only", "sjp", "random-mode", "no-cit", "uniform-rms"])
+def test_strategies_run(setup, strategy):
+    cfg, _, loaders = setup
+    res = prune(fresh(cfg), RetrievalTask(), loaders.train, loaders.val, quick(ratio=0.3, strategy=strategy, finetune_steps=0))
+    modes = {r["mode"] for r in res.stage_log}
+    if strategy == "param-only":
+        assert modes == {"P"}
+        assert all(lay.keep_ratio in (None, 1.0) for t in res.recipe.towers.values() for lay in t)
+    if strategy == "token-only":
+        assert modes <= {"T_v", "T_l"}
+        assert all(len(lay.heads) == 4 for t in res.recipe.towers.values() for lay in t)
+    assert res.recipe.flops_kept <= 0.7 + 1e-9
+
+
+def test_unreachable_single_target_fails_at_plan_time(setup):
+    cfg, _, loaders = setup
+    with pytest.raises(ConfigError, match="floor"):
+        Pruner(fresh(cfg), RetrievalTask(), loaders.val, quick(ratio=0.97, strategy="token-only"))
+
+
+def test_sweep_keeps_reachable_snapshots(setup):
+    cfg, _, loaders = setup
+    pruner = Pruner(fresh(cfg), RetrievalTask(), loaders.val, quick(ratio=0.3, snapshots=(0.97,), strategy="token-only"))
+    assert pruner.not_reached == [0.97] and pruner.pending_targets == [0.3]
+
+
+@pytest.mark.parametrize("ratio", [0.0, 1.0, -0.2, 1.5])
+def test_bad_ratio(ratio):
+    with pytest.raises(ConfigError, match="ratio"):
+        PruneConfig(ratio=ratio)
+
+
+def test_bad_strategy():
+    with pytest.raises(ConfigError, match="strategy"):
+        PruneConfig(strategy="magic")
+
+
+def test_nan_statistic_is_reported(setup):
+    cfg, _, loaders = setup
+    model = fresh(cfg)
+    pruner = Pruner(model, RetrievalTask(), loaders.val, quick(ratio=0.3))
+    with torch.no_grad():
+        model.vision_model.encoder.layers[1].mlp.fc1.weight[0, 0] = float("nan")
+    with pytest.raises(comp_vlm.CompVLMError, match="vision layer"):
+        pruner.calibrate(iter(loaders.train))
