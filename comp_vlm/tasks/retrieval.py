@@ -47,6 +47,11 @@ def _embedding(out: Any) -> torch.Tensor:
     raise TypeError(f"cannot read an embedding from {type(out).__name__}: expected a tensor or .pooler_output")
 
 
+def _keys(values: Any) -> list[Hashable]:
+    """A batch entry of keys as a list of hashables (tensors become Python numbers, which hash by value)."""
+    return values.tolist() if isinstance(values, torch.Tensor) else list(values)
+
+
 def _key_ids(keys: Sequence[Hashable]) -> torch.Tensor:
     """Dense ids ``0..U-1`` (in order of first occurrence) for a sequence of hashable keys."""
     table: dict[Hashable, int] = {}
@@ -60,7 +65,7 @@ def batch_positives(batch: Batch, n: int, device: torch.device | None = None) ->
     for name in ("captions", "image_ids"):
         keys = batch.get(name)
         if keys is not None:
-            ids = _key_ids(list(keys)).to(device)
+            ids = _key_ids(_keys(keys)).to(device)
             same = ids[:, None] == ids[None, :]
             pos = same if pos is None else pos | same
     return pos
@@ -110,8 +115,8 @@ def retrieval_metrics(
     n = image_emb.shape[0]
     if text_emb.shape[0] != n or n == 0:
         raise ValueError(f"need the same positive number of images and texts, got {n} and {text_emb.shape[0]}")
-    img_id = _key_ids(list(image_keys) if image_keys is not None else range(n))
-    txt_id = _key_ids(list(text_keys) if text_keys is not None else range(n))
+    img_id = _key_ids(_keys(image_keys) if image_keys is not None else range(n))
+    txt_id = _key_ids(_keys(text_keys) if text_keys is not None else range(n))
     if len(img_id) != n or len(txt_id) != n:
         raise ValueError("image_keys and text_keys must have one entry per pair")
     first = torch.arange(n)
@@ -193,9 +198,9 @@ class RetrievalTask(Task):
                 losses.append(float(contrastive_loss(img, txt, scale, batch_positives(batch, len(img), device))))
                 offset = len(image_keys)
                 # keys of different kinds never collide: positions are ints, real keys come from the data
-                image_keys += list(batch["image_ids"]) if "image_ids" in batch else \
+                image_keys += _keys(batch["image_ids"]) if "image_ids" in batch else \
                     [("#", offset + i) for i in range(len(img))]
-                text_keys += list(batch["captions"]) if "captions" in batch else \
+                text_keys += _keys(batch["captions"]) if "captions" in batch else \
                     [("#", offset + i) for i in range(len(txt))]
                 imgs.append(img.float())
                 txts.append(txt.float())
