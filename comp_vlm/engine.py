@@ -15,7 +15,7 @@ import math
 import random
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import importance
+from . import checkpoint, importance
 from .adapters.base import AdapterOptions, ModelAdapter, get_adapter
 from .collect import StatsCollector
 from .errors import ConfigError
@@ -69,7 +69,14 @@ class PruneConfig:
     site_every: int = 1
     reference: dict | None = None
     log_path: str | None = None
+    checkpoint_dir: str | None = None  # search checkpoints at every stage boundary
+    resume: bool = False  # continue from checkpoint_dir (same arguments) if a checkpoint is there
     progress: bool = True
+
+    def fingerprint(self) -> dict:
+        """The fields a resumed run must share with the run that wrote the checkpoint."""
+        skip = {"log_path", "checkpoint_dir", "resume", "progress"}
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items() if k not in skip}
 
     def __post_init__(self) -> None:
         if not (0.0 < self.ratio < 1.0):
@@ -148,6 +155,7 @@ class Pruner:
         object.__setattr__(model, "comp_vlm_reference", dict(self.reference))
         self.dense_flops = float(model_flops(self.adapter.dense_structure(self.reference)))
         self.collector = StatsCollector(config.weighting())
+        self.collector.enabled = True  # collects in train-mode forwards until the search ends (also after resume)
         self.adapter.attach_collector(self.collector)
         self.specs = {s.name: s for s in self.adapter.tower_specs()}
         self.selected_heads = {(s, i): torch.zeros(len(self.adapter.head_index(spec, i)), dtype=torch.bool)
@@ -260,7 +268,6 @@ class Pruner:
         was = self.model.training
         self.model.train()
         self.collector.reset()
-        self.collector.enabled = True
         for i, batch in enumerate(batches):
             if i >= self.config.calibration_batches:
                 break
@@ -485,6 +492,64 @@ class Pruner:
             with path.open("a") as fh:
                 fh.write(json.dumps(record) + "\n")
 
+    # ---- checkpoint state ------------------------------------------------------------------------------------------
+    def state_dict(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        """JSON-able state and tensors of the search (the model and optimizer are saved by the caller)."""
+        tensors: dict[str, torch.Tensor] = {}
+        for kind, table in (("head", self.selected_heads), ("neuron", self.selected_neurons)):
+            for (tower, i), sel in table.items():
+                tensors[f"sel/{kind}/{tower}/{i}"] = sel.to(torch.uint8)
+        for key, value in self.collector.state_dict().items():
+            tensors[f"stats/{key}"] = value
+        for n, snap in enumerate(self.snapshots):
+            for key, value in snap.weights.items():
+                tensors[f"snap/{n}/{key}"] = value
+        plan = None
+        if self.plan is not None:
+            plan = {k: v for k, v in self.plan.__dict__.items() if k not in ("heads", "neurons")}
+            plan["heads"] = {f"{t}/{i}": v.tolist() for (t, i), v in self.plan.heads.items()}
+            plan["neurons"] = {f"{t}/{i}": v.tolist() for (t, i), v in self.plan.neurons.items()}
+        meta = {
+            "token_levels": self.token_levels, "scheduler": self.scheduler.state_dict(), "stage_log": self.stage_log,
+            "pending_targets": self.pending_targets, "not_reached": self.not_reached,
+            "stage_index": self.stage_index, "stage_step": self.stage_step, "b_last": self._b_last, "plan": plan,
+            "snapshots": [{"ratio": s.ratio, "stage": s.stage, "recipe": s.recipe.to_dict()} for s in self.snapshots],
+            "done": self.done,
+        }
+        return meta, tensors
+
+    def load_state_dict(self, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
+        for kind, table in (("head", self.selected_heads), ("neuron", self.selected_neurons)):
+            for (tower, i) in table:
+                table[(tower, i)] = tensors[f"sel/{kind}/{tower}/{i}"].bool().clone()
+        self.collector.load_state_dict({k[len("stats/"):]: v for k, v in tensors.items() if k.startswith("stats/")})
+        self.token_levels = {k: float(v) for k, v in meta["token_levels"].items()}
+        self.scheduler.load_state_dict(meta["scheduler"])
+        self.stage_log = list(meta["stage_log"])
+        self.pending_targets = list(meta["pending_targets"])
+        self.not_reached = list(meta["not_reached"])
+        self.stage_index, self.stage_step = int(meta["stage_index"]), int(meta["stage_step"])
+        self._b_last = None if meta["b_last"] is None else (meta["b_last"][0], list(meta["b_last"][1]))
+        self.snapshots = []
+        for n, snap in enumerate(meta["snapshots"]):
+            prefix = f"snap/{n}/"
+            weights = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+            self.snapshots.append(Snapshot(snap["ratio"], Recipe.from_dict(snap["recipe"]), weights, snap["stage"]))
+        self.plan = None
+        if meta["plan"] is not None:
+            plan = dict(meta["plan"])
+
+            def keyed(d: dict) -> dict:
+                return {(k.rsplit("/", 1)[0], int(k.rsplit("/", 1)[1])): torch.tensor(v, dtype=torch.long)
+                        for k, v in d.items()}
+
+            heads, neurons = keyed(plan.pop("heads")), keyed(plan.pop("neurons"))
+            self.plan = StagePlan(heads=heads, neurons=neurons, **plan)
+            self._apply_masks()
+        self.done = bool(meta["done"])
+        if self.done:
+            self._finish()
+
     # ---- snapshot -> pruned model ----------------------------------------------------------------------------------
     def materialize(self, snapshot: Snapshot) -> nn.Module:
         """A sliced copy of the model at a snapshot (weights and structure of that moment)."""
@@ -530,6 +595,38 @@ def _cycle(data: Iterable) -> Iterator:
                 raise ConfigError("the training data yielded no batch")
 
 
+def _save_search_checkpoint(path: Path, model: nn.Module, pruner: Pruner, opt: torch.optim.Optimizer,
+                            train_data: Any, config: PruneConfig) -> None:
+    meta, tensors = pruner.state_dict()
+    opt_meta, opt_tensors = checkpoint.optimizer_state(opt)
+    rng_meta, rng_tensors = checkpoint.rng_state()
+    tensors.update(opt_tensors)
+    tensors.update(rng_tensors)
+    tensors.update({f"model/{k}": v for k, v in model.state_dict().items()})
+    data_state = train_data.state_dict() if hasattr(train_data, "state_dict") else None
+    state = {"config": config.fingerprint(), "pruner": meta, "optimizer": opt_meta, "rng": rng_meta, "data": data_state}
+    checkpoint.write_checkpoint(path, state, tensors)
+
+
+def _load_search_checkpoint(path: Path, model: nn.Module, pruner: Pruner, opt: torch.optim.Optimizer,
+                            train_data: Any, config: PruneConfig) -> None:
+    from .errors import CheckpointError
+
+    state, tensors = checkpoint.read_checkpoint(path)
+    if state["config"] != config.fingerprint():
+        changed = sorted(k for k in config.fingerprint() if state["config"].get(k) != config.fingerprint()[k])
+        raise CheckpointError(f"checkpoint {path} was written with other arguments ({', '.join(changed)}); "
+                              "resume with the same arguments")
+    model.load_state_dict({k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")})
+    pruner.load_state_dict(state["pruner"], tensors)
+    checkpoint.load_optimizer_state(opt, state["optimizer"], tensors)
+    checkpoint.set_rng_state(state["rng"], tensors)
+    if state["data"] is not None and hasattr(train_data, "load_state_dict"):
+        train_data.load_state_dict(state["data"])
+    elif state["data"] is None:
+        log.warning("the training data has no state_dict(): the resumed run restarts its data order")
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -560,10 +657,19 @@ def prune(model: nn.Module, task: Any, train_data: Iterable, val_batches: list, 
     seed_everything(config.seed)
     pruner = Pruner(model, task, val_batches, config)
     batches = _cycle(train_data)
-    pruner.calibrate(_cycle(train_data))
-    bar = tqdm(desc=f"CoMP {config.strategy}", total=None, disable=not config.progress)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    if config.resume and not config.checkpoint_dir:
+        raise ConfigError("resume needs a checkpoint directory")
+    ckpt = Path(config.checkpoint_dir) if config.checkpoint_dir else None
+    if config.resume and ckpt is not None and (ckpt / checkpoint.STATE).is_file():
+        _load_search_checkpoint(ckpt, model, pruner, opt, train_data, config)
+        log.info("resumed the search from %s at stage %d", ckpt, pruner.stage_index)
+    else:
+        pruner.calibrate(_cycle(train_data))
+        if ckpt is not None:
+            _save_search_checkpoint(ckpt, model, pruner, opt, train_data, config)
+    bar = tqdm(desc=f"CoMP {config.strategy}", total=None, disable=not config.progress)
     model.train()
     while not pruner.done:
         loss = task.loss(model, next(batches))
@@ -578,6 +684,8 @@ def prune(model: nn.Module, task: Any, train_data: Iterable, val_batches: list, 
             bar.set_postfix(stage=last["stage"], mode=last["mode"], flops=f"{last['flops_kept']:.3f}",
                             val=f"{last['b_after']:.3f}")
             bar.update(1)
+            if ckpt is not None:
+                _save_search_checkpoint(ckpt, model, pruner, opt, train_data, config)
     bar.close()
     results: dict[float, tuple[nn.Module, Recipe]] = {}
     metrics: dict[float, dict[str, float]] = {}

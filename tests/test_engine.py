@@ -131,3 +131,51 @@ def test_nan_statistic_is_reported(setup):
         model.vision_model.encoder.layers[1].mlp.fc1.weight[0, 0] = float("nan")
     with pytest.raises(comp_vlm.CompVLMError, match="vision layer"):
         pruner.calibrate(iter(loaders.train))
+
+
+def test_resume_after_interruption_gives_the_same_recipe(setup, tmp_path, monkeypatch):
+    cfg, tok, _ = setup
+
+    def loaders():
+        return make_retrieval_loaders(SyntheticWorld(image_size=16, seed=0), tok, n_train=96, n_val=32, n_test=32,
+                                      batch_size=16, seed=0)
+
+    full = loaders()
+    reference = prune(fresh(cfg), RetrievalTask(), full.train, full.val,
+                      quick(ratio=0.4, finetune_steps=0, checkpoint_dir=str(tmp_path / "a")))
+    assert len(reference.stage_log) >= 3
+
+    import comp_vlm.engine as engine
+
+    real_save = engine._save_search_checkpoint
+    calls = {"n": 0}
+
+    def save_then_die(*args, **kwargs):
+        real_save(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 3:  # calibration + 2 stages written, then the process "dies"
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine, "_save_search_checkpoint", save_then_die)
+    first = loaders()
+    with pytest.raises(KeyboardInterrupt):
+        prune(fresh(cfg), RetrievalTask(), first.train, first.val,
+              quick(ratio=0.4, finetune_steps=0, checkpoint_dir=str(tmp_path / "b")))
+    monkeypatch.setattr(engine, "_save_search_checkpoint", real_save)
+    again = loaders()
+    resumed = prune(fresh(cfg), RetrievalTask(), again.train, again.val,
+                    quick(ratio=0.4, finetune_steps=0, checkpoint_dir=str(tmp_path / "b"), resume=True))
+    def strip(log):
+        return [{k: v for k, v in r.items() if k != "wall_s"} for r in log]
+
+    assert strip(resumed.stage_log) == strip(reference.stage_log)
+    assert resumed.recipe.to_dict() == reference.recipe.to_dict()
+
+
+def test_resume_with_other_arguments_is_refused(setup, tmp_path):
+    cfg, _, loaders = setup
+    prune(fresh(cfg), RetrievalTask(), loaders.train, loaders.val,
+          quick(ratio=0.2, finetune_steps=0, checkpoint_dir=str(tmp_path / "c")))
+    with pytest.raises(comp_vlm.CheckpointError, match="ratio"):
+        prune(fresh(cfg), RetrievalTask(), loaders.train, loaders.val,
+              quick(ratio=0.3, finetune_steps=0, checkpoint_dir=str(tmp_path / "c"), resume=True))

@@ -90,14 +90,15 @@ def _clip_layer_body(
     alive = heads_alive(attn, n_heads, head_mask)
     site_on = keep < 1.0 and alive
     collector = self.__dict__.get("comp_collector")
-    collect = collector is not None and collector.active(self)
+    wants = collector is not None and collector.wants_probs(self)
+    collect = wants and collector.active(self)
     attn.out_proj.__dict__[CAPTURE_FLAG] = collect
     mlp.fc2.__dict__[CAPTURE_FLAG] = collect
     x = self.layer_norm1(hidden)
     if n_heads == 0:
         attn_out, probs = attn.out_proj(x.new_zeros(*x.shape[:-1], 0)), None
     else:
-        attn_out, probs = attn(hidden_states=x, attention_mask=mask, comp_need_probs=site_on or collect, **kwargs)
+        attn_out, probs = attn(hidden_states=x, attention_mask=mask, comp_need_probs=site_on or wants, **kwargs)
     scores = None
     if (site_on or collect) and alive:
         if probs is None:
