@@ -119,6 +119,17 @@ class StatsCollector:
         stat = self.neuron_stats.get((tower, layer))
         return None if stat is None else importance.neuron_scores(fc_out.weight.detach(), stat)
 
+    def all_reduce(self) -> None:
+        """Sum the statistics over the processes of a ``torch.distributed`` group (no-op when not initialised);
+        every process must have seen the same layers. The sufficient statistic is additive, so this is exact."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        for table in (self.head_stats, self.neuron_stats):
+            for key in sorted(table):
+                dist.all_reduce(table[key])
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         out = {f"head/{t}/{i}": v for (t, i), v in self.head_stats.items()}
         out.update({f"neuron/{t}/{i}": v for (t, i), v in self.neuron_stats.items()})

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from . import checkpoint, importance
 from .adapters.base import AdapterOptions, ModelAdapter, get_adapter
 from .collect import StatsCollector
-from .errors import ConfigError
+from .errors import ConfigError, NonFiniteError
 from .flops import LayerStructure, attention_flops, model_flops, tower_flops
 from .recipe import Recipe
 from .schedule import MPSConfig, MultiModeScheduler, NoModeLeftError, mode_kind
@@ -59,6 +59,8 @@ class PruneConfig:
     head_floor: int = 1
     neuron_floor: float = 0.05
     sjp_token_share: float = 0.5
+    distill: float = 0.0  # weight of the distillation loss towards the dense model (search and fine-tuning)
+    stage_metric: bool = True  # also log the task metric on the validation batches after every stage
     bootstrap: int = 200
     rho: float = 0.2
     tau: float = 5.0
@@ -259,7 +261,7 @@ class Pruner:
         losses = [self.task.validation_loss(self.model, [b]) for b in self.val_batches]
         for v in losses:
             if not math.isfinite(v):
-                raise FloatingPointError("validation loss is NaN/inf: the search diverged")
+                raise NonFiniteError(f"validation loss is NaN/inf at stage {self.stage_index}: the search diverged")
         return float(np.mean(losses)), losses
 
     # ---- stages --------------------------------------------------------------------------------------------------
@@ -268,10 +270,11 @@ class Pruner:
         was = self.model.training
         self.model.train()
         self.collector.reset()
+        device = _model_device(self.model)
         for i, batch in enumerate(batches):
             if i >= self.config.calibration_batches:
                 break
-            self.task.loss(self.model, batch)
+            self.task.loss(self.model, self.task.batch_to(batch, device))
             self.collector.end_batch()
         self.model.train(was)
         self._b_last = self._badness()
@@ -431,6 +434,9 @@ class Pruner:
         plan = self.plan
         self.model.eval()
         b_after, losses_after = self._badness()
+        metric = None
+        if self.config.stage_metric and self.config.badness != "metric":
+            metric = float(self.task.evaluate(self.model, self.val_batches)[self.task.primary_metric])
         self.model.train()
         f_before, f_after = plan.flops_before, self.flops_kept()
         r = (b_after - plan.b_before) / max(f_before - f_after, 1e-12)
@@ -440,7 +446,7 @@ class Pruner:
         record = {
             "stage": self.stage_index, "mode": plan.mode, "chosen": self.scheduler.history[-1].get("how"),
             "flops_kept": f_after, "flops_removed_step": f_before - f_after, "b_before": plan.b_before,
-            "b_after": b_after, "cost": r, "cost_se": se, "R": R, "token_level": plan.token_level,
+            "b_after": b_after, "metric": metric, "cost": r, "cost_se": se, "R": R, "token_level": plan.token_level,
             "heads_pruned": sum(len(v) for v in plan.heads.values()),
             "neurons_pruned": sum(len(v) for v in plan.neurons.values()),
             "wall_s": time.perf_counter() - self._stage_t0,
@@ -633,16 +639,30 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def train_steps(model: nn.Module, task: Any, batches: Iterator, steps: int, lr: float, weight_decay: float,
-                desc: str = "train", progress: bool = True) -> None:
-    """Plain fine-tuning: AdamW, ``steps`` batches."""
+def _model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def training_loss(task: Any, model: nn.Module, batch: Any, teacher: nn.Module | None, distill: float,
+                  where: str) -> torch.Tensor:
+    """Task loss (+ distillation towards ``teacher``), on the model's device; non-finite losses stop the run."""
+    batch = task.batch_to(batch, _model_device(model))
+    loss = task.loss(model, batch)
+    if teacher is not None and distill > 0:
+        loss = loss + distill * task.distill_loss(model, teacher, batch)
+    if not torch.isfinite(loss):
+        raise NonFiniteError(f"training loss is {loss.item()} during {where}")
+    return loss
+
+
+def train_steps(model: nn.Module, task: Any, batches: Iterator, steps: int, config: PruneConfig,
+                teacher: nn.Module | None = None, desc: str = "train") -> None:
+    """Plain fine-tuning: AdamW, ``steps`` batches (with the same distillation option as the search)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     model.train()
-    for _ in tqdm(range(steps), desc=desc, disable=not progress, leave=False):
-        loss = task.loss(model, next(batches))
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"training loss is {loss.item()} during {desc}")
+    for _ in tqdm(range(steps), desc=desc, disable=not config.progress, leave=False):
+        loss = training_loss(task, model, next(batches), teacher, config.distill, desc)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -655,6 +675,9 @@ def prune(model: nn.Module, task: Any, train_data: Iterable, val_batches: list, 
     way), fine-tune every snapshot ``config.finetune_steps`` steps, slice, and (if ``test_data``) evaluate."""
     config = config or PruneConfig()
     seed_everything(config.seed)
+    teacher = None
+    if config.distill > 0:
+        teacher = copy.deepcopy(model).eval().requires_grad_(False)
     pruner = Pruner(model, task, val_batches, config)
     batches = _cycle(train_data)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -672,9 +695,7 @@ def prune(model: nn.Module, task: Any, train_data: Iterable, val_batches: list, 
     bar = tqdm(desc=f"CoMP {config.strategy}", total=None, disable=not config.progress)
     model.train()
     while not pruner.done:
-        loss = task.loss(model, next(batches))
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"training loss is {loss.item()} at search stage {pruner.stage_index}")
+        loss = training_loss(task, model, next(batches), teacher, config.distill, f"search stage {pruner.stage_index}")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -693,8 +714,8 @@ def prune(model: nn.Module, task: Any, train_data: Iterable, val_batches: list, 
         seed_everything(config.seed)
         pruned = pruner.materialize(snap)
         if config.finetune_steps > 0:
-            train_steps(pruned, task, _cycle(train_data), config.finetune_steps, config.lr, config.weight_decay,
-                        desc=f"fine-tune {snap.ratio:.2f}", progress=config.progress)
+            train_steps(pruned, task, _cycle(train_data), config.finetune_steps, config, teacher,
+                        desc=f"fine-tune {snap.ratio:.2f}")
         pruned.eval()
         if test_data is not None:
             metrics[snap.ratio] = task.evaluate(pruned, test_data)

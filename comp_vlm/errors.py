@@ -21,3 +21,7 @@ class CheckpointError(CompVLMError, OSError):
 
 class ConfigError(CompVLMError, ValueError):
     """An option or argument is outside its valid range."""
+
+
+class NonFiniteError(CompVLMError, ValueError):
+    """A loss or an importance statistic became NaN/inf (the message names which)."""

@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from .errors import CompVLMError
+from .errors import NonFiniteError
 
 
 def masked_head_max(probs: torch.Tensor, head_mask: torch.Tensor | None) -> torch.Tensor:
@@ -55,9 +55,6 @@ WEIGHTINGS = ("cip", "uniform-rms", "no-cip")
 
 NORMALIZATIONS = ("rank", "zscore")
 
-
-class NonFiniteError(CompVLMError, ValueError):
-    """A statistic or score tensor holds NaN or inf (raised by :func:`check_finite`)."""
 
 
 def check_finite(t: torch.Tensor, label: str) -> torch.Tensor:

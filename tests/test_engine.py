@@ -179,3 +179,31 @@ def test_resume_with_other_arguments_is_refused(setup, tmp_path):
     with pytest.raises(comp_vlm.CheckpointError, match="ratio"):
         prune(fresh(cfg), RetrievalTask(), loaders.train, loaders.val,
               quick(ratio=0.3, finetune_steps=0, checkpoint_dir=str(tmp_path / "c"), resume=True))
+
+
+def test_distillation_runs_and_changes_training(setup):
+    cfg, _, loaders = setup
+    plain = prune(fresh(cfg), RetrievalTask(), loaders.train, loaders.val, quick(ratio=0.2, finetune_steps=1))
+    kd = prune(fresh(cfg), RetrievalTask(), loaders.train, loaders.val, quick(ratio=0.2, finetune_steps=1, distill=1.0))
+    assert kd.stage_log[0]["b_after"] != plain.stage_log[0]["b_after"]
+    assert all(r["metric"] is not None for r in kd.stage_log)
+
+
+def test_distill_loss_is_zero_against_itself(setup):
+    cfg, _, loaders = setup
+    model = fresh(cfg)
+    batch = loaders.val[0]
+    assert RetrievalTask().distill_loss(model, model, batch).abs().item() < 1e-6
+    other = fresh(cfg)
+    with torch.no_grad():
+        other.visual_projection.weight.mul_(-1)
+    assert RetrievalTask().distill_loss(model, other, batch).item() > 1e-3
+
+
+def test_nonfinite_training_loss_is_named(setup):
+    cfg, _, loaders = setup
+    model = fresh(cfg)
+    with torch.no_grad():
+        model.logit_scale.fill_(float("nan"))
+    with pytest.raises(comp_vlm.CompVLMError, match="NaN|nan"):
+        prune(model, RetrievalTask(), loaders.train, loaders.val, quick(ratio=0.2))

@@ -59,6 +59,12 @@ class Task(ABC):
         """Metrics of ``model`` over ``loader`` (eval mode, no grad, previous mode restored). The result holds
         :attr:`primary_metric` and ``"loss"``."""
 
+    def distill_loss(self, student: nn.Module, teacher: nn.Module, batch: Batch) -> torch.Tensor:
+        """Knowledge-distillation loss of ``student`` towards the frozen ``teacher`` on ``batch`` (optional)."""
+        from ..errors import ConfigError
+
+        raise ConfigError(f"task {type(self).__name__} has no distillation loss")
+
     def validation_loss(self, model: nn.Module, batches: Iterable[Batch]) -> float:
         """Mean of :meth:`loss` over a fixed list of batches (each batch weighs the same), in eval mode under
         ``torch.no_grad()``; the model's previous train/eval state is restored afterwards."""

@@ -180,6 +180,21 @@ class RetrievalTask(Task):
         txt = self.encode_texts(model, batch["input_ids"], batch.get("attention_mask"))
         return contrastive_loss(img, txt, self.scale(model), batch_positives(batch, img.shape[0], img.device))
 
+    def distill_loss(self, student: nn.Module, teacher: nn.Module, batch: Batch) -> torch.Tensor:
+        """KL from the teacher's to the student's image->text and text->image similarity distributions over the
+        batch (logit KD; the teacher runs under no_grad with its own temperature)."""
+        img = F.normalize(self.encode_images(student, batch["pixel_values"]), dim=-1)
+        txt = F.normalize(self.encode_texts(student, batch["input_ids"], batch.get("attention_mask")), dim=-1)
+        logits = self.scale(student) * img @ txt.t()
+        with torch.no_grad():
+            t_img = F.normalize(self.encode_images(teacher, batch["pixel_values"]), dim=-1)
+            t_txt = F.normalize(self.encode_texts(teacher, batch["input_ids"], batch.get("attention_mask")), dim=-1)
+            t_logits = self.scale(teacher) * t_img @ t_txt.t()
+        kl_i = F.kl_div(F.log_softmax(logits, 1), F.log_softmax(t_logits, 1), log_target=True, reduction="batchmean")
+        kl_t = F.kl_div(F.log_softmax(logits.t(), 1), F.log_softmax(t_logits.t(), 1), log_target=True,
+                        reduction="batchmean")
+        return (kl_i + kl_t) / 2
+
     def embed(self, model: nn.Module, loader: Iterable[Batch]) -> dict[str, Any]:
         """Embeddings of every pair in ``loader`` (eval mode, no grad, previous mode restored): ``image_emb``,
         ``text_emb`` ``(N, D)``, ``image_keys``, ``text_keys`` (lists) and ``loss`` (mean over batches)."""
