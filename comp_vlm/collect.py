@@ -7,8 +7,8 @@ mask). The weights ω come from CIT token scores: a layer's attention uses that 
 layer's (the last layer's MLP its own, gathered to the tokens its MLP saw). The MLP input of one layer waits in a
 one-layer transient buffer until the next layer's scores exist. Persistent memory: one float64 per channel.
 
-Collection happens only while enabled, in train mode, and not inside a backward pass (so gradient-checkpoint
-recomputation does not count twice); never during validation (eval mode).
+Collection happens only while enabled, in train mode, with grad enabled, and not inside a backward pass (so
+gradient-checkpoint recomputation does not count twice); never during validation (eval mode, no_grad).
 """
 
 from __future__ import annotations
@@ -73,8 +73,8 @@ class StatsCollector:
         return self.enabled and module.training
 
     def active(self, module: nn.Module) -> bool:
-        """Whether this forward is recorded: not during validation (eval) nor inside a backward pass."""
-        return self.wants_probs(module) and not in_backward()
+        """Whether this forward is recorded: not during validation (eval), under no_grad, nor inside a backward."""
+        return self.wants_probs(module) and torch.is_grad_enabled() and not in_backward()
 
     def _weights(self, scores: torch.Tensor | None, state: TokenState) -> torch.Tensor:
         return importance.token_weights(scores, state.valid, state.pooled_slot, self.weighting)

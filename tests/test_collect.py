@@ -42,13 +42,17 @@ def test_every_unit_gets_statistics(text_batch):
     assert coll.head_stats[("vision", 1)][0:hd].abs().max() > 0
 
 
-def test_eval_collects_nothing(pixels, text_batch):
+def test_eval_and_no_grad_collect_nothing(pixels, text_batch):
     model = make_clip(1)
     _, coll = attach(model)
     model.eval()
+    model(pixel_values=pixels, **text_batch)
+    model.train()
     with torch.no_grad():
         model(pixel_values=pixels, **text_batch)
     assert coll.head_stats == {} and coll.neuron_stats == {}
+    model(pixel_values=pixels, **text_batch)
+    assert coll.head_stats != {}
 
 
 def test_checkpoint_recomputation_is_not_counted_twice(text_batch):
