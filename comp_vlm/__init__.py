@@ -6,9 +6,14 @@ from torch import nn
 
 from . import adapters  # noqa: F401  (registers the adapters)
 from .adapters.base import AdapterOptions, ModelAdapter, get_adapter, register_adapter
-from .engine import PruneConfig, PruneResult, Pruner, prune
+from .engine import PruneConfig, Pruner, PruneResult, prune
 from .errors import (
-    CheckpointError, CompVLMError, ConfigError, NonFiniteError, RecipeError, UnsupportedModelError,
+    CheckpointError,
+    CompVLMError,
+    ConfigError,
+    NonFiniteError,
+    RecipeError,
+    UnsupportedModelError,
 )
 from .io import load_pruned, read_recipe, save_pruned
 from .recipe import Recipe
@@ -33,7 +38,25 @@ def apply_recipe(model: nn.Module, recipe: Recipe) -> nn.Module:
 
 
 __all__ = [
-    "AdapterOptions", "CheckpointError", "PruneConfig", "PruneResult", "Pruner", "prune", "CompVLMError", "ConfigError", "ModelAdapter", "NonFiniteError", "Recipe", "RecipeError",
-    "UnsupportedModelError", "apply_recipe", "count_flops", "count_params", "get_adapter", "load_pruned",
-    "read_recipe", "register_adapter", "save_pruned",
+    "AdapterOptions",
+    "CheckpointError",
+    "CompVLMError",
+    "ConfigError",
+    "ModelAdapter",
+    "NonFiniteError",
+    "PruneConfig",
+    "PruneResult",
+    "Pruner",
+    "Recipe",
+    "RecipeError",
+    "UnsupportedModelError",
+    "apply_recipe",
+    "count_flops",
+    "count_params",
+    "get_adapter",
+    "load_pruned",
+    "prune",
+    "read_recipe",
+    "register_adapter",
+    "save_pruned",
 ]

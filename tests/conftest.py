@@ -9,7 +9,7 @@ from comp_vlm.data.text import build_word_tokenizer
 # tiny models: one thread is fastest, and two threads collapse when the other core is busy (measured ~70x)
 torch.set_num_threads(1)
 
-WORDS = "a an the red green blue small big circle square triangle left of right photo this is and with on".split()
+WORDS = ["a", "an", "the", "red", "green", "blue", "small", "big", "circle", "square", "triangle", "left", "of", "right", "photo", "this", "is", "and", "with", "on"]
 
 
 def tiny_clip_config(

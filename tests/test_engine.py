@@ -145,7 +145,7 @@ def test_resume_after_interruption_gives_the_same_recipe(setup, tmp_path, monkey
                       quick(ratio=0.4, finetune_steps=0, checkpoint_dir=str(tmp_path / "a")))
     assert len(reference.stage_log) >= 3
 
-    import comp_vlm.engine as engine
+    from comp_vlm import engine
 
     real_save = engine._save_search_checkpoint
     calls = {"n": 0}

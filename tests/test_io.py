@@ -7,11 +7,11 @@ import json
 import pytest
 import torch
 from conftest import make_clip
+from test_clip_adapter import assert_close, embeds, prune_all_sites, random_masks
 from transformers import CLIPModel
 
 import comp_vlm
 from comp_vlm import CheckpointError, Recipe, RecipeError, get_adapter, load_pruned, save_pruned
-from test_clip_adapter import assert_close, embeds, prune_all_sites, random_masks
 
 
 def pruned_model(seed=0):

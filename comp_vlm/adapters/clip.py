@@ -50,12 +50,12 @@ class TextCallHook:
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         attention_mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
         if input_ids is None:
-            return None
+            return
         input_ids = input_ids.view(-1, input_ids.shape[-1])
         valid = None if attention_mask is None else attention_mask.view(input_ids.shape).bool()
         pooled = clip_pooled_positions(input_ids, module.eos_token_id)
         module.encoder.__dict__["_comp_call"] = (valid, pooled)
-        return None
+        return
 
 
 def clip_encoder_forward(self: nn.Module, inputs_embeds: torch.Tensor, attention_mask=None, **kwargs) -> BaseModelOutput:
