@@ -347,7 +347,9 @@ class Pruner:
                         unit = 2 * tf.tokens_mlp[i] * spec.hidden * spec.mlp_matrices
                         floor = self._neuron_floor(spec.neurons)
                     if s is None:
-                        s = torch.zeros(len(sel), dtype=torch.float64)
+                        raise ConfigError(
+                            f"no importance statistics for {name} layer {i} {kind}s: the search saw no training "
+                            "forward in train mode (calibration or stage training)")
                     importance.check_finite(s, f"{name} layer {i} {kind} score")
                     g = len(floors)
                     floors.append(floor)
@@ -639,6 +641,27 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def mean_text_length(batches: Iterable) -> int | None:
+    """Mean unpadded text length (rounded) over batches holding an ``attention_mask`` (None if none do)."""
+    total, count = 0.0, 0
+    for batch in batches:
+        mask = batch.get("attention_mask") if isinstance(batch, dict) else None
+        if mask is not None:
+            total += float(mask.sum())
+            count += mask.shape[0]
+    return round(total / count) if count else None
+
+
+def training_text_length(train_data: Any) -> int | None:
+    """Mean unpadded length of one pass over the training data, leaving a stateful loader where it was."""
+    state = train_data.state_dict() if hasattr(train_data, "state_dict") else None
+    try:
+        return mean_text_length(train_data)
+    finally:
+        if state is not None:
+            train_data.load_state_dict(state)
+
+
 def _model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
@@ -675,6 +698,11 @@ def prune(model: nn.Module, task: Any, train_data: Iterable, val_batches: list, 
     way), fine-tune every snapshot ``config.finetune_steps`` steps, slice, and (if ``test_data``) evaluate."""
     config = config or PruneConfig()
     seed_everything(config.seed)
+    if not (config.reference or {}).get("text_length"):
+        length = training_text_length(train_data)
+        if length is not None:  # method.md §1: FLOPs at the mean unpadded length of the training texts
+            config = replace(config, reference={**(config.reference or {}), "text_length": length})
+            log.info("FLOPs reference text length: %d (mean unpadded length of the training texts)", length)
     teacher = None
     if config.distill > 0:
         teacher = copy.deepcopy(model).eval().requires_grad_(False)

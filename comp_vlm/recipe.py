@@ -74,7 +74,8 @@ class Recipe:
                 towers[name] = []
                 for lay in layers:
                     keep = lay.get("keep_ratio")
-                    if keep is not None and not (isinstance(keep, (int, float)) and math.isfinite(keep)):
+                    if keep is not None and (isinstance(keep, bool) or not isinstance(keep, (int, float))
+                                             or not math.isfinite(keep)):
                         raise RecipeError(f"recipe {name}: keep_ratio must be a number or null, got {keep!r}")
                     towers[name].append(
                         LayerRecipe(heads=_int_list(lay["heads"]), neurons=_int_list(lay["neurons"]),

@@ -125,11 +125,13 @@ def test_token_sites_really_shorten_sequences(pixels, text_batch):
     assert seen == [17, 9, 5]
 
 
+@pytest.mark.parametrize("keep", [0.5, 0.2])
 @pytest.mark.parametrize("eos_id", [None, 2])
-def test_padded_batch_equals_samples_alone(eos_id, tokenizer, text_batch):
-    model = make_clip(5, eos_token_id=eos_id)
+def test_padded_batch_equals_samples_alone(eos_id, keep, tokenizer, text_batch):
+    model = make_clip(5, eos_token_id=eos_id, text_layers=5)
     adapter = get_adapter(model).install()
-    prune_all_sites(adapter, 0.5)
+    prune_all_sites(adapter, keep)
+    assert len(adapter.token_sites("T_l")) == 3
     with torch.no_grad():
         together = model.get_text_features(**text_batch).pooler_output
         out = model.text_model(**text_batch)
@@ -141,6 +143,16 @@ def test_padded_batch_equals_samples_alone(eos_id, tokenizer, text_batch):
     eos_pos = (text_batch["input_ids"] == tokenizer.eos_token_id).int().argmax(-1)
     lhs = out.last_hidden_state
     assert (lhs[torch.arange(lhs.shape[0]), eos_pos].abs().sum(-1) > 0).all()
+
+
+def test_padding_after_eos_gives_same_result_without_mask(text_batch):
+    model = make_clip(5, text_layers=5)
+    adapter = get_adapter(model).install()
+    prune_all_sites(adapter, 0.3)
+    with torch.no_grad():
+        masked = model.get_text_features(**text_batch).pooler_output
+        unmasked = model.get_text_features(input_ids=text_batch["input_ids"]).pooler_output
+    assert torch.allclose(masked, unmasked, atol=ATOL)
 
 
 def test_masks_validate_values_and_shapes():

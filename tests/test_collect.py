@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import make_clip
 
@@ -55,14 +56,15 @@ def test_eval_and_no_grad_collect_nothing(pixels, text_batch):
     assert coll.head_stats != {}
 
 
-def test_checkpoint_recomputation_is_not_counted_twice(text_batch):
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_checkpoint_recomputation_is_not_counted_twice(text_batch, reentrant):
     pixels = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(2))
     stats = []
     for ckpt in (False, True):
         model = make_clip(2)
         _, coll = attach(model)
         if ckpt:
-            (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
         model.train()
         run(model, pixels, text_batch)
         stats.append(coll.state_dict())
@@ -87,3 +89,13 @@ def test_statistics_add_over_batch_halves(text_batch):
         model(pixel_values=pixels[part], **half)
     for key, value in whole.state_dict().items():
         assert torch.allclose(value, whole_stats[key], rtol=1e-4, atol=1e-8), key
+
+
+def test_masked_neurons_and_heads_have_zero_statistics(text_batch):
+    model = make_clip(4)
+    model.train()
+    adapter, coll = attach(model)
+    adapter.set_neuron_mask("text", 0, [0.0] * 8 + [1.0] * 40)
+    model(pixel_values=torch.randn(4, 3, 16, 16), **text_batch)
+    stat = coll.neuron_stats[("text", 0)]
+    assert stat[:8].abs().max() == 0 and stat[8:].min() > 0

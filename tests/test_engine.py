@@ -207,3 +207,16 @@ def test_nonfinite_training_loss_is_named(setup):
         model.logit_scale.fill_(float("nan"))
     with pytest.raises(comp_vlm.CompVLMError, match="NaN|nan"):
         prune(model, RetrievalTask(), loaders.train, loaders.val, quick(ratio=0.2))
+
+
+def test_reference_text_length_is_the_mean_training_length(setup):
+    cfg, _, loaders = setup
+    from comp_vlm.engine import mean_text_length
+
+    expected = mean_text_length(loaders.train)
+    state = loaders.train.state_dict()
+    res = prune(fresh(cfg), RetrievalTask(), loaders.train, loaders.val,
+                quick(ratio=0.2, finetune_steps=0, reference={"image_size": 16}))
+    assert res.recipe.reference["text_length"] == expected
+    assert 6 <= expected <= 15
+    assert state != loaders.train.state_dict()  # the search itself consumed batches

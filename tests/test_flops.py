@@ -73,7 +73,6 @@ def test_flops_model_matches_counter(dead_compute, params, tokens, seed):
     # the convention is exact for CLIP: nothing but matmuls and the patch convolution is counted
     assert analytic == counted
     if params or tokens:
-        assert analytic < adapter.__class__(model).count_flops(ref) + 1  # sanity: same view, same count
         dense = sum(tower_flops(t).total for t in adapter.dense_structure(ref))
         assert analytic < dense
 

@@ -86,6 +86,8 @@ def recipe_dict():
         (lambda d: d["towers"]["vision"][0].update(keep_ratio=0.5), "no token site"),
         (lambda d: d.update(family="blip"), "family"),
         (lambda d: d["towers"].pop("text"), "towers"),
+        (lambda d: d["options"].update(turbo=True), "unknown options"),
+        (lambda d: d["options"].update(dead_compute="no"), "must be bool"),
     ],
 )
 def test_recipe_mismatch_errors(mutate, message):
@@ -98,7 +100,8 @@ def test_recipe_mismatch_errors(mutate, message):
 @pytest.mark.parametrize(
     ("text", "message"),
     [('{"format_version": 1, "towers": ', "not valid JSON"), ('{"format_version": 7}', "format_version"),
-     ('{"format_version": 1}', "malformed"), ("[1, 2]", "object")],
+     ('{"format_version": 1}', "malformed"), ("[1, 2]", "object"),
+     ('{"format_version": 1, "towers": {"t": [{"heads": [], "neurons": [], "keep_ratio": true}]}}', "keep_ratio")],
 )
 def test_corrupt_recipe_json(text, message):
     with pytest.raises(RecipeError, match=message):

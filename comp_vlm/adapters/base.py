@@ -78,6 +78,22 @@ class AdapterOptions:
             raise ConfigError(f"site_start must be >= 0 and site_every >= 1, got {self.site_start}, {self.site_every}")
 
 
+def options_from_recipe(options: dict) -> AdapterOptions:
+    """AdapterOptions from a recipe's JSON, type-checked (a recipe is untrusted input)."""
+    fields = {f: type(v) for f, v in asdict(AdapterOptions()).items()}
+    unknown = sorted(set(options) - set(fields))
+    if unknown:
+        raise RecipeError(f"recipe has unknown options {unknown}")
+    for key, value in options.items():
+        kind = fields[key]
+        if type(value) is not kind:  # bool is not int here, and "no" is not a bool
+            raise RecipeError(f"recipe option {key!r} must be {kind.__name__}, got {value!r}")
+    try:
+        return AdapterOptions(**options)
+    except ConfigError as exc:
+        raise RecipeError(f"recipe options: {exc}") from None
+
+
 @dataclass(frozen=True)
 class Site:
     tower: str
@@ -480,7 +496,7 @@ class ModelAdapter(ABC):
         specs = {s.name: s for s in self.tower_specs()}
         if set(recipe.towers) != set(specs):
             raise RecipeError(f"recipe towers {sorted(recipe.towers)} do not match the model's {sorted(specs)}")
-        options = AdapterOptions(**recipe.options)
+        options = options_from_recipe(recipe.options)
         for name, layers in recipe.towers.items():
             spec = specs[name]
             n = len(self.layers(spec))
@@ -503,7 +519,7 @@ class ModelAdapter(ABC):
         """Slice the model to the recipe's structure and install its options and token keep ratios."""
         self.validate_recipe(recipe)
         self.clear_masks()
-        self.install(AdapterOptions(**recipe.options))
+        self.install(options_from_recipe(recipe.options))
         object.__setattr__(self.model, "comp_vlm_reference", dict(recipe.reference))
         for name, layers in recipe.towers.items():
             spec = self.tower(name)

@@ -17,7 +17,7 @@ from transformers import CLIPModel
 from transformers.modeling_outputs import BaseModelOutput
 
 from .. import masks, tokens
-from ..collect import CAPTURE_FLAG, pop_captured
+from ..collect import CAPTURE_FLAG, in_backward, pop_captured
 from ..errors import CompVLMError
 from ..tokens import TokenState
 from .base import LayerParts, ModelAdapter, TowerSpec, register_adapter
@@ -52,8 +52,11 @@ class TextCallHook:
         if input_ids is None:
             return
         input_ids = input_ids.view(-1, input_ids.shape[-1])
-        valid = None if attention_mask is None else attention_mask.view(input_ids.shape).bool()
         pooled = clip_pooled_positions(input_ids, module.eos_token_id)
+        # causal tower: tokens after the pooled EOS (padding, with or without an attention mask) cannot reach it
+        valid = torch.arange(input_ids.shape[1], device=input_ids.device)[None, :] <= pooled[:, None]
+        if attention_mask is not None:
+            valid = valid & attention_mask.view(input_ids.shape).bool()
         module.encoder.__dict__["_comp_call"] = (valid, pooled)
         return
 
@@ -78,7 +81,8 @@ def clip_encoder_forward(self: nn.Module, inputs_embeds: torch.Tensor, attention
 
 
 def _clip_layer_body(
-    self: nn.Module, hidden: torch.Tensor, attention_mask, comp_state: TokenState, **kwargs
+    self: nn.Module, hidden: torch.Tensor, attention_mask, comp_state: TokenState, comp_record: bool = False,
+    **kwargs,
 ) -> tuple[torch.Tensor, TokenState]:
     rt: LayerRuntime = self.comp_runtime
     state = comp_state
@@ -91,7 +95,7 @@ def _clip_layer_body(
     site_on = keep < 1.0 and alive
     collector = self.__dict__.get("comp_collector")
     wants = collector is not None and collector.wants_probs(self)
-    collect = wants and collector.active(self)
+    collect = wants and comp_record and not in_backward()  # a checkpoint recompute replays, never records
     attn.out_proj.__dict__[CAPTURE_FLAG] = collect
     mlp.fc2.__dict__[CAPTURE_FLAG] = collect
     x = self.layer_norm1(hidden)
@@ -128,10 +132,13 @@ def clip_layer_forward(self: nn.Module, hidden_states: torch.Tensor, attention_m
     """Instance forward of CLIPEncoderLayer: attention -> token site -> MLP; keeps gradient checkpointing."""
     if comp_state is None:  # called outside the comp-vlm encoder: behave like the class
         return type(self).forward(self, hidden_states, attention_mask, **kwargs)
+    # decided here, outside any checkpoint: reentrant checkpointing runs the body under no_grad
+    collector = self.__dict__.get("comp_collector")
+    record = collector is not None and collector.active(self)
     if getattr(self, "gradient_checkpointing", False) and self.training and torch.is_grad_enabled():
-        body = partial(_clip_layer_body, self, comp_state=comp_state, **kwargs)
+        body = partial(_clip_layer_body, self, comp_state=comp_state, comp_record=record, **kwargs)
         return self._gradient_checkpointing_func(body, hidden_states, attention_mask)
-    return _clip_layer_body(self, hidden_states, attention_mask, comp_state=comp_state, **kwargs)
+    return _clip_layer_body(self, hidden_states, attention_mask, comp_state=comp_state, comp_record=record, **kwargs)
 
 
 @register_adapter
