@@ -220,3 +220,38 @@ def test_reference_text_length_is_the_mean_training_length(setup):
     assert res.recipe.reference["text_length"] == expected
     assert 6 <= expected <= 15
     assert state != loaders.train.state_dict()  # the search itself consumed batches
+
+
+def test_materialized_snapshot_equals_masked_search_model(setup):
+    cfg, _, loaders = setup
+    model = fresh(cfg)
+    task = RetrievalTask()
+    pruner = Pruner(model, task, loaders.val, quick(ratio=0.4, snapshots=(0.2,)))
+    from comp_vlm.engine import _cycle
+
+    pruner.calibrate(_cycle(loaders.train))
+    batches = _cycle(loaders.train)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    batch = loaders.val[0]
+    checked = 0
+    while not pruner.done:
+        model.train()
+        loss = task.loss(model, next(batches))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        before = len(pruner.snapshots)
+        pruner.step()
+        if len(pruner.snapshots) > before:
+            snap = pruner.snapshots[-1]
+            sliced = pruner.materialize(snap)
+            model.eval()
+            with torch.no_grad():
+                a = task.encode_images(model, batch["pixel_values"])
+                b = task.encode_images(sliced, batch["pixel_values"])
+                c = task.encode_texts(model, batch["input_ids"], batch["attention_mask"])
+                d = task.encode_texts(sliced, batch["input_ids"], batch["attention_mask"])
+            assert torch.allclose(a, b, atol=1e-5) and torch.allclose(c, d, atol=1e-5)
+            assert comp_vlm.count_flops(sliced) == snap.recipe.pruned_flops
+            checked += 1
+    assert checked == 2
