@@ -17,6 +17,7 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -147,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"model": "tiny" if args.quick else "CLIP ViT-B/16 shape (random weights)", "reference": reference,
             "repeats": args.repeats, "threads": args.threads, "torch": torch.__version__,
             "machine": platform.machine(), "processor": platform.processor(), "dense_gflops": flops["dense"] / 1e9,
-            "command": "python benchmarks/speed.py" + (" --quick" if args.quick else "")}
+            "command": " ".join(["python benchmarks/speed.py", *(sys.argv[1:] if argv is None else argv)])}
     (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     lines = [f"# Speed: measured vs ideal speedup ({meta['model']})", "",
              f"`{meta['command']}` — torch {meta['torch']}, {args.threads} threads, median of {args.repeats} "
