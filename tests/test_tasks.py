@@ -288,3 +288,21 @@ def test_tiny_clip_trains_and_evaluates(world, tok):
     after = task.evaluate(model, data.test)
     assert model.training
     assert after["loss"] < before["loss"] and after["r1_mean"] > before["r1_mean"], (before, after)
+
+
+def test_benchmark_world_shapes_lengths_and_determinism():
+    from comp_vlm.data.synthetic import FILLERS, BenchmarkWorld
+
+    world = BenchmarkWorld(seed=3)
+    px, caps = world.sample(300, seed=1)
+    px2, caps2 = world.sample(300, seed=1)
+    assert torch.equal(px, px2) and caps == caps2
+    assert px.shape == (300, 3, 32, 32)
+    tok = build_word_tokenizer(world.vocabulary())
+    lengths = [len(tok(c)["input_ids"]) for c in caps]
+    assert min(lengths) >= 12 and max(lengths) <= 20
+    assert all(i != tok.unk_token_id for c in caps for i in tok(c)["input_ids"])
+    counts = [c.count(" then ") + 1 for c in caps]
+    assert set(counts) == {2, 3, 4}
+    assert any(w in FILLERS for c in caps for w in c.split())
+    assert 0.3 < len(set(caps)) / len(caps) <= 1.0

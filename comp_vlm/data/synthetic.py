@@ -268,3 +268,69 @@ def make_retrieval_loaders(
         val=fixed_batches(split("val", n_val), eval_bs),
         test=fixed_batches(split("test", n_test), eval_bs),
     )
+
+
+#: uninformative filler words, drawn independently of the scene (the language-token mode has real redundancy)
+FILLERS = ("in", "this", "picture", "we", "can", "see", "there", "is", "here", "clearly", "shown", "on",
+           "textured", "background", "image", "nice")
+BENCHMARK_SIZES: dict[str, float] = {"small": 0.06, "big": 0.11}
+
+
+class BenchmarkWorld(SyntheticWorld):
+    """The benchmark world (issue: offline benchmark): 2-4 small objects on a textured, uninformative
+    background; patch 4 on 32 px gives 64 patches, most of them background (input-dependent token redundancy);
+    colour + shape + size of every object, named left to right, so no mode can drop everything; captions of
+    12-20 tokens (with BOS/EOS) padded by uninformative filler words drawn independently of the scene.
+    """
+
+    def __init__(self, image_size: int = 32, min_objects: int = 2, max_objects: int = 4, seed: int = 0,
+                 shapes: Sequence[str] = ("square", "circle", "triangle", "cross"), texture: float = 0.12,
+                 min_tokens: int = 12, max_tokens: int = 20, **kw: Any) -> None:
+        super().__init__(image_size=image_size, max_objects=max_objects, seed=seed, shapes=shapes, **kw)
+        if not 1 <= min_objects <= max_objects:
+            raise ValueError("need 1 <= min_objects <= max_objects")
+        self.min_objects, self.texture = min_objects, texture
+        self.min_tokens, self.max_tokens = min_tokens, max_tokens
+        self._radius = torch.tensor([BENCHMARK_SIZES[s] for s in self.sizes]) * image_size
+
+    def sample_scenes(self, n: int, g: torch.Generator) -> Scene:
+        scene = super().sample_scenes(n, g)
+        count = torch.randint(self.min_objects, self.max_objects + 1, (n,), generator=g)
+        k, s = self.max_objects, self.image_size
+        r = self._radius[scene.size]
+        strip = s / count[:, None].float()
+        ux = torch.rand(n, k, generator=g)
+        scene.count = count
+        scene.cx = torch.arange(k) * strip + r + ux * (strip - 2 * r).clamp(min=0)
+        scene.filler = torch.randint(len(FILLERS), (n, self.max_tokens), generator=g)  # type: ignore[attr-defined]
+        scene.filler_len = torch.rand(n, generator=g)  # type: ignore[attr-defined]
+        return scene
+
+    def render(self, scene: Scene, g: torch.Generator) -> torch.Tensor:
+        img = super().render(scene, g)
+        n, s = img.shape[0], self.image_size
+        # a random low-frequency grey texture, independent of the caption
+        grid = torch.linspace(0, 2 * torch.pi, s)
+        fx, fy = (1 + 3 * torch.rand(n, 1, 1, generator=g)), (1 + 3 * torch.rand(n, 1, 1, generator=g))
+        phase = 2 * torch.pi * torch.rand(n, 1, 1, generator=g)
+        tex = torch.sin(fx * grid.view(1, 1, s) + phase) * torch.cos(fy * grid.view(1, s, 1) + phase)
+        background = (img - img.mean(dim=1, keepdim=True)).abs().sum(dim=1, keepdim=True) < 0.25  # grey pixels
+        return (img + self.texture * tex[:, None] * background).clamp_(0, 1)
+
+    def describe(self, scene: Scene) -> list[str]:
+        out = []
+        for i, (c, sz, co, sh) in enumerate(zip(scene.count.tolist(), scene.size.tolist(), scene.colour.tolist(),
+                                                scene.shape.tolist())):
+            objects = " then ".join(f"{self.sizes[sz[j]]} {self.colours[co[j]]} {self.shapes[sh[j]]}"
+                                    for j in range(c))
+            words = 2 + 3 + len(objects.split())  # BOS/EOS + "a photo showing"
+            room = max(0, self.max_tokens - words)
+            need = max(0, self.min_tokens - words)
+            extra = need + int(scene.filler_len[i] * (room - need + 1)) if room >= need else 0  # type: ignore[attr-defined]
+            filler = " ".join(FILLERS[t] for t in scene.filler[i, :extra].tolist())  # type: ignore[attr-defined]
+            out.append(" ".join(p for p in ("a photo showing", objects, filler) if p))
+        return out
+
+    def vocabulary(self) -> list[str]:
+        return sorted({"a", "photo", "showing", "then"} | set(self.colours) | set(self.shapes) | set(self.sizes)
+                      | set(FILLERS))
