@@ -1,0 +1,93 @@
+"""Dense (unpruned) training of tiny models, cached on disk by a hash of everything that determines the weights.
+
+The cache holds ``<key>.safetensors`` (weights) and ``<key>.json`` (the config, training settings and the
+validation metrics), never a pickle; a cached model is rebuilt from its config and loaded strictly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+log = logging.getLogger("comp_vlm")
+
+
+@dataclass(frozen=True)
+class DenseTraining:
+    steps: int = 1500
+    lr: float = 1e-3
+    warmup: int = 100
+    weight_decay: float = 0.01
+    seed: int = 0
+
+
+def cache_key(config: Any, training: DenseTraining, data_id: str) -> str:
+    blob = json.dumps({"config": config.to_dict(), "training": asdict(training), "data": data_id}, sort_keys=True,
+                      default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def lr_at(step: int, training: DenseTraining) -> float:
+    """Linear warm-up, then cosine decay to 0."""
+    if step < training.warmup:
+        return training.lr * (step + 1) / training.warmup
+    progress = (step - training.warmup) / max(1, training.steps - training.warmup)
+    return training.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def train_dense(model: nn.Module, task: Any, train_data: Any, training: DenseTraining,
+                progress: bool = True) -> nn.Module:
+    from .engine import _cycle, seed_everything, training_loss
+
+    seed_everything(training.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=training.lr, weight_decay=training.weight_decay)
+    batches = _cycle(train_data)
+    model.train()
+    bar = tqdm(range(training.steps), desc="dense training", disable=not progress)
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, training)
+        loss = training_loss(task, model, next(batches), None, 0.0, f"dense training step {step}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    return model.eval()
+
+
+def cached_dense(build: Any, config: Any, task: Any, train_data: Any, val_data: Any, training: DenseTraining,
+                 data_id: str, cache_dir: str | os.PathLike = "cache", progress: bool = True) -> tuple[nn.Module, dict]:
+    """The dense model for (config, training, data): loaded from ``cache_dir`` or trained and stored there.
+    ``build(config)`` makes a fresh model. Returns the model (eval mode) and its validation metrics."""
+    from safetensors.torch import load_file, save_file
+
+    key = cache_key(config, training, data_id)
+    cache = Path(cache_dir)
+    weights, meta_path = cache / f"dense-{key}.safetensors", cache / f"dense-{key}.json"
+    torch.manual_seed(training.seed)
+    model = build(config)
+    if weights.is_file() and meta_path.is_file():
+        model.load_state_dict(load_file(str(weights)), strict=True)
+        log.info("dense model loaded from cache %s", weights)
+        return model.eval(), json.loads(meta_path.read_text())["metrics"]
+    train_dense(model, task, train_data, training, progress)
+    metrics = task.evaluate(model, val_data)
+    cache.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=cache, suffix=".tmp")
+    os.close(fd)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp)
+    os.replace(tmp, weights)
+    meta_path.write_text(json.dumps({"training": asdict(training), "data": data_id, "metrics": metrics}, indent=1))
+    return model, metrics

@@ -1,0 +1,44 @@
+"""Dense training cache: a second call loads identical weights instead of training again."""
+
+from __future__ import annotations
+
+import torch
+from transformers import CLIPConfig, CLIPModel
+
+from comp_vlm.data.synthetic import SyntheticWorld, make_retrieval_loaders
+from comp_vlm.data.text import build_word_tokenizer
+from comp_vlm.dense import DenseTraining, cached_dense, lr_at
+from comp_vlm.tasks import RetrievalTask
+
+
+def test_lr_schedule():
+    t = DenseTraining(steps=100, lr=1.0, warmup=10)
+    assert lr_at(0, t) == 0.1 and lr_at(9, t) == 1.0 and abs(lr_at(100, t)) < 1e-12
+    assert abs(lr_at(55, t) - 0.5) < 1e-9
+
+
+def test_cache_round_trip(tmp_path):
+    world = SyntheticWorld(image_size=16, seed=0)
+    tok = build_word_tokenizer(world.vocabulary())
+    data = make_retrieval_loaders(world, tok, 64, 32, 32, 16, seed=0)
+    cfg = CLIPConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=24, bos_token_id=tok.bos_token_id,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=16, patch_size=4),
+        projection_dim=16,
+    )
+    training = DenseTraining(steps=6, warmup=2)
+    first, m1 = cached_dense(CLIPModel._from_config, cfg, RetrievalTask(), data.train, data.val, training, "w0",
+                             tmp_path, progress=False)
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert len(files) == 2 and files[0].endswith(".json") and files[1].endswith(".safetensors")
+    second, m2 = cached_dense(CLIPModel._from_config, cfg, RetrievalTask(), data.train, data.val, training, "w0",
+                              tmp_path, progress=False)
+    assert m1 == m2
+    for (k, a), (_, b) in zip(first.state_dict().items(), second.state_dict().items()):
+        assert torch.equal(a, b), k
+    third, _ = cached_dense(CLIPModel._from_config, cfg, RetrievalTask(), data.train, data.val,
+                            DenseTraining(steps=7, warmup=2), "w0", tmp_path, progress=False)
+    assert len(list(tmp_path.iterdir())) == 4  # another training setting, another entry
