@@ -655,8 +655,8 @@ def mean_text_length(batches: Iterable) -> int | None:
 def training_text_length(train_data: Any) -> int | None:
     """Mean unpadded length of one pass over the training data, leaving a stateful loader where it was."""
     state = train_data.state_dict() if hasattr(train_data, "state_dict") else None
-    try:
-        return mean_text_length(train_data)
+    try:  # a stateful loader at the end of an epoch yields nothing once: then read the next pass
+        return mean_text_length(train_data) or mean_text_length(train_data)
     finally:
         if state is not None:
             train_data.load_state_dict(state)

@@ -211,9 +211,9 @@ def test_nonfinite_training_loss_is_named(setup):
 
 def test_reference_text_length_is_the_mean_training_length(setup):
     cfg, _, loaders = setup
-    from comp_vlm.engine import mean_text_length
+    from comp_vlm.engine import training_text_length
 
-    expected = mean_text_length(loaders.train)
+    expected = training_text_length(loaders.train)
     state = loaders.train.state_dict()
     res = prune(fresh(cfg), RetrievalTask(), loaders.train, loaders.val,
                 quick(ratio=0.2, finetune_steps=0, reference={"image_size": 16}))
