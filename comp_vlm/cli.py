@@ -1,104 +1,571 @@
-"""comp-vlm command line. Errors from the library print one line and exit non-zero (2 for usage errors)."""
+"""comp-vlm command line: ``demo``, ``prune``, ``eval``, ``bench``.
+
+Usage errors exit 2 (argparse); errors from the library (``CompVLMError``: bad option values, missing or corrupt
+models and recipes, unreadable data) print one line ``comp-vlm: error: ...`` on stderr and exit 1.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
+import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
-from .errors import CompVLMError
+from .errors import CompVLMError, ConfigError
 
-
-def _median_latency_ms(fn, repeats: int = 7) -> float:
-    import statistics
-
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+TASKS = ("retrieval",)
 
 
-def run_demo(args: argparse.Namespace) -> int:
-    """Smallest end-to-end path: tiny CLIP -> recipe (heads, neurons, tokens) -> slice -> save -> load -> check."""
+# ---------------------------------------------------------------------------------------------------------------
+# shared setup
+# ---------------------------------------------------------------------------------------------------------------
+class _TqdmHandler(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm.auto import tqdm
+
+        try:
+            tqdm.write(f"comp-vlm: {record.getMessage()}", file=sys.stderr)
+        except Exception:  # noqa: BLE001  (logging must never raise)
+            self.handleError(record)
+
+
+def _setup(args: argparse.Namespace) -> str:
+    """Logging, threads and device; returns the device string."""
     import torch
-    from transformers import CLIPConfig, CLIPModel
 
-    import comp_vlm
-    from comp_vlm.data.text import build_word_tokenizer
+    logger = logging.getLogger("comp_vlm")
+    if not any(isinstance(h, _TqdmHandler) for h in logger.handlers):
+        logger.addHandler(_TqdmHandler())
+    logger.setLevel(logging.WARNING if getattr(args, "quiet", False) else logging.INFO)
+    logger.propagate = False
+    try:
+        from transformers.utils import logging as hf_logging
 
-    torch.manual_seed(args.seed)
-    words = "a photo of red green blue small big square circle triangle left right".split()
-    tok = build_word_tokenizer(words)
-    cfg = CLIPConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=128, intermediate_size=512, num_hidden_layers=4,
-                         num_attention_heads=4, max_position_embeddings=32, bos_token_id=tok.bos_token_id,
-                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id),
-        vision_config=dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
-                           image_size=32, patch_size=4),
-        projection_dim=64,
-    )
-    model = CLIPModel._from_config(cfg).eval()
-    adapter = comp_vlm.get_adapter(model).install()
-    reference = {"image_size": 32, "text_length": 12}
-    dense_flops, dense_params = adapter.count_flops(reference), comp_vlm.count_params(model)
-    pixels = torch.randn(8, 3, 32, 32)
-    texts = tok(["a photo of a big red square left of a small blue circle"] * 8, return_tensors="pt")
-    with torch.no_grad():
-        dense_ms = _median_latency_ms(lambda: model(pixel_values=pixels, **texts))
-    # a magnitude recipe (the CoMP search comes with the engine): half the heads and neurons, half the tokens
-    for spec in adapter.tower_specs():
-        for i, layer in enumerate(adapter.layers(spec)):
-            w = layer.mlp.fc2.weight.abs().mean(0)
-            adapter.set_neuron_mask(spec.name, i, (w >= w.median()).float())
-            hw = layer.self_attn.out_proj.weight.abs().mean(0).view(spec.num_heads, -1).mean(1)
-            adapter.set_head_mask(spec.name, i, (hw >= hw.median()).float())
-    for site in adapter.token_sites():
-        adapter.set_keep_ratio(site.tower, site.layer, 0.5)
-    with torch.no_grad():
-        masked = model(pixel_values=pixels, **texts).logits_per_image
-    adapter.slice()
-    out = comp_vlm.save_pruned(model, Path(args.out), tokenizer=tok)
-    loaded = comp_vlm.load_pruned(out)
-    with torch.no_grad():
-        reloaded = loaded(pixel_values=pixels, **texts).logits_per_image
-        pruned_ms = _median_latency_ms(lambda: loaded(pixel_values=pixels, **texts))
-    gap = (masked - reloaded).abs().max().item()
-    pruned_flops = comp_vlm.count_flops(loaded, reference)
-    print(f"{'':10s}{'GFLOPs':>10s}{'params':>12s}{'latency ms':>12s}")
-    print(f"{'dense':10s}{dense_flops / 1e9:10.4f}{dense_params:12,d}{dense_ms:12.2f}")
-    print(f"{'pruned':10s}{pruned_flops / 1e9:10.4f}{comp_vlm.count_params(loaded):12,d}{pruned_ms:12.2f}")
-    print(f"FLOPs kept {pruned_flops / dense_flops:.3f}; masked vs saved-and-reloaded logits max |diff| {gap:.2e}")
-    print(f"saved pruned model: {out.resolve()}")
-    if gap > 1e-4:
-        raise CompVLMError(f"reloaded model differs from the masked one (max |diff| {gap:.2e})")
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+    threads = getattr(args, "threads", None)
+    if threads is not None:
+        if threads < 1:
+            raise ConfigError(f"--threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+    device = getattr(args, "device", "cpu") or "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was given but CUDA is not available (torch sees no GPU)")
+    return device
+
+
+def _ratios(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    return values
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _check_task(task: str) -> Any:
+    from .tasks.retrieval import RetrievalTask
+
+    if task != "retrieval":
+        raise ConfigError(f"task {task!r} is not supported yet (supported: {', '.join(TASKS)})")
+    return RetrievalTask()
+
+
+def _check_data(data: str) -> None:
+    if data == "synthetic":
+        return
+    path = Path(data)
+    if not path.exists():
+        raise ConfigError(f"--data {data}: no such directory (use --data synthetic for the built-in shapes world)")
+    raise ConfigError(f"--data {data}: reading a data directory is not supported yet; use --data synthetic")
+
+
+def _say(message: str) -> None:
+    from .demo import say
+
+    say(message)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# demo
+# ---------------------------------------------------------------------------------------------------------------
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    device = _setup(args)
+    run_demo(args.out, ratio=args.ratio, seed=args.seed, device=device, quick=args.quick,
+             cache_dir=None if args.no_cache else args.cache, progress=not args.quiet)
     return 0
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# prune
+# ---------------------------------------------------------------------------------------------------------------
+def _resolve_model(args: argparse.Namespace, task: Any, device: str) -> dict:
+    """The dense model, its tokenizer and image processor, and the synthetic data made for it."""
+    from . import demo
+
+    if args.model in demo.BUILTINS:
+        spec = demo.builtin_spec(args.model)
+        if any(v is not None for v in (args.n_train, args.n_val, args.n_test, args.batch_size)):
+            raise ConfigError("--n-train/--n-val/--n-test/--batch-size cannot change a built-in model's data "
+                              "(its dense weights are trained on it); pass a model directory instead")
+        dense = demo.builtin_dense(spec, args.seed, device, None if args.no_cache else args.cache, task,
+                                   progress=not args.quiet)
+        return {"model": dense.model, "tokenizer": dense.tokenizer, "image_processor": dense.image_processor,
+                "data": dense.data, "spec": spec, "source": dense.source}
+    path = Path(args.model)
+    if not path.exists():
+        raise ConfigError(f"--model {args.model}: no such directory, and not a built-in model "
+                          f"(built-ins: {', '.join(demo.BUILTINS)})")
+    from .recipe import RECIPE_FILE
+
+    if (path / RECIPE_FILE).is_file():
+        raise ConfigError(f"{path} is already pruned (it holds {RECIPE_FILE}); prune its dense model instead")
+    model = demo.load_dense_dir(path, device)
+    tokenizer = demo.load_tokenizer(path)
+    processor = demo.load_image_processor(path)
+    mean, std = demo.processor_stats(processor)
+    spec = demo.BUILTINS["demo-clip"]
+    image_size = int(model.config.vision_config.image_size)
+    data = demo.synthetic_data(
+        tokenizer, image_size, spec.max_objects, args.seed, args.n_train or spec.n_train, args.n_val or spec.n_val,
+        args.n_test or spec.n_test, args.batch_size or spec.batch_size, spec.eval_batch_size, mean, std)
+    if processor is None:
+        processor = data.world.image_processor()
+        _say(f"{path} has no image processor: using the synthetic world's normalisation "
+             f"(mean {data.world.image_mean}, std {data.world.image_std}) and saving it with the pruned model")
+    return {"model": model, "tokenizer": tokenizer, "image_processor": processor, "data": data, "spec": spec,
+            "source": str(path)}
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    import comp_vlm
+
+    device = _setup(args)
+    task = _check_task(args.task)
+    _check_data(args.data)
+    from . import demo
+
+    spec = demo.BUILTINS.get(args.model, demo.BUILTINS["demo-clip"])
+    snapshots = tuple(s for s in (args.snapshots or ()) if s != args.ratio)
+    out = Path(args.out)
+    ckpt = Path(args.checkpoint_dir) if args.checkpoint_dir else out.with_name(out.name + ".ckpt")
+    settings = {
+        "ratio": args.ratio, "snapshots": snapshots, "strategy": args.strategy,
+        "flops_step": args.flops_step if args.flops_step is not None else spec.flops_step,
+        "stage_steps": args.stage_steps if args.stage_steps is not None else spec.stage_steps,
+        "finetune_steps": args.finetune_steps if args.finetune_steps is not None else spec.finetune_steps,
+        "calibration_batches": (args.calibration_batches if args.calibration_batches is not None
+                             else spec.calibration_batches),
+        "lr": args.lr if args.lr is not None else spec.prune_lr, "distill": args.distill, "seed": args.seed,
+        "checkpoint_dir": str(ckpt), "resume": args.resume, "progress": not args.quiet,
+    }
+    comp_vlm.PruneConfig(**settings)  # validate the options before loading or training anything
+    if args.resume and not (ckpt / "state.json").is_file():
+        _say(f"--resume: no search checkpoint in {ckpt}; starting a new search")
+    src = _resolve_model(args, task, device)
+    model, data = src["model"], src["data"]
+    length = args.text_length or round(data.mean_text_length)
+    reference = {"image_size": int(model.config.vision_config.image_size), "text_length": length}
+    config = comp_vlm.PruneConfig(**settings, reference=reference)
+    _say(f"model: {src['source']} ({comp_vlm.count_params(model):,} params); data: synthetic world, "
+         f"{data.settings['n_train']} train / {data.settings['n_val']} val / {data.settings['n_test']} test pairs")
+    dense_params = comp_vlm.count_params(model)
+    dense_metrics = task.evaluate(model, data.loaders.test)
+    _say(f"dense test {task.primary_metric}: {dense_metrics[task.primary_metric]:.2f}")
+    _say(f"CoMP search ({args.strategy}) to ratio {args.ratio}; FLOPs reference {reference}; "
+         f"search checkpoints in {ckpt}" + (" (resuming)" if args.resume else ""))
+    t0 = time.perf_counter()
+    result = comp_vlm.prune(model, task, data.loaders.train, data.loaders.val, config, test_data=data.loaders.test)
+    seconds = time.perf_counter() - t0
+    extra = {"data": data.settings, "dense_model": src["source"]}
+    final = max(result.snapshots)
+    for r, (_, recipe) in result.snapshots.items():
+        recipe.extra.update(extra)
+    saved = comp_vlm.save_pruned(result.model, out, recipe=result.recipe, tokenizer=src["tokenizer"],
+                                 image_processor=src["image_processor"])
+    snap_dirs = {}
+    for r, (m, recipe) in sorted(result.snapshots.items()):
+        if r != final:
+            snap_dirs[r] = comp_vlm.save_pruned(m, out / "snapshots" / f"r{r:.2f}", recipe=recipe,
+                                                tokenizer=src["tokenizer"], image_processor=src["image_processor"])
+    demo.write_jsonl(out / "stages.jsonl", result.stage_log)
+    dense_flops = result.recipe.dense_flops
+    report = {
+        "model": src["source"], "task": args.task, "data": data.settings, "config": config.fingerprint(),
+        "reference": reference, "dense": {"metrics": dense_metrics, "flops": dense_flops, "params": dense_params},
+        "snapshots": {f"{r:.2f}": {"metrics": result.metrics.get(r), "flops": rec.pruned_flops,
+                                   "flops_kept": rec.flops_kept, "params": comp_vlm.count_params(m),
+                                   "dir": str(out if r == final else snap_dirs[r])}
+                      for r, (m, rec) in sorted(result.snapshots.items())},
+        "not_reached": result.not_reached, "stages": len(result.stage_log), "seconds": seconds,
+    }
+    (out / "report.json").write_text(json.dumps(report, indent=1, default=str))
+    if not args.keep_checkpoint and ckpt.is_dir():
+        shutil.rmtree(ckpt, ignore_errors=True)
+    key = task.primary_metric
+    _say("")
+    _say(f"{'':24s}{key:>10s}{'GFLOPs':>10s}{'kept':>8s}{'params':>11s}")
+    _say(f"{'dense':24s}{dense_metrics[key]:10.2f}{dense_flops / 1e9:10.4f}{1:8.1%}{dense_params:11,d}")
+    for r, (m, rec) in sorted(result.snapshots.items()):
+        met = result.metrics.get(r, {}).get(key, float("nan"))
+        _say(f"{'CoMP ' + format(r, '.0%') + ' removed':24s}{met:10.2f}{rec.pruned_flops / 1e9:10.4f}"
+             f"{rec.flops_kept:8.1%}{comp_vlm.count_params(m):11,d}")
+    if result.not_reached:
+        _say(f"not reached: {', '.join(map(str, result.not_reached))}")
+    _say(f"search + fine-tuning: {seconds:.0f} s, {len(result.stage_log)} stages")
+    _say(f"pruned model: {saved.resolve()}")
+    for r, d in snap_dirs.items():
+        _say(f"snapshot {r:.2f}: {d.resolve()}")
+    _say(f"stage log: {(out / 'stages.jsonl').resolve()}; report: {(out / 'report.json').resolve()}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# eval
+# ---------------------------------------------------------------------------------------------------------------
+def cmd_eval(args: argparse.Namespace) -> int:
+    import comp_vlm
+
+    from . import demo
+    from .recipe import RECIPE_FILE
+
+    device = _setup(args)
+    task = _check_task(args.task)
+    _check_data(args.data)
+    path = Path(args.model_dir)
+    model = demo.load_clip_dir(path, device)
+    recipe = comp_vlm.read_recipe(path) if (path / RECIPE_FILE).is_file() else None
+    tokenizer = demo.load_tokenizer(path)
+    mean, std = demo.processor_stats(demo.load_image_processor(path))
+    recorded = dict((recipe.extra.get("data") or {}) if recipe else {})
+    spec = demo.BUILTINS["demo-clip"]
+    settings = {
+        "image_size": int(model.config.vision_config.image_size), "max_objects": spec.max_objects,
+        "seed": args.seed if args.seed is not None else recorded.get("seed", 0),
+        "n_test": args.n_test or recorded.get("n_test", spec.n_test),
+        "eval_batch_size": recorded.get("eval_batch_size", spec.eval_batch_size),
+        "image_mean": mean or recorded.get("image_mean"), "image_std": std or recorded.get("image_std"),
+    }
+    if recorded.get("max_objects"):
+        settings["max_objects"] = int(recorded["max_objects"])
+    test = demo.synthetic_test_split(tokenizer, settings)
+    t0 = time.perf_counter()
+    metrics = task.evaluate(model, test)
+    seconds = time.perf_counter() - t0
+    if recipe is not None:
+        reference = dict(recipe.reference)
+    else:  # a plain transformers model: count what it computes (no dead-compute option), at the test texts' length
+        from .adapters.base import AdapterOptions
+
+        comp_vlm.get_adapter(model).install(AdapterOptions(dead_compute=False))
+        lengths = [int(b["attention_mask"].sum()) / len(b["attention_mask"]) for b in test]
+        reference = {"image_size": settings["image_size"], "text_length": round(sum(lengths) / len(lengths))}
+    flops = comp_vlm.count_flops(model, reference)
+    dense_flops = recipe.dense_flops if recipe else flops
+    result = {"model": str(path), "task": args.task, "data": "synthetic", "split": "test", "n": settings["n_test"],
+              "seed": settings["seed"], "metrics": metrics, "flops": flops, "dense_flops": dense_flops,
+              "flops_kept": flops / dense_flops, "params": comp_vlm.count_params(model), "reference": reference,
+              "eval_seconds": seconds}
+    print(f"{path}: {'pruned (' + format(1 - flops / dense_flops, '.0%') + ' FLOPs removed)' if recipe else 'dense'}, "
+          f"{result['params']:,} params, {flops / 1e9:.4f} GFLOPs per sample at {reference}")
+    print(f"synthetic test split: {settings['n_test']} pairs, seed {settings['seed']}")
+    for k in [task.primary_metric] + [k for k in metrics if k != task.primary_metric]:
+        print(f"  {k:10s} {metrics[k]:8.2f}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=1))
+        print(f"wrote {args.json}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# bench
+# ---------------------------------------------------------------------------------------------------------------
+def _bench_inputs(model: Any, batch: int, length: int, seed: int = 0) -> dict:
+    import torch
+
+    cfg = model.config
+    g = torch.Generator().manual_seed(seed)
+    size = int(cfg.vision_config.image_size)
+    pixels = torch.randn(batch, 3, size, size, generator=g)
+    tc = cfg.text_config
+    bos, eos = int(tc.bos_token_id), int(tc.eos_token_id)
+    special = {bos, eos, int(tc.pad_token_id) if tc.pad_token_id is not None else -1}
+    words = torch.tensor([i for i in range(tc.vocab_size) if i not in special])
+    ids = words[torch.randint(len(words), (batch, max(length, 2)), generator=g)]
+    ids[:, 0], ids[:, -1] = bos, eos
+    return {"pixel_values": pixels, "input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import comp_vlm
+
+    from . import demo
+    from .adapters.base import get_adapter, options_from_recipe
+
+    device = _setup(args)
+    path = Path(args.model_dir)
+    pruned = demo.load_clip_dir(path, device)
+    recipe = comp_vlm.read_recipe(path)
+    if args.dense:
+        dense = demo.load_clip_dir(Path(args.dense), device)
+        dense_source = args.dense
+        from .adapters.base import config_hash
+
+        if config_hash(dense.config) != recipe.base_config_hash:
+            raise ConfigError(f"--dense {args.dense} is not the architecture {path} was pruned from "
+                              "(base-config hash differs)")
+    else:
+        from transformers import CLIPModel
+
+        dense = CLIPModel._from_config(pruned.config, attn_implementation="sdpa").to(device).eval()
+        dense_source = "dense architecture from the pruned model's base config (random weights: speed and FLOPs " \
+                       "do not depend on the weights)"
+    # the dense reference runs with the recipe's options (e.g. CLIP's dead compute), as its FLOPs are counted
+    get_adapter(dense).install(options_from_recipe(recipe.options))
+    max_len = int(pruned.config.text_config.max_position_embeddings)
+    ref_len = int(recipe.reference.get("text_length", 16))
+    lengths = args.text_lengths or tuple(sorted({min(ref_len, max_len), min(2 * ref_len, max_len)}))
+    if max(lengths) > max_len:
+        raise ConfigError(f"text length {max(lengths)} exceeds the model's max_position_embeddings ({max_len})")
+    image_size = int(pruned.config.vision_config.image_size)
+    results = []
+    header = (f"{'batch':>5s}{'text len':>9s}  {'model':8s}{'GFLOPs/sample':>14s}{'latency ms':>12s}"
+              f"{'samples/s':>11s}{'speed-up':>10s}")
+    lines = [header, "-" * len(header)]
+    for b in args.batch_sizes:
+        for length in lengths:
+            inputs = _bench_inputs(pruned, b, length, seed=args.seed)
+            ref = {"image_size": image_size, "text_length": length}
+            row = {"batch": b, "text_length": length}
+            times = demo.interleaved_latency_ms([dense, pruned], inputs, args.repeats, args.warmup)
+            for name, m, ms in (("dense", dense, times[0]), ("pruned", pruned, times[1])):
+                row[name] = {"latency_ms": ms, "throughput": b / ms * 1e3, "flops": comp_vlm.count_flops(m, ref)}
+            row["speedup"] = row["dense"]["latency_ms"] / row["pruned"]["latency_ms"]
+            results.append(row)
+            for name in ("dense", "pruned"):
+                r = row[name]
+                sp = f"{row['speedup']:9.2f}x" if name == "pruned" else f"{'':10s}"
+                lines.append(f"{b:5d}{length:9d}  {name:8s}{r['flops'] / 1e9:14.4f}{r['latency_ms']:12.2f}"
+                             f"{r['throughput']:11.1f}{sp}")
+    import torch
+
+    print(f"pruned: {path} ({comp_vlm.count_params(pruned):,} params, {recipe.flops_kept:.1%} of dense FLOPs at "
+          f"{recipe.reference})")
+    print(f"dense:  {dense_source} ({comp_vlm.count_params(dense):,} params)")
+    print(f"one forward of image + text (both towers), median of {args.repeats} interleaved runs after {args.warmup} "
+          "warm-up; "
+          f"{device}, {torch.get_num_threads()} thread(s); dense runs with the pruned model's options "
+          f"({recipe.options})")
+    print("\n".join(lines))
+    if args.json:
+        out = {"pruned": str(path), "dense": dense_source, "device": device, "threads": torch.get_num_threads(),
+               "repeats": args.repeats, "warmup": args.warmup, "image_size": image_size, "results": results}
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(out, indent=1))
+        print(f"wrote {args.json}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# parser
+# ---------------------------------------------------------------------------------------------------------------
+def _common(parser: argparse.ArgumentParser, seed_default: int | None = 0) -> None:
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="where to run (default: cpu)")
+    parser.add_argument("--threads", type=int, default=1, metavar="N",
+                        help="torch CPU threads (default: 1; 2 threads are ~1.5x faster on an idle 2-core machine "
+                             "but slow down badly when another process keeps a core busy)")
+    parser.add_argument("--seed", type=int, default=seed_default, metavar="N",
+                        help="random seed" + (f" (default: {seed_default})" if seed_default is not None else ""))
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or info log lines")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="comp-vlm", description="CoMP: prune vision-language models (parameters + tokens).")
-    sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="offline end-to-end demo on a tiny CLIP")
-    demo.add_argument("--out", default="runs/demo", help="where to save the pruned model (default: runs/demo)")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.set_defaults(func=run_demo)
+    from .demo import BUILTINS
+    from .engine import STRATEGIES
+
+    d = BUILTINS["demo-clip"]
+
+    parser = argparse.ArgumentParser(
+        prog="comp-vlm",
+        description="CoMP (Collaborative Multi-Mode Pruning) for Hugging Face vision-language models: removes "
+                    "attention heads, MLP neurons and vision/text tokens together, to a FLOPs target.",
+        epilog="Run 'comp-vlm COMMAND --help' for a command's options.",
+    )
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"comp-vlm {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = sub.add_parser(
+        "demo", help="offline end-to-end demo: train a tiny CLIP, prune it with CoMP, report",
+        description="Offline demo: build a tiny CLIP, train it on a synthetic shapes image-caption world (weights "
+                    "cached under --cache), prune it with CoMP (search + fine-tuning), and report retrieval R@1, "
+                    "FLOPs, parameters and measured latency for dense vs pruned; writes the pruned model (with "
+                    "tokenizer and image processor), the stage log, a plot and a report under --out.")
+    demo.add_argument("--out", default="runs/demo", metavar="DIR",
+                      help="output directory (default: runs/demo)")
+    demo.add_argument("--ratio", type=float, default=None, metavar="R",
+                      help="fraction of dense FLOPs to remove, in (0, 1) (default: 0.8)")
+    demo.add_argument("--quick", action="store_true",
+                      help="a much smaller and faster variant (seconds; for tests)")
+    demo.add_argument("--cache", default="cache", metavar="DIR",
+                      help="cache directory for trained dense weights (default: cache)")
+    demo.add_argument("--no-cache", action="store_true",
+                      help="neither read nor write the dense-weights cache")
+    _common(demo)
+    demo.set_defaults(func=cmd_demo)
+
+    prune = sub.add_parser(
+        "prune", help="prune a CLIP model with CoMP to a FLOPs ratio",
+        description="Prune a CLIP model with CoMP: calibrate, staged multi-mode search to --ratio (snapshotting "
+                    "--snapshots on the way), fine-tune, slice, and save a pruned model directory (weights, "
+                    "recipe, tokenizer, image processor) plus a stage log and a report.")
+    prune.add_argument("--model", required=True, metavar="DIR_OR_BUILTIN",
+                       help="a local transformers CLIPModel directory (with its tokenizer), or a built-in model "
+                            f"({', '.join(BUILTINS)}: trained on the synthetic world, cached)")
+    prune.add_argument("--task", default="retrieval", choices=TASKS, help="task (default: retrieval)")
+    prune.add_argument("--data", default="synthetic", metavar="synthetic|DIR",
+                       help="training/validation/test data: 'synthetic' (the built-in shapes world; default)")
+    prune.add_argument("--ratio", type=float, default=0.8, metavar="R",
+                       help="fraction of dense FLOPs to remove, in (0, 1) (default: 0.8, i.e. keep 20%%)")
+    prune.add_argument("--strategy", default="comp", choices=STRATEGIES, metavar="NAME",
+                       help=f"search strategy: {', '.join(STRATEGIES)} (default: comp)")
+    prune.add_argument("--out", required=True, metavar="OUT", help="output directory for the pruned model")
+    prune.add_argument("--snapshots", type=_ratios, default=(), metavar="R1,R2",
+                       help="also save models at these ratios reached on the way, e.g. 0.5,0.7")
+    prune.add_argument("--flops-step", type=float, default=None, metavar="F",
+                       help=f"FLOPs fraction removed per stage (default: {d.flops_step})")
+    prune.add_argument("--stage-steps", type=int, default=None, metavar="N",
+                       help=f"training steps per stage (default: {d.stage_steps})")
+    prune.add_argument("--finetune-steps", type=int, default=None, metavar="N",
+                       help=f"fine-tuning steps per saved model (default: {d.finetune_steps})")
+    prune.add_argument("--calibration-batches", type=int, default=None, metavar="N",
+                       help=f"statistics batches before stage 1 (default: {d.calibration_batches})")
+    prune.add_argument("--lr", type=float, default=None, metavar="LR",
+                       help=f"learning rate of search and fine-tuning (default: {d.prune_lr})")
+    prune.add_argument("--distill", type=float, default=0.0, metavar="W",
+                       help="weight of distillation towards the dense model (default: 0)")
+    prune.add_argument("--batch-size", type=int, default=None, metavar="N",
+                       help=f"training batch size (model directories; default: {d.batch_size})")
+    prune.add_argument("--n-train", type=int, default=None, metavar="N",
+                       help=f"synthetic training pairs (default: {d.n_train})")
+    prune.add_argument("--n-val", type=int, default=None, metavar="N",
+                       help=f"synthetic validation pairs (default: {d.n_val})")
+    prune.add_argument("--n-test", type=int, default=None, metavar="N",
+                       help=f"synthetic test pairs (default: {d.n_test})")
+    prune.add_argument("--text-length", type=int, default=None, metavar="N",
+                       help="text length of the FLOPs reference (default: mean caption length of the training data)")
+    prune.add_argument("--resume", action="store_true",
+                       help="continue an interrupted search from its checkpoint (same arguments)")
+    prune.add_argument("--checkpoint-dir", default=None, metavar="DIR",
+                       help="where search checkpoints are written at every stage (default: OUT.ckpt next to OUT; "
+                            "removed after success unless --keep-checkpoint)")
+    prune.add_argument("--keep-checkpoint", action="store_true",
+                       help="keep the search checkpoint after success")
+    prune.add_argument("--cache", default="cache", metavar="DIR",
+                       help="dense-weights cache for built-in models (default: cache)")
+    prune.add_argument("--no-cache", action="store_true", help="do not use the dense-weights cache")
+    _common(prune)
+    prune.set_defaults(func=cmd_prune)
+
+    ev = sub.add_parser(
+        "eval", help="evaluate a pruned (or dense) model directory",
+        description="Evaluate a model directory written by 'comp-vlm prune'/'demo' (or a dense CLIPModel "
+                    "directory): task metrics on the synthetic test split, plus analytic FLOPs and parameters.")
+    ev.add_argument("model_dir", metavar="OUT", help="model directory")
+    ev.add_argument("--task", default="retrieval", choices=TASKS, help="task (default: retrieval)")
+    ev.add_argument("--data", default="synthetic", metavar="synthetic|DIR",
+                    help="evaluation data (default: synthetic)")
+    ev.add_argument("--n-test", type=int, default=None, metavar="N",
+                    help=f"test pairs (default: as recorded in the recipe, else {d.n_test})")
+    ev.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
+    _common(ev, seed_default=None)
+    ev.set_defaults(func=cmd_eval)
+
+    bench = sub.add_parser(
+        "bench", help="measured latency/throughput and FLOPs, dense vs pruned",
+        description="Measure the latency and throughput of a pruned model directory against its dense model "
+                    "(--dense DIR, or by default the dense architecture rebuilt from the pruned model's base "
+                    "config), at several batch sizes and text lengths, with analytic FLOPs.")
+    bench.add_argument("model_dir", metavar="OUT", help="pruned model directory")
+    bench.add_argument("--dense", default=None, metavar="DIR",
+                       help="dense model directory (e.g. runs/demo/dense); default: rebuilt from the base config")
+    bench.add_argument("--batch-sizes", type=_ints, default=(1, 8), metavar="B1,B2", help="default: 1,8")
+    bench.add_argument("--text-lengths", type=_ints, default=None, metavar="L1,L2",
+                       help="text lengths in tokens (default: the recipe's reference length and twice it)")
+    bench.add_argument("--repeats", type=int, default=9, metavar="N",
+                       help="timed runs per measurement (median; default: 9)")
+    bench.add_argument("--warmup", type=int, default=2, metavar="N", help="untimed warm-up runs (default: 2)")
+    bench.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
+    _common(bench)
+    bench.set_defaults(func=cmd_bench)
     return parser
+
+
+class _GlobalState:
+    """Logging and thread settings a command changes, restored afterwards (``main`` may be called in-process)."""
+
+    def __enter__(self):
+        import torch
+
+        logger = logging.getLogger("comp_vlm")
+        self.logger = (logger.handlers[:], logger.level, logger.propagate)
+        self.threads = torch.get_num_threads()
+        try:
+            from transformers.utils import logging as hf_logging
+
+            self.hf = (hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled())
+        except ImportError:  # pragma: no cover
+            self.hf = None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import torch
+
+        logger = logging.getLogger("comp_vlm")
+        logger.handlers[:], logger.level, logger.propagate = self.logger
+        if torch.get_num_threads() != self.threads:
+            torch.set_num_threads(self.threads)
+        if self.hf is not None:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.set_verbosity(self.hf[0])
+            (hf_logging.enable_progress_bar if self.hf[1] else hf_logging.disable_progress_bar)()
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except CompVLMError as exc:
-        print(f"comp-vlm: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("comp-vlm: interrupted", file=sys.stderr)
-        return 130
+    with _GlobalState():
+        try:
+            return args.func(args)
+        except CompVLMError as exc:
+            message = " ".join(str(exc).split()) or type(exc).__name__
+            print(f"comp-vlm: error: {message}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            hint = " (continue the search with the same command plus --resume)" if args.command == "prune" else ""
+            print(f"comp-vlm: interrupted{hint}", file=sys.stderr)
+            return 130
 
 
 if __name__ == "__main__":
