@@ -14,7 +14,6 @@ import logging
 import os
 import statistics
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -169,21 +168,6 @@ def synthetic_test_split(tokenizer: Any, settings: dict) -> list:
                        settings.get("image_mean"), settings.get("image_std"))
     return make_retrieval_loaders(world, tokenizer, n_train=1, n_val=1, n_test=settings["n_test"], batch_size=1,
                                   seed=settings["seed"], eval_batch_size=settings["eval_batch_size"]).test
-
-
-def cycle(data: Any) -> Iterator:
-    """Endless batches from a re-iterable. A stateful loader left at an epoch end yields nothing once; two empty
-    passes in a row mean there is no data."""
-    empty_passes = 0
-    while True:
-        empty = True
-        for batch in data:
-            empty, empty_passes = False, 0
-            yield batch
-        if empty:
-            empty_passes += 1
-            if empty_passes >= 2:
-                raise ConfigError("the training data yielded no batch")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -510,7 +494,7 @@ def run_demo(out: str, ratio: float | None = None, seed: int = 0, device: str = 
              cache_dir: str | None = "cache", progress: bool = True) -> dict:
     """The offline demo end to end; returns the report dict (also written to ``out/report.json``)."""
     import comp_vlm
-    from comp_vlm.engine import seed_everything, train_steps
+    from comp_vlm.engine import cycle_batches, seed_everything, train_steps
     from comp_vlm.tasks.retrieval import RetrievalTask
 
     t_start = time.perf_counter()
@@ -574,7 +558,8 @@ def run_demo(out: str, ratio: float | None = None, seed: int = 0, device: str = 
     control = copy.deepcopy(dense.model)
     seed_everything(seed)
     if spec.finetune_steps > 0:
-        train_steps(control, task, cycle(data.loaders.train), spec.finetune_steps, config, desc="control fine-tune")
+        train_steps(control, task, cycle_batches(data.loaders.train), spec.finetune_steps, config,
+                    desc="control fine-tune")
     control_metrics = task.evaluate(control.eval(), data.loaders.test)
 
     say("-- 4/5 save, reload, evaluate and time")

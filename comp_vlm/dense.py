@@ -48,11 +48,11 @@ def lr_at(step: int, training: DenseTraining) -> float:
 
 def train_dense(model: nn.Module, task: Any, train_data: Any, training: DenseTraining,
                 progress: bool = True) -> nn.Module:
-    from .engine import _cycle, seed_everything, training_loss
+    from .engine import cycle_batches, seed_everything, training_loss
 
     seed_everything(training.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=training.lr, weight_decay=training.weight_decay)
-    batches = _cycle(train_data)
+    batches = cycle_batches(train_data)
     model.train()
     bar = tqdm(range(training.steps), desc="dense training", disable=not progress)
     for step in bar:

@@ -588,7 +588,7 @@ class PruneResult:
         return save_pruned(self.model, directory, recipe=self.recipe, **extras)
 
 
-def _cycle(data: Iterable) -> Iterator:
+def cycle_batches(data: Iterable) -> Iterator:
     """Endless batches. A stateful re-iterable (it resumes mid-epoch) may yield nothing once at an epoch end;
     two empty passes in a row mean there is no data."""
     empty_passes = 0
@@ -707,7 +707,7 @@ def prune(model: nn.Module, task: Any, train_data: Iterable, val_batches: list, 
     if config.distill > 0:
         teacher = copy.deepcopy(model).eval().requires_grad_(False)
     pruner = Pruner(model, task, val_batches, config)
-    batches = _cycle(train_data)
+    batches = cycle_batches(train_data)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     if config.resume and not config.checkpoint_dir:
@@ -717,7 +717,7 @@ def prune(model: nn.Module, task: Any, train_data: Iterable, val_batches: list, 
         _load_search_checkpoint(ckpt, model, pruner, opt, train_data, config)
         log.info("resumed the search from %s at stage %d", ckpt, pruner.stage_index)
     else:
-        pruner.calibrate(_cycle(train_data))
+        pruner.calibrate(cycle_batches(train_data))
         if ckpt is not None:
             _save_search_checkpoint(ckpt, model, pruner, opt, train_data, config)
     bar = tqdm(desc=f"CoMP {config.strategy}", total=None, disable=not config.progress)
@@ -742,7 +742,7 @@ def prune(model: nn.Module, task: Any, train_data: Iterable, val_batches: list, 
         seed_everything(config.seed)
         pruned = pruner.materialize(snap)
         if config.finetune_steps > 0:
-            train_steps(pruned, task, _cycle(train_data), config.finetune_steps, config, teacher,
+            train_steps(pruned, task, cycle_batches(train_data), config.finetune_steps, config, teacher,
                         desc=f"fine-tune {snap.ratio:.2f}")
         pruned.eval()
         if test_data is not None:

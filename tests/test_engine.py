@@ -227,10 +227,10 @@ def test_materialized_snapshot_equals_masked_search_model(setup):
     model = fresh(cfg)
     task = RetrievalTask()
     pruner = Pruner(model, task, loaders.val, quick(ratio=0.4, snapshots=(0.2,)))
-    from comp_vlm.engine import _cycle
+    from comp_vlm.engine import cycle_batches
 
-    pruner.calibrate(_cycle(loaders.train))
-    batches = _cycle(loaders.train)
+    pruner.calibrate(cycle_batches(loaders.train))
+    batches = cycle_batches(loaders.train)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     batch = loaders.val[0]
     checked = 0
