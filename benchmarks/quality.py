@@ -19,46 +19,45 @@ import json
 import math
 import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
-from transformers import CLIPConfig, CLIPModel
 
 import comp_vlm
-from comp_vlm.data.synthetic import BenchmarkWorld, make_retrieval_loaders
-from comp_vlm.data.text import build_word_tokenizer
-from comp_vlm.dense import DenseTraining, cached_dense
-from comp_vlm.tasks import RetrievalTask
+import comp_vlm.engine
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_world import Bench, make_bench  # noqa: E402
 
 MAIN = ("comp", "param-only", "token-only", "sjp", "cycle", "random-mode")
 ABLATIONS = ("greedy", "no-cip", "uniform-rms", "no-cit", "no-re", "no-hi")
-
-
-def bench_config(tok, width: int, layers: int) -> CLIPConfig:
-    return CLIPConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers,
-                         num_attention_heads=4, max_position_embeddings=24, bos_token_id=tok.bos_token_id,
-                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id),
-        vision_config=dict(hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers,
-                           num_attention_heads=4, image_size=32, patch_size=4),
-        projection_dim=width,
-    )
 
 
 def load_records(path: Path) -> list[dict]:
     return json.loads(path.read_text()) if path.is_file() else []
 
 
+def load_stages(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines()] if path.is_file() else []
+
+
 def append_records(path: Path, new: list[dict]) -> None:
-    """Read-append-write through a temp file and rename: a crash never leaves a truncated results file."""
-    records = load_records(path) + new
+    """Read-append-write through a temp file and rename, under an exclusive lock: a crash never leaves a truncated
+    results file, and suite processes running side by side (e.g. one per core) never lose each other's records."""
+    import fcntl
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(records, fh, indent=1)
-    os.replace(tmp, path)
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        records = load_records(path) + new
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        with os.fdopen(fd, "w") as fh:
+            json.dump(records, fh, indent=1)
+        os.replace(tmp, path)
 
 
 def mean_ci(values: list[float]) -> tuple[float, float]:
@@ -71,32 +70,102 @@ def mean_ci(values: list[float]) -> tuple[float, float]:
     return m, student_t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
 
 
+SINGLE_MODE = ("param-only", "token-only")
+NAIVE_JOINT = ("sjp", "cycle", "random-mode")
+
+
+def order_key(strategy: str) -> tuple[int, str]:
+    known = ("dense+ft",) + MAIN + ABLATIONS
+    return (known.index(strategy) if strategy in known else len(known), strategy)
+
+
+def paired(records: list[dict], ratio: float, a: str, b: str) -> list[float]:
+    """Per-seed differences a - b at ``ratio`` over the seeds where both arms reached it."""
+    keyed = {(r["strategy"], r["seed"]): r for r in records if r["ratio"] == ratio and r["reached"]}
+    return [keyed[(a, seed)]["metric"] - keyed[(b, seed)]["metric"]
+            for (s, seed) in sorted(keyed) if s == b and (a, seed) in keyed]
+
+
+def arm_mean(records: list[dict], ratio: float, strategy: str) -> float:
+    rows = [r["metric"] for r in records if r["strategy"] == strategy and r["ratio"] == ratio and r["reached"]]
+    return statistics.fmean(rows) if rows else -math.inf
+
+
+def headline(records: list[dict], ratio: float) -> list[str]:
+    """CoMP vs the best single-mode arm and vs the best naive joint arm (best = highest mean at ``ratio``)."""
+    lines = []
+    for label, group in (("best single-mode arm", SINGLE_MODE), ("best naive joint arm", NAIVE_JOINT)):
+        present = [g for g in group if arm_mean(records, ratio, g) > -math.inf]
+        if not present or arm_mean(records, ratio, "comp") == -math.inf:
+            continue
+        best = max(present, key=lambda g: arm_mean(records, ratio, g))
+        diffs = paired(records, ratio, "comp", best)
+        if len(diffs) < 2:
+            continue
+        m, h = mean_ci(diffs)
+        verdict = "CI excludes 0" if m - h > 0 or m + h < 0 else "CI includes 0"
+        lines.append(f"- at {ratio}: comp − {label} ({best}) = **{m:+.2f} ± {h:.2f}** R@1 points "
+                     f"(n = {len(diffs)} paired seeds; {verdict})")
+    return lines
+
+
 def report(records: list[dict], stages: list[dict], out: Path, stem: str) -> None:
-    keyed = {(r["strategy"], r["ratio"], r["seed"]): r for r in records}
-    strategies = sorted({r["strategy"] for r in records}, key=lambda s: (MAIN + ABLATIONS).index(s))
-    ratios = sorted({r["ratio"] for r in records})
-    lines = [f"# Quality: retrieval r1_mean after pruning ({len(records)} records)", "",
-             "Mean over seeds (reached runs); Δ = mean paired difference comp − strategy (same dense model, same "
-             "data order per seed), ± 95% t-interval half-width; n = paired seeds.", "",
-             "| ratio | strategy | mean | FLOPs kept | Δ comp − strategy | n |", "|---|---|---|---|---|---|"]
+    if not records:
+        return
+    strategies = sorted({r["strategy"] for r in records}, key=order_key)
+    ratios = sorted({r["ratio"] for r in records if r["strategy"] != "dense+ft"})
+    dense = statistics.fmean(r["dense_metric"] for r in records)
+    model = records[0]["model"]
+    lines = [f"# Quality: retrieval R@1 (mean of image→text and text→image, fixed-size galleries) after pruning",
+             "", f"Model `{model}`, {len(records)} records. Dense R@1: {dense:.2f}.",
+             "Mean over seeds of the arms that reached the ratio; Δ = mean paired difference comp − arm (same dense "
+             "model, same data order per seed) ± 95% t-interval half-width; n = paired seeds.", ""]
+    control = [r for r in records if r["strategy"] == "dense+ft"]
+    if control:
+        m, h = mean_ci([r["metric"] for r in control])
+        lines += [f"Control, dense + the same training steps as a comp run ({control[0]['steps']} steps): "
+                  f"{m:.2f} ± {h:.2f} (n = {len(control)}).", ""]
+    lines += ["## Headline", ""]
+    for ratio in ratios:
+        lines += headline(records, ratio)
+    lines += ["", "## All arms", "", "| ratio | strategy | mean ± 95% CI | FLOPs kept | Δ comp − arm | n | reached |",
+              "|---|---|---|---|---|---|---|"]
     for ratio in ratios:
         for s in strategies:
-            rows = [r for r in records if r["strategy"] == s and r["ratio"] == ratio and r["reached"]]
-            if not rows:
-                lines.append(f"| {ratio} | {s} | not reached | | | |")
+            if s == "dense+ft":
                 continue
-            mean = statistics.fmean(r["metric"] for r in rows)
+            all_rows = [r for r in records if r["strategy"] == s and r["ratio"] == ratio]
+            rows = [r for r in all_rows if r["reached"]]
+            if not all_rows:
+                continue
+            if not rows:
+                lines.append(f"| {ratio} | {s} | not reached | | | | 0/{len(all_rows)} |")
+                continue
+            m, h = mean_ci([r["metric"] for r in rows])
             kept = statistics.fmean(r["flops_kept"] for r in rows)
-            diffs = [keyed[("comp", ratio, r["seed"])]["metric"] - r["metric"] for r in rows
-                     if ("comp", ratio, r["seed"]) in keyed and keyed[("comp", ratio, r["seed"])]["reached"]]
+            diffs = paired(records, ratio, "comp", s) if s != "comp" else []
             delta = ""
-            if diffs and s != "comp":
-                m, h = mean_ci(diffs)
-                delta = f"{m:+.2f} ± {h:.2f}"
-            lines.append(f"| {ratio} | {s} | {mean:.2f} | {kept:.3f} | {delta} | {len(diffs) or len(rows)} |")
-    dense = sorted({(r["seed"], r["dense_metric"]) for r in records})
-    lines += ["", f"Dense r1_mean per seed: {', '.join(f'{m:.2f}' for _, m in dense)}"]
+            if len(diffs) >= 2:
+                dm, dh = mean_ci(diffs)
+                delta = f"{dm:+.2f} ± {dh:.2f}"
+            lines.append(f"| {ratio} | {s} | {m:.2f} ± {h:.2f} | {kept:.3f} | {delta} | {len(diffs) or len(rows)} "
+                         f"| {len(rows)}/{len(all_rows)} |")
+    comp_runs = [st for st in stages if st["strategy"] == "comp"]
+    if comp_runs:
+        counts: dict[str, int] = {}
+        for st in comp_runs:
+            for mode in st["modes"]:
+                counts[mode] = counts.get(mode, 0) + 1
+        total = sum(counts.values())
+        lines += ["", "## MPS (comp): stages per mode over all seeds", "",
+                  ", ".join(f"{m}: {c} ({100 * c / total:.0f}%)" for m, c in sorted(counts.items()))]
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    plot(records, stages, strategies, ratios, out / f"{stem}.png")
+
+
+def plot(records: list[dict], stages: list[dict], strategies: list[str], ratios: list[float], path: Path) -> None:
+    """Metric vs FLOPs kept per strategy; the MPS mode per stage (comp, all seeds; like the paper's Fig. 6); and
+    the per-layer heads / neurons / token keep ratios of comp's 0.8 recipes (mean over seeds)."""
     try:
         import matplotlib
 
@@ -104,25 +173,127 @@ def report(records: list[dict], stages: list[dict], out: Path, stem: str) -> Non
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.5))
     for s in strategies:
-        pts = sorted((statistics.fmean(r["flops_kept"] for r in rows), statistics.fmean(r["metric"] for r in rows))
-                     for ratio in ratios
-                     if (rows := [r for r in records if r["strategy"] == s and r["ratio"] == ratio and r["reached"]]))
+        if s == "dense+ft":
+            continue
+        pts = []
+        for ratio in ratios:
+            rows = [r for r in records if r["strategy"] == s and r["ratio"] == ratio and r["reached"]]
+            if rows:
+                pts.append((statistics.fmean(r["flops_kept"] for r in rows), statistics.fmean(r["metric"] for r in rows)))
         if pts:
-            axes[0].plot(*zip(*pts), marker="o", label=s)
+            axes[0].plot(*zip(*sorted(pts)), marker="o", label=s, lw=2.5 if s == "comp" else 1.2)
+    axes[0].axhline(statistics.fmean(r["dense_metric"] for r in records), color="k", ls="--", lw=0.8, label="dense")
     axes[0].set_xlabel("FLOPs kept")
-    axes[0].set_ylabel("r1_mean")
+    axes[0].set_ylabel("R@1 (mean of both directions)")
     axes[0].legend(fontsize=7)
+    axes[0].set_title("accuracy vs FLOPs")
     comp_runs = [st for st in stages if st["strategy"] == "comp"]
-    modes = sorted({m for st in comp_runs for m in st["modes"]})
-    for k, st in enumerate(comp_runs[:8]):
-        axes[1].scatter(range(1, len(st["modes"]) + 1), [modes.index(m) + 0.08 * k for m in st["modes"]], s=8)
-    axes[1].set_yticks(range(len(modes)), modes)
-    axes[1].set_xlabel("stage")
-    axes[1].set_title("MPS mode per stage (comp, one row of dots per seed)")
+    if comp_runs:
+        modes = sorted({m for st in comp_runs for m in st["modes"]})
+        longest = max(len(st["modes"]) for st in comp_runs)
+        bottom = [0.0] * longest
+        for mode in modes:
+            share = [sum(1 for st in comp_runs if len(st["modes"]) > i and st["modes"][i] == mode) / len(comp_runs)
+                     for i in range(longest)]
+            axes[1].bar(range(1, longest + 1), share, bottom=bottom, label=mode)
+            bottom = [b + x for b, x in zip(bottom, share)]
+        axes[1].set_xlabel("stage")
+        axes[1].set_ylabel("share of seeds")
+        axes[1].set_title(f"mode chosen by MPS per stage (comp, {len(comp_runs)} seeds)")
+        axes[1].legend(fontsize=7)
+        key = str(0.8) if any(str(0.8) in st["layers"] for st in comp_runs) else None
+        runs = [st["layers"][key] for st in comp_runs if key in st["layers"]] if key else []
+        if runs:
+            ticks: list[str] = []
+            for field, marker in (("heads", "o"), ("neurons", "s"), ("keep", "^")):
+                x = 0
+                for k, tower in enumerate(runs[0]):
+                    n_layers = len(runs[0][tower])
+                    vals = [statistics.fmean(run[tower][i][field] for run in runs) for i in range(n_layers)]
+                    axes[2].plot(range(x, x + n_layers), vals, marker=marker, color=f"C{k}",
+                                 ls=("-", "--", ":")[("heads", "neurons", "keep").index(field)],
+                                 label=f"{tower} {field if field != 'keep' else 'token keep ratio'}")
+                    if field == "heads":
+                        ticks += [f"{tower[:1]}{i}" for i in range(n_layers)]
+                    x += n_layers
+            axes[2].set_xticks(range(len(ticks)), ticks)
+            axes[2].set_ylim(0, 1.05)
+            axes[2].set_title("comp at 0.8: kept fraction per layer (mean over seeds)")
+            axes[2].legend(fontsize=6)
     fig.tight_layout()
-    fig.savefig(out / f"{stem}.png", dpi=120)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def stage_record(strategy: str, seed: int, res: Any, dense: torch.nn.Module) -> dict:
+    """What the plots need from one search: the mode and FLOPs kept per stage, and the per-layer fractions of
+    heads and neurons kept and the token keep ratio (1 where no site) of every snapshot's recipe."""
+    specs = {spec.name: spec for spec in comp_vlm.get_adapter(dense).tower_specs()}
+    layers = {str(ratio): {tower: [{"heads": len(lay.heads) / specs[tower].num_heads,
+                                    "neurons": len(lay.neurons) / specs[tower].neurons,
+                                    "keep": 1.0 if lay.keep_ratio is None else lay.keep_ratio}
+                                   for lay in tower_layers] for tower, tower_layers in recipe.towers.items()}
+              for ratio, (_, recipe) in res.snapshots.items()}
+    return {"strategy": strategy, "seed": seed, "modes": [r["mode"] for r in res.stage_log],
+            "chosen": [r["chosen"] for r in res.stage_log], "flops_kept": [r["flops_kept"] for r in res.stage_log],
+            "cost": [r["cost"] for r in res.stage_log], "layers": layers}
+
+
+def strategy_floors(bench: Bench, dense: torch.nn.Module, strategies: list[str]) -> dict[str, float]:
+    """FLOPs fraction each strategy keeps at its floors (all floors hit / one token per site)."""
+    floors = {}
+    length = comp_vlm.engine.training_text_length(bench.train_order(0))  # the reference prune() uses
+    for strategy in strategies:
+        config = comp_vlm.PruneConfig(ratio=0.01, strategy=strategy, progress=False,
+                                      reference={"text_length": length})
+        floors[strategy] = comp_vlm.Pruner(copy.deepcopy(dense), bench.task, bench.data.val[:1], config).floor_flops()
+    return floors
+
+
+def run_arm(bench: Bench, dense: torch.nn.Module, dense_metric: float, strategy: str, seed: int,
+            ratios: list[float], progress: bool) -> tuple[list[dict], dict | None]:
+    s = bench.settings
+    t0 = time.perf_counter()
+    config = comp_vlm.PruneConfig(
+        ratio=max(ratios), snapshots=tuple(ratios), strategy=strategy, seed=seed, stage_steps=s.stage_steps,
+        flops_step=s.flops_step, finetune_steps=s.finetune_steps, calibration_batches=s.calibration_batches,
+        lr=s.prune_lr, progress=progress)
+    try:
+        res = comp_vlm.prune(copy.deepcopy(dense), bench.task, bench.train_order(seed), bench.data.val, config,
+                             test_data=bench.data.test)
+    except comp_vlm.ConfigError as exc:  # every ratio below the strategy's floor
+        print(f"{strategy} seed {seed}: {exc}")
+        res = None
+    wall = time.perf_counter() - t0
+    steps = (len(res.stage_log) * s.stage_steps + s.finetune_steps) if res is not None else 0
+    records = []
+    for ratio in ratios:
+        reached = res is not None and ratio in res.snapshots
+        records.append({
+            "task": "retrieval", "model": s.name, "strategy": strategy, "ratio": ratio, "seed": seed,
+            "metric_name": "r1_mean", "metric": res.metrics[ratio]["r1_mean"] if reached else float("nan"),
+            "dense_metric": dense_metric,
+            "flops_kept": res.snapshots[ratio][1].flops_kept if reached else float("nan"),
+            "reached": reached, "steps": steps, "wall_s": wall})
+    return records, (stage_record(strategy, seed, res, dense) if res is not None else None)
+
+
+def run_dense_control(bench: Bench, dense: torch.nn.Module, dense_metric: float, seed: int, steps: int) -> dict:
+    """The dense model fine-tuned as long as a pruning run trains (search stages + fine-tuning), same lr and data
+    order: shows how much of a pruned arm's number the extra training alone could explain."""
+    s = bench.settings
+    t0 = time.perf_counter()
+    comp_vlm.engine.seed_everything(seed)
+    model = copy.deepcopy(dense)
+    config = comp_vlm.PruneConfig(lr=s.prune_lr, progress=False)
+    comp_vlm.engine.train_steps(model, bench.task, comp_vlm.engine.cycle_batches(bench.train_order(seed)), steps,
+                                config)
+    metric = bench.task.evaluate(model, bench.data.test)["r1_mean"]
+    return {"task": "retrieval", "model": s.name, "strategy": "dense+ft", "ratio": 0.0, "seed": seed,
+            "metric_name": "r1_mean", "metric": metric, "dense_metric": dense_metric, "flops_kept": 1.0,
+            "reached": True, "steps": steps, "wall_s": time.perf_counter() - t0}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -130,8 +301,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--strategies", default=",".join(MAIN))
     parser.add_argument("--ratios", default="0.5,0.7,0.8,0.85")
     parser.add_argument("--seeds", default="0,1,2,3,4")
+    parser.add_argument("--control-seeds", default="0,1,2",
+                        help="seeds of the 'dense + the same training steps' control ('' for none)")
     parser.add_argument("--smoke", action="store_true", help="tiny model, data and steps; results to /tmp")
     parser.add_argument("--report", action="store_true", help="only render the report from recorded runs")
+    parser.add_argument("--floors", action="store_true", help="only print every strategy's FLOPs floor")
     parser.add_argument("--out", default=None)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
@@ -140,56 +314,43 @@ def main(argv: list[str] | None = None) -> int:
     stem = "quality"
     results, stages_path = out / f"{stem}.json", out / f"{stem}_stages.jsonl"
     if args.report:
-        stages = [json.loads(x) for x in stages_path.read_text().splitlines()] if stages_path.is_file() else []
-        report(load_records(results), stages, out, stem)
+        report(load_records(results), load_stages(stages_path), out, stem)
         print(f"wrote {out / (stem + '.md')}")
         return 0
-    s = args.smoke
-    world = BenchmarkWorld(seed=0)
-    tok = build_word_tokenizer(world.vocabulary())
-    n_train, n_val, n_test = (256, 64, 128) if s else (20000, 2048, 5120)
-    cfg = bench_config(tok, width=32 if s else 128, layers=3 if s else 4)
-    training = DenseTraining(steps=20 if s else 3000, warmup=5 if s else 150)
+    bench = make_bench(args.smoke)
+    dense, dense_metrics = bench.dense(progress=not args.smoke)
+    print(f"dense {bench.settings.name}: r1_mean {dense_metrics['r1_mean']:.2f} on {bench.settings.n_test} test pairs "
+          f"(galleries of {bench.settings.gallery_size})")
     ratios = [float(r) for r in args.ratios.split(",")]
+    strategies = args.strategies.split(",")
+    floors = strategy_floors(bench, dense, list(dict.fromkeys(strategies + list(MAIN))))
+    print("FLOPs floors (fraction of dense FLOPs kept at every floor): "
+          + ", ".join(f"{k} {v:.3f}" for k, v in floors.items()))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}_floors.json").write_text(json.dumps(floors, indent=1) + "\n")
+    if args.floors:
+        return 0
     done = {(r["strategy"], r["seed"]) for r in load_records(results)}
     for seed in [int(x) for x in args.seeds.split(",")]:
-        data = make_retrieval_loaders(world, tok, n_train, n_val, n_test, batch_size=64 if not s else 32, seed=seed)
-        task = RetrievalTask()
-        dense, dense_metrics = cached_dense(CLIPModel._from_config, cfg, task, data.train, data.test, training,
-                                            data_id=f"benchmark-world-{seed}-{n_train}", cache_dir="cache")
-        for strategy in args.strategies.split(","):
+        for strategy in strategies:
             if (strategy, seed) in done:
                 continue
-            t0 = time.perf_counter()
-            data.train.load_state_dict({"epoch": 0, "position": 0})  # same data order for every arm of a seed
-            config = comp_vlm.PruneConfig(
-                ratio=max(ratios), snapshots=tuple(ratios), strategy=strategy, seed=seed,
-                stage_steps=6 if s else 50, flops_step=0.1 if s else 0.04, finetune_steps=5 if s else 300,
-                calibration_batches=2 if s else 8, lr=1e-4, progress=not s)
-            try:
-                res = comp_vlm.prune(copy.deepcopy(dense), task, data.train, data.val, config, test_data=data.test)
-            except comp_vlm.ConfigError as exc:  # e.g. every ratio below the strategy's floor
-                print(f"{strategy} seed {seed}: {exc}")
-                res = None
-            wall = time.perf_counter() - t0
-            records = []
-            for ratio in ratios:
-                reached = res is not None and ratio in res.snapshots
-                metric = res.metrics[ratio]["r1_mean"] if reached else float("nan")
-                kept = res.snapshots[ratio][1].flops_kept if reached else float("nan")
-                records.append({"task": "retrieval", "model": "bench-clip" if not s else "smoke-clip",
-                                "strategy": strategy, "ratio": ratio, "seed": seed, "metric_name": "r1_mean",
-                                "metric": metric, "dense_metric": dense_metrics["r1_mean"], "flops_kept": kept,
-                                "reached": reached, "steps": config.stage_steps, "wall_s": wall})
+            records, stage = run_arm(bench, dense, dense_metrics["r1_mean"], strategy, seed, ratios,
+                                     progress=not args.smoke)
             append_records(results, records)
-            if res is not None:
-                with stages_path.open("a") as fh:
-                    fh.write(json.dumps({"strategy": strategy, "seed": seed,
-                                         "modes": [r["mode"] for r in res.stage_log]}) + "\n")
-            print(f"{strategy} seed {seed}: " + ", ".join(
-                f"{r['ratio']}: {r['metric']:.2f}" for r in records) + f"  ({wall:.0f} s)")
-    stages = [json.loads(x) for x in stages_path.read_text().splitlines()] if stages_path.is_file() else []
-    report(load_records(results), stages, out, stem)
+            if stage is not None:
+                with stages_path.open("a") as fh:  # one short line per append: safe side by side
+                    fh.write(json.dumps(stage) + "\n")
+            print(f"{strategy} seed {seed}: " + ", ".join(f"{r['ratio']}: {r['metric']:.2f}" for r in records)
+                  + f"  ({records[0]['wall_s']:.0f} s)", flush=True)
+    control_seeds = [int(x) for x in args.control_seeds.split(",") if x.strip()]
+    comp_steps = [r["steps"] for r in load_records(results) if r["strategy"] == "comp" and r["steps"]]
+    for seed in control_seeds:
+        if ("dense+ft", seed) in done or not comp_steps:
+            continue
+        steps = int(statistics.median(comp_steps))
+        append_records(results, [run_dense_control(bench, dense, dense_metrics["r1_mean"], seed, steps)])
+    report(load_records(results), load_stages(stages_path), out, stem)
     print(f"wrote {results} and {out / (stem + '.md')}")
     return 0
 

@@ -59,6 +59,7 @@ class PruneConfig:
     head_floor: int = 1
     neuron_floor: float = 0.05
     sjp_token_share: float = 0.5
+    min_stage_fraction: float = 0.25  # a mode that can remove less than this share of the step is exhausted
     distill: float = 0.0  # weight of the distillation loss towards the dense model (search and fine-tuning)
     stage_metric: bool = True  # also log the task metric on the validation batches after every stage
     bootstrap: int = 200
@@ -88,6 +89,8 @@ class PruneConfig:
                 raise ConfigError(f"snapshot ratios must lie in (0, 1), got {s}")
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"unknown strategy {self.strategy!r}; choose from {', '.join(STRATEGIES)}")
+        if not (0.0 <= self.min_stage_fraction < 1.0):
+            raise ConfigError(f"min_stage_fraction must lie in [0, 1), got {self.min_stage_fraction}")
         if not (0.0 < self.flops_step <= 1.0) or self.stage_steps < 2:
             raise ConfigError("flops_step must lie in (0, 1] and stage_steps be >= 2")
         if self.badness not in ("val_loss", "metric"):
@@ -301,8 +304,10 @@ class Pruner:
             plan = self._plan_tokens(mode, target) if mode_kind(mode) == "token" else self._plan_params(mode, target)
             plan.requested = target / self.dense_flops
             removed = before - plan.flops_after
-            if removed <= 1e-12:
-                log.info("mode %s cannot prune further: exhausted", mode)
+            if removed <= 1e-12 or removed < self.config.min_stage_fraction * plan.requested:
+                # at its floors: a whole stage for a sliver of FLOPs would feed MPS a huge, noisy cost
+                log.info("mode %s can remove only %.4f of %.4f requested: exhausted", mode, max(removed, 0.0),
+                         plan.requested)
                 self.scheduler.mark_exhausted(mode)
                 self._restore_plan(plan)
                 continue

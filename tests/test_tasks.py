@@ -215,8 +215,8 @@ def test_task_reads_tensor_features_and_tensor_image_ids(world, tok):
     loss.backward()
     assert model.logit_scale.grad is not None and model.img.weight.grad.abs().sum() > 0
     # every image appears twice in the eval data (tensor image ids): the image gallery is de-duplicated
-    doubled = [{**b, "image_ids": torch.arange(i * 8, i * 8 + len(b["captions"])) % 12}
-               for i, b in enumerate(data.test)]
+    doubled = [{k: v for k, v in b.items() if k != "match_keys"}
+               | {"image_ids": torch.arange(i * 8, i * 8 + len(b["captions"])) % 12} for i, b in enumerate(data.test)]
     e = task.embed(model, doubled)
     assert len(set(e["image_keys"])) == 12 and all(isinstance(k, int) for k in e["image_keys"])
     m = task.evaluate(model, doubled)
@@ -306,3 +306,46 @@ def test_benchmark_world_shapes_lengths_and_determinism():
     assert set(counts) == {2, 3, 4}
     assert any(w in FILLERS for c in caps for w in c.split())
     assert 0.3 < len(set(caps)) / len(caps) <= 1.0
+
+
+def test_benchmark_world_content_keys_drop_fillers():
+    from comp_vlm.data.synthetic import FILLERS, BenchmarkWorld
+
+    world = BenchmarkWorld(seed=3)
+    px, caps, keys = world.sample_keyed(200, seed=1)
+    assert torch.equal(px, world.sample(200, seed=1)[0])
+    for cap, key in zip(caps, keys):
+        assert cap.startswith("a photo showing " + key)  # the objects, in caption order
+        assert not set(key.split()) & set(FILLERS)
+    assert len(set(keys)) < len(set(caps))  # some scenes differ only by fillers: the keys tie them
+
+
+def test_match_keys_override_captions_in_loss_and_metrics():
+    from comp_vlm.tasks.retrieval import batch_positives, gallery_metrics
+
+    batch = {"captions": ["x one", "x two", "y"], "match_keys": ["x", "x", "y"]}
+    pos = batch_positives(batch, 3)
+    assert pos.tolist() == [[True, True, False], [True, True, False], [False, False, True]]
+    # image 0 is nearest text 1: wrong by caption, right by content
+    img = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+    txt = torch.tensor([[0.0, 1.0], [1.0, 0.0], [-1.0, 0.1]])
+    by_caption = gallery_metrics(img, txt, list(range(3)), batch["captions"], ks=(1,))
+    by_content = gallery_metrics(img, txt, batch["match_keys"], batch["match_keys"], ks=(1,))
+    assert by_caption["i2t_r1"] == pytest.approx(100 / 3) and by_content["i2t_r1"] == 100.0
+
+
+def test_gallery_metrics_average_fixed_size_galleries():
+    from comp_vlm.tasks.retrieval import gallery_metrics
+
+    torch.manual_seed(0)
+    img, txt = torch.randn(10, 4), torch.randn(10, 4)
+    keys = list(range(10))
+    parts = [retrieval_metrics(img[i:i + 4], txt[i:i + 4], keys[i:i + 4], keys[i:i + 4]) for i in (0, 4)]
+    got = gallery_metrics(img, txt, keys, keys, gallery_size=4)  # pairs 8, 9 are left out
+    assert got["r1_mean"] == pytest.approx((parts[0]["r1_mean"] + parts[1]["r1_mean"]) / 2)
+    assert got == gallery_metrics(img[:8], txt[:8], keys[:8], keys[:8], gallery_size=4)
+    assert gallery_metrics(img, txt, keys, keys) == retrieval_metrics(img, txt, keys, keys)
+    with pytest.raises(ValueError, match="cannot fill one gallery"):
+        gallery_metrics(img, txt, keys, keys, gallery_size=11)
+    with pytest.raises(ValueError, match="gallery_size"):
+        RetrievalTask(gallery_size=1)

@@ -66,9 +66,9 @@ class ProcessorWorld(SyntheticWorld):
         super().__init__(*args, **kwargs)
         self._fixed = None if mean is None or std is None else (tuple(map(float, mean)), tuple(map(float, std)))
 
-    def sample_raw(self, n: int, seed: int | None = None) -> tuple[torch.Tensor, list[str]]:
-        pixels, captions = super().sample_raw(n, seed)
-        return quantize_uint8(pixels), captions
+    def sample_raw_keyed(self, n: int, seed: int | None = None) -> tuple[torch.Tensor, list[str], list[str]]:
+        pixels, captions, keys = super().sample_raw_keyed(n, seed)
+        return quantize_uint8(pixels), captions, keys
 
     @property
     def image_mean(self) -> tuple[float, ...]:

@@ -127,17 +127,28 @@ class SyntheticWorld:
             for c, (sz, co, sh) in zip(counts, attrs)
         ]
 
-    def sample_raw(self, n: int, seed: int | None = None) -> tuple[torch.Tensor, list[str]]:
-        """``n`` images in ``[0, 1]`` and their captions, determined by the world's seed and ``seed``."""
+    def content_keys(self, scene: Scene) -> list[str]:
+        """What a caption says about its image, without wording that is independent of the image: two pairs
+        with equal keys are interchangeable for retrieval. Here the caption itself."""
+        return self.describe(scene)
+
+    def sample_raw_keyed(self, n: int, seed: int | None = None) -> tuple[torch.Tensor, list[str], list[str]]:
+        """``n`` images in ``[0, 1]``, their captions and content keys, determined by the world's seed and
+        ``seed``."""
         return self._sample_raw(n, mix_seed(self.seed, seed))
 
-    def _sample_raw(self, n: int, generator_seed: int) -> tuple[torch.Tensor, list[str]]:
+    def sample_raw(self, n: int, seed: int | None = None) -> tuple[torch.Tensor, list[str]]:
+        """``n`` images in ``[0, 1]`` and their captions, determined by the world's seed and ``seed``."""
+        pixels, captions, _ = self.sample_raw_keyed(n, seed)
+        return pixels, captions
+
+    def _sample_raw(self, n: int, generator_seed: int) -> tuple[torch.Tensor, list[str], list[str]]:
         g = torch.Generator().manual_seed(generator_seed)
         scenes = self.sample_scenes(n, g)
         chunk = 2048  # bounds the (n, K, S, S) mask memory
         images = [self.render(_slice(scenes, i, i + chunk), g) for i in range(0, n, chunk)]
         pixels = torch.cat(images) if images else torch.zeros(0, 3, self.image_size, self.image_size)
-        return pixels, self.describe(scenes)
+        return pixels, self.describe(scenes), self.content_keys(scenes)
 
     def sample(self, n: int, seed: int | None = None) -> tuple[torch.Tensor, list[str]]:
         """Normalised ``pixel_values`` ``(n, 3, S, S)`` (per-channel :attr:`image_mean`/:attr:`image_std`) and
@@ -145,10 +156,15 @@ class SyntheticWorld:
         pixels, captions = self.sample_raw(n, seed)
         return self.normalise(pixels), captions
 
+    def sample_keyed(self, n: int, seed: int | None = None) -> tuple[torch.Tensor, list[str], list[str]]:
+        """Like :meth:`sample`, plus the content keys."""
+        pixels, captions, keys = self.sample_raw_keyed(n, seed)
+        return self.normalise(pixels), captions, keys
+
     # -- normalisation and vocabulary -------------------------------------------------------------------------
     def _compute_stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
         if self._stats is None:
-            pixels, _ = self._sample_raw(512, mix_seed(self.seed, "stats"))
+            pixels = self._sample_raw(512, mix_seed(self.seed, "stats"))[0]
             mean = pixels.mean(dim=(0, 2, 3))
             std = pixels.std(dim=(0, 2, 3))
             self._stats = (tuple(round(v, 4) for v in mean.tolist()), tuple(round(v, 4) for v in std.tolist()))
@@ -183,12 +199,16 @@ def _slice(scene: Scene, start: int, stop: int) -> Scene:
 
 # -- loaders ------------------------------------------------------------------------------------------------------
 class PairData:
-    """Image-caption pairs with captions tokenized once (padded to the longest caption overall)."""
+    """Image-caption pairs with captions tokenized once (padded to the longest caption overall). ``keys``
+    (optional, one per pair) are content keys: batches then carry them as ``match_keys`` (see
+    :mod:`comp_vlm.tasks.retrieval`)."""
 
-    def __init__(self, pixel_values: torch.Tensor, captions: list[str], tokenizer: Any) -> None:
-        if len(captions) != pixel_values.shape[0]:
-            raise ValueError("one caption per image is required")
+    def __init__(self, pixel_values: torch.Tensor, captions: list[str], tokenizer: Any,
+                 keys: Sequence[str] | None = None) -> None:
+        if len(captions) != pixel_values.shape[0] or (keys is not None and len(keys) != len(captions)):
+            raise ValueError("one caption (and one key, when given) per image is required")
         self.pixel_values, self.captions = pixel_values, list(captions)
+        self.keys = None if keys is None else list(keys)
         tok = tokenizer(self.captions, padding=True, return_tensors="pt")
         self.input_ids = tok["input_ids"].long()
         self.attention_mask = tok["attention_mask"].long()
@@ -200,8 +220,12 @@ class PairData:
         """The batch of pairs ``index``; text columns that are padding in every row are dropped."""
         mask = self.attention_mask[index]
         cols = mask.any(0)
-        return {"pixel_values": self.pixel_values[index], "input_ids": self.input_ids[index][:, cols],
-                "attention_mask": mask[:, cols], "captions": [self.captions[i] for i in index.tolist()]}
+        rows = index.tolist()
+        out = {"pixel_values": self.pixel_values[index], "input_ids": self.input_ids[index][:, cols],
+               "attention_mask": mask[:, cols], "captions": [self.captions[i] for i in rows]}
+        if self.keys is not None:
+            out["match_keys"] = [self.keys[i] for i in rows]
+        return out
 
 
 def fixed_batches(data: PairData, batch_size: int) -> list[dict[str, Any]]:
@@ -260,7 +284,8 @@ def make_retrieval_loaders(
     """Train (shuffled, re-iterable), val and test (fixed lists of batches) splits, each sampled from the world
     with its own seed derived from ``seed`` (so the splits are different samples)."""
     def split(name: str, n: int) -> PairData:
-        return PairData(*world.sample(n, seed=mix_seed(seed, name)), tokenizer)
+        pixels, captions, keys = world.sample_keyed(n, seed=mix_seed(seed, name))
+        return PairData(pixels, captions, tokenizer, keys)
 
     eval_bs = eval_batch_size or batch_size
     return RetrievalLoaders(
@@ -273,7 +298,7 @@ def make_retrieval_loaders(
 #: uninformative filler words, drawn independently of the scene (the language-token mode has real redundancy)
 FILLERS = ("in", "this", "picture", "we", "can", "see", "there", "is", "here", "clearly", "shown", "on",
            "textured", "background", "image", "nice")
-BENCHMARK_SIZES: dict[str, float] = {"small": 0.06, "big": 0.11}
+BENCHMARK_SIZES: dict[str, float] = {"small": 0.08, "big": 0.13}
 
 
 class BenchmarkWorld(SyntheticWorld):
@@ -319,10 +344,7 @@ class BenchmarkWorld(SyntheticWorld):
 
     def describe(self, scene: Scene) -> list[str]:
         out = []
-        for i, (c, sz, co, sh) in enumerate(zip(scene.count.tolist(), scene.size.tolist(), scene.colour.tolist(),
-                                                scene.shape.tolist())):
-            objects = " then ".join(f"{self.sizes[sz[j]]} {self.colours[co[j]]} {self.shapes[sh[j]]}"
-                                    for j in range(c))
+        for i, objects in enumerate(self.objects(scene)):
             words = 2 + 3 + len(objects.split())  # BOS/EOS + "a photo showing"
             room = max(0, self.max_tokens - words)
             need = max(0, self.min_tokens - words)
@@ -330,6 +352,16 @@ class BenchmarkWorld(SyntheticWorld):
             filler = " ".join(FILLERS[t] for t in scene.filler[i, :extra].tolist())  # type: ignore[attr-defined]
             out.append(" ".join(p for p in ("a photo showing", objects, filler) if p))
         return out
+
+    def objects(self, scene: Scene) -> list[str]:
+        """The object descriptions, left to right, e.g. ``"big red cross then small blue circle"``."""
+        return [" then ".join(f"{self.sizes[sz[j]]} {self.colours[co[j]]} {self.shapes[sh[j]]}" for j in range(c))
+                for c, sz, co, sh in zip(scene.count.tolist(), scene.size.tolist(), scene.colour.tolist(),
+                                         scene.shape.tolist())]
+
+    def content_keys(self, scene: Scene) -> list[str]:
+        """The objects only: fillers are independent of the image."""
+        return self.objects(scene)
 
     def vocabulary(self) -> list[str]:
         return sorted({"a", "photo", "showing", "then"} | set(self.colours) | set(self.shapes) | set(self.sizes)

@@ -6,7 +6,9 @@ Batch format (a dict):
   image ``i`` with text ``i``;
 - ``captions`` (optional): ``list[str]`` of the ``B`` caption strings;
 - ``image_ids`` (optional): ``B`` hashable image identities, for datasets that repeat an image with several
-  captions (COCO/Flickr pairs).
+  captions (COCO/Flickr pairs);
+- ``match_keys`` (optional): ``B`` hashable *content* keys, overriding both of the above: pairs with equal keys
+  are interchangeable (synthetic worlds whose captions add wording independent of the image, e.g. fillers).
 
 Matching rule. Items are identified by *keys*: a text by its caption string (by its position in the loader when
 ``captions`` is absent), an image by its ``image_ids`` entry (else its position). The galleries are
@@ -16,6 +18,9 @@ keys. So when one caption string describes several images, image-to-text retriev
 caption string equals the query image's caption, and each unique caption is one text query whose correct
 answers are all images carrying it. Recall@K is the percentage of queries with a relevant item among the top K;
 ties are counted against the query (a relevant item ranks below every irrelevant item scoring the same or more).
+With ``gallery_size`` set, the pairs are cut (in loader order) into consecutive galleries of exactly that many
+pairs (a shorter remainder is left out) and the metrics are averaged over galleries, so the numbers do not depend
+on how large the test split is.
 
 The training loss uses the same relevance inside a batch: the targets of a row are spread evenly over every
 column relevant to it (same caption or same image), so duplicates are not pushed apart as false negatives.
@@ -62,7 +67,7 @@ def batch_positives(batch: Batch, n: int, device: torch.device | None = None) ->
     """``(n, n)`` bool matrix of relevant (image i, text j) pairs in a batch, or ``None`` when the batch carries no
     keys (then only the diagonal is relevant)."""
     pos = None
-    for name in ("captions", "image_ids"):
+    for name in (("match_keys",) if batch.get("match_keys") is not None else ("captions", "image_ids")):
         keys = batch.get(name)
         if keys is not None:
             ids = _key_ids(_keys(keys)).to(device)
@@ -149,10 +154,13 @@ class RetrievalTask(Task):
     higher_is_better = True
 
     def __init__(self, ks: Sequence[int] = DEFAULT_KS, max_scale: float = 100.0,
-                 default_logit_scale: float = math.log(1 / 0.07)) -> None:
+                 default_logit_scale: float = math.log(1 / 0.07), gallery_size: int | None = None) -> None:
         if 1 not in ks:
             raise ValueError("ks must contain 1 (the primary metric is R@1)")
+        if gallery_size is not None and gallery_size < 2:
+            raise ValueError(f"gallery_size must be at least 2, got {gallery_size}")
         self.ks = tuple(ks)
+        self.gallery_size = gallery_size
         self.max_scale = max_scale
         self.default_logit_scale = default_logit_scale
 
@@ -213,10 +221,14 @@ class RetrievalTask(Task):
                 losses.append(float(contrastive_loss(img, txt, scale, batch_positives(batch, len(img), device))))
                 offset = len(image_keys)
                 # keys of different kinds never collide: positions are ints, real keys come from the data
-                image_keys += _keys(batch["image_ids"]) if "image_ids" in batch else \
-                    [("#", offset + i) for i in range(len(img))]
-                text_keys += _keys(batch["captions"]) if "captions" in batch else \
-                    [("#", offset + i) for i in range(len(txt))]
+                if "match_keys" in batch:
+                    image_keys += _keys(batch["match_keys"])
+                    text_keys += _keys(batch["match_keys"])
+                else:
+                    image_keys += _keys(batch["image_ids"]) if "image_ids" in batch else \
+                        [("#", offset + i) for i in range(len(img))]
+                    text_keys += _keys(batch["captions"]) if "captions" in batch else \
+                        [("#", offset + i) for i in range(len(txt))]
                 imgs.append(img.float())
                 txts.append(txt.float())
         if not imgs:
@@ -225,8 +237,26 @@ class RetrievalTask(Task):
                 "text_keys": text_keys, "loss": sum(losses) / len(losses)}
 
     def evaluate(self, model: nn.Module, loader: Iterable[Batch]) -> dict[str, float]:
-        """``i2t_r{k}``, ``t2i_r{k}`` (percent), ``r1_mean`` and ``loss`` over the whole loader as one gallery."""
+        """``i2t_r{k}``, ``t2i_r{k}`` (percent), ``r1_mean`` and ``loss`` over the whole loader as one gallery, or
+        averaged over galleries of ``gallery_size`` pairs."""
         e = self.embed(model, loader)
-        metrics = retrieval_metrics(e["image_emb"], e["text_emb"], e["image_keys"], e["text_keys"], self.ks)
+        metrics = gallery_metrics(e["image_emb"], e["text_emb"], e["image_keys"], e["text_keys"], self.ks,
+                                  self.gallery_size)
         metrics["loss"] = e["loss"]
         return metrics
+
+
+def gallery_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, image_keys: Sequence[Hashable],
+                    text_keys: Sequence[Hashable], ks: Sequence[int] = DEFAULT_KS,
+                    gallery_size: int | None = None) -> dict[str, float]:
+    """:func:`retrieval_metrics` over all pairs (``gallery_size=None``) or averaged over consecutive galleries of
+    exactly ``gallery_size`` pairs (the remainder is left out; fewer pairs than one gallery is an error)."""
+    n = image_emb.shape[0]
+    if gallery_size is None:
+        return retrieval_metrics(image_emb, text_emb, image_keys, text_keys, ks)
+    if n < gallery_size:
+        raise ValueError(f"{n} evaluation pairs cannot fill one gallery of {gallery_size}")
+    parts = [retrieval_metrics(image_emb[i:i + gallery_size], text_emb[i:i + gallery_size],
+                               image_keys[i:i + gallery_size], text_keys[i:i + gallery_size], ks)
+             for i in range(0, n - gallery_size + 1, gallery_size)]
+    return {k: sum(p[k] for p in parts) / len(parts) for k in parts[0]}
