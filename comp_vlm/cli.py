@@ -78,12 +78,24 @@ def _ints(text: str) -> tuple[int, ...]:
     return values
 
 
-def _check_task(task: str) -> Any:
+DEFAULT_GALLERY = 100
+
+
+def _check_task(task: str, gallery_size: int | None = 0, eval_pairs: int | None = None) -> Any:
+    """The task object; ``gallery_size`` 0 means one gallery of every evaluation pair, None the default (100, or
+    the whole split when it is smaller). ``eval_pairs``: the smallest split the task will evaluate (validation
+    or test), which must fill one gallery."""
     from .tasks.retrieval import RetrievalTask
 
     if task != "retrieval":
         raise ConfigError(f"task {task!r} is not supported yet (supported: {', '.join(TASKS)})")
-    return RetrievalTask()
+    if gallery_size is None:
+        gallery_size = DEFAULT_GALLERY if eval_pairs is None or eval_pairs >= DEFAULT_GALLERY else 0
+    if gallery_size < 0 or gallery_size == 1:
+        raise ConfigError(f"--gallery-size must be 0 (whole split) or at least 2, got {gallery_size}")
+    if gallery_size and eval_pairs is not None and gallery_size > eval_pairs:
+        raise ConfigError(f"--gallery-size {gallery_size} exceeds the {eval_pairs} evaluation pairs of a split")
+    return RetrievalTask(gallery_size=gallery_size or None)
 
 
 def _check_data(data: str) -> None:
@@ -158,11 +170,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
     import comp_vlm
 
     device = _setup(args)
-    task = _check_task(args.task)
     _check_data(args.data)
     from . import demo
 
     spec = demo.BUILTINS.get(args.model, demo.BUILTINS["demo-clip"])
+    task = _check_task(args.task, args.gallery_size, min(args.n_val or spec.n_val, args.n_test or spec.n_test))
     snapshots = tuple(s for s in (args.snapshots or ()) if s != args.ratio)
     out = Path(args.out)
     ckpt = Path(args.checkpoint_dir) if args.checkpoint_dir else out.with_name(out.name + ".ckpt")
@@ -247,7 +259,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .recipe import RECIPE_FILE
 
     device = _setup(args)
-    task = _check_task(args.task)
+    _check_task(args.task)
     _check_data(args.data)
     path = Path(args.model_dir)
     model = demo.load_clip_dir(path, device)
@@ -265,6 +277,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     }
     if recorded.get("max_objects"):
         settings["max_objects"] = int(recorded["max_objects"])
+    task = _check_task(args.task, args.gallery_size, settings["n_test"])
     test = demo.synthetic_test_split(tokenizer, settings)
     t0 = time.perf_counter()
     metrics = task.evaluate(model, test)
@@ -280,12 +293,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     flops = comp_vlm.count_flops(model, reference)
     dense_flops = recipe.dense_flops if recipe else flops
     result = {"model": str(path), "task": args.task, "data": "synthetic", "split": "test", "n": settings["n_test"],
+              "gallery_size": task.gallery_size or settings["n_test"],
               "seed": settings["seed"], "metrics": metrics, "flops": flops, "dense_flops": dense_flops,
               "flops_kept": flops / dense_flops, "params": comp_vlm.count_params(model), "reference": reference,
               "eval_seconds": seconds}
     print(f"{path}: {'pruned (' + format(1 - flops / dense_flops, '.0%') + ' FLOPs removed)' if recipe else 'dense'}, "
           f"{result['params']:,} params, {flops / 1e9:.4f} GFLOPs per sample at {reference}")
-    print(f"synthetic test split: {settings['n_test']} pairs, seed {settings['seed']}")
+    galleries = f"galleries of {task.gallery_size}" if task.gallery_size else "one gallery"
+    print(f"synthetic test split: {settings['n_test']} pairs ({galleries}), seed {settings['seed']}")
     for k in [task.primary_metric] + [k for k in metrics if k != task.primary_metric]:
         print(f"  {k:10s} {metrics[k]:8.2f}")
     if args.json:
@@ -472,6 +487,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"synthetic validation pairs (default: {d.n_val})")
     prune.add_argument("--n-test", type=int, default=None, metavar="N",
                        help=f"synthetic test pairs (default: {d.n_test})")
+    prune.add_argument("--gallery-size", type=int, default=None, metavar="N",
+                       help="retrieval R@K among N candidates, averaged over consecutive galleries of the split "
+                            "(0: the whole split is one gallery; default: 100, or the whole split when smaller)")
     prune.add_argument("--text-length", type=int, default=None, metavar="N",
                        help="text length of the FLOPs reference (default: mean caption length of the training data)")
     prune.add_argument("--resume", action="store_true",
@@ -497,6 +515,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="evaluation data (default: synthetic)")
     ev.add_argument("--n-test", type=int, default=None, metavar="N",
                     help=f"test pairs (default: as recorded in the recipe, else {d.n_test})")
+    ev.add_argument("--gallery-size", type=int, default=None, metavar="N",
+                    help="retrieval R@K among N candidates, averaged over consecutive galleries of the split "
+                         "(0: the whole split is one gallery; default: 100, or the whole split when smaller)")
     ev.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
     _common(ev, seed_default=None)
     ev.set_defaults(func=cmd_eval)

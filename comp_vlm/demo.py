@@ -73,6 +73,7 @@ class DemoSpec:
     calibration_batches: int = 8
     latency_repeats: int = 9
     latency_batch: int = 8
+    gallery_size: int = 100  # R@K among this many candidates (consecutive galleries of the split)
 
 
 BUILTINS: dict[str, DemoSpec] = {
@@ -87,7 +88,7 @@ BUILTINS: dict[str, DemoSpec] = {
         image_size=16, patch_size=4, vision_hidden=32, text_hidden=32, layers=3, heads=4, mlp_ratio=4,
         projection_dim=16, max_positions=24, n_train=512, n_val=64, n_test=64, batch_size=32, eval_batch_size=64,
         dense_steps=40, dense_lr=2e-3, warmup_steps=5, snapshots=(0.5,), stage_steps=4, flops_step=0.2,
-        finetune_steps=4, prune_lr=5e-4, calibration_batches=2, latency_repeats=7,
+        finetune_steps=4, prune_lr=5e-4, calibration_batches=2, latency_repeats=7, gallery_size=32,
     ),
 }
 
@@ -502,7 +503,7 @@ def run_demo(out: str, ratio: float | None = None, seed: int = 0, device: str = 
     ratio = spec.ratio if ratio is None else ratio
     snapshots = tuple(s for s in spec.snapshots if s < ratio)
     out_dir = Path(out)
-    task = RetrievalTask()
+    task = RetrievalTask(gallery_size=spec.gallery_size)
     probe = comp_vlm.PruneConfig(ratio=ratio, snapshots=snapshots)  # validates the ratio before any training
     del probe
 
@@ -628,11 +629,13 @@ def run_demo(out: str, ratio: float | None = None, seed: int = 0, device: str = 
     }
     (out_dir / "report.json").write_text(json.dumps(report, indent=1, default=str))
     (out_dir / "report.md").write_text(
-        f"# comp-vlm demo ({spec.name}, ratio {ratio}, seed {seed})\n\nTest split: {spec.n_test} synthetic pairs; "
+        f"# comp-vlm demo ({spec.name}, ratio {ratio}, seed {seed})\n\nTest split: {spec.n_test} synthetic pairs "
+        f"(R@K in galleries of {spec.gallery_size}); "
         f"FLOPs per sample at {reference}; latency: batch {n}, median of {spec.latency_repeats} runs, "
         f"{torch.get_num_threads()} thread(s), {device}.\n\n```\n{table}\n```\n")
     say("")
-    say(f"Retrieval on {spec.n_test} held-out synthetic pairs (R@1 in %); FLOPs per sample at "
+    say(f"Retrieval on {spec.n_test} held-out synthetic pairs (R@1 in %, galleries of {spec.gallery_size}); "
+        f"FLOPs per sample at "
         f"{spec.image_size}x{spec.image_size} px + {reference['text_length']} text tokens; latency: one forward "
         f"of batch {n}, median of {spec.latency_repeats} runs ({torch.get_num_threads()} thread(s), {device}). "
         "The dense rows run with the same dead-compute option as the pruned model.")
