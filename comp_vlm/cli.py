@@ -206,7 +206,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     result = comp_vlm.prune(model, task, data.loaders.train, data.loaders.val, config, test_data=data.loaders.test)
     seconds = time.perf_counter() - t0
-    extra = {"data": data.settings, "dense_model": src["source"]}
+    extra = {"data": {**data.settings, "gallery_size": task.gallery_size or 0}, "dense_model": src["source"]}
     final = max(result.snapshots)
     for r, (_, recipe) in result.snapshots.items():
         recipe.extra.update(extra)
@@ -277,7 +277,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     }
     if recorded.get("max_objects"):
         settings["max_objects"] = int(recorded["max_objects"])
-    task = _check_task(args.task, args.gallery_size, settings["n_test"])
+    gallery = args.gallery_size if args.gallery_size is not None else recorded.get("gallery_size")
+    task = _check_task(args.task, gallery, settings["n_test"])
     test = demo.synthetic_test_split(tokenizer, settings)
     t0 = time.perf_counter()
     metrics = task.evaluate(model, test)
@@ -517,7 +518,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help=f"test pairs (default: as recorded in the recipe, else {d.n_test})")
     ev.add_argument("--gallery-size", type=int, default=None, metavar="N",
                     help="retrieval R@K among N candidates, averaged over consecutive galleries of the split "
-                         "(0: the whole split is one gallery; default: 100, or the whole split when smaller)")
+                         "(0: the whole split is one gallery; default: as recorded with a pruned model, else 100, or "
+                         "the whole split when smaller)")
     ev.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
     _common(ev, seed_default=None)
     ev.set_defaults(func=cmd_eval)

@@ -564,7 +564,7 @@ def run_demo(out: str, ratio: float | None = None, seed: int = 0, device: str = 
     control_metrics = task.evaluate(control.eval(), data.loaders.test)
 
     say("-- 4/5 save, reload, evaluate and time")
-    extra = {"data": data.settings, "dense_model": spec.name}
+    extra = {"data": {**data.settings, "gallery_size": task.gallery_size or 0}, "dense_model": spec.name}
     saved: dict[float, Path] = {}
     for r, (model, recipe) in sorted(result.snapshots.items()):
         recipe.extra.update(extra)

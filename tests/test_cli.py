@@ -72,6 +72,15 @@ def test_bad_ratio_subprocess(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("gallery", ["1", "5000"])
+def test_bad_gallery_size_is_one_line(tmp_path, capsys, gallery):
+    code = main(["prune", "--model", "demo-clip-quick", "--ratio", "0.5", "--gallery-size", gallery,
+                 "--out", str(tmp_path / "o")])
+    assert code == 1
+    assert "--gallery-size" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not (tmp_path / "o").exists()
+
+
 def test_bad_ratio_demo(tmp_path, capsys):
     assert main(["demo", "--quick", "--ratio", "0", "--out", str(tmp_path / "d"), "--no-cache"]) == 1
     assert "ratio" in one_error_line(capsys.readouterr().err)
