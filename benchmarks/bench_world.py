@@ -8,13 +8,19 @@ patch 4), text 96-d on 12-20 tokens, so each tower carries well over 25% of the 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from transformers import CLIPConfig, CLIPModel
 
-from comp_vlm.data.synthetic import BenchmarkWorld, RetrievalLoaders, ShuffledBatches, make_retrieval_loaders, mix_seed
+from comp_vlm.data.synthetic import (
+    BenchmarkWorld,
+    RetrievalLoaders,
+    ShuffledBatches,
+    make_retrieval_loaders,
+    mix_seed,
+)
 from comp_vlm.data.text import build_word_tokenizer
 from comp_vlm.dense import DenseTraining, cached_dense
 from comp_vlm.tasks import RetrievalTask
@@ -34,7 +40,8 @@ class BenchSettings:
     batch_size: int = 64
     eval_batch_size: int = 256
     gallery_size: int = 100  # R@1 among 100 candidates
-    dense: DenseTraining = DenseTraining(steps=2000, lr=2e-3, warmup=100, weight_decay=0.05)
+    dense: DenseTraining = field(default_factory=lambda: DenseTraining(steps=2000, lr=2e-3, warmup=100,
+                                                                      weight_decay=0.05))
     # pruning (every arm)
     stage_steps: int = 20
     flops_step: float = 0.05

@@ -31,7 +31,7 @@ import comp_vlm
 import comp_vlm.engine
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_world import Bench, make_bench  # noqa: E402
+from bench_world import Bench, make_bench
 
 MAIN = ("comp", "param-only", "token-only", "sjp", "cycle", "random-mode")
 ABLATIONS = ("greedy", "no-cip", "uniform-rms", "no-cit", "no-re", "no-hi")
@@ -116,7 +116,7 @@ def report(records: list[dict], stages: list[dict], out: Path, stem: str) -> Non
     ratios = sorted({r["ratio"] for r in records if r["strategy"] != "dense+ft"})
     dense = statistics.fmean(r["dense_metric"] for r in records)
     model = records[0]["model"]
-    lines = [f"# Quality: retrieval R@1 (mean of image→text and text→image, fixed-size galleries) after pruning",
+    lines = ["# Quality: retrieval R@1 (mean of image→text and text→image, fixed-size galleries) after pruning",
              "", f"Model `{model}`, {len(records)} records. Dense R@1: {dense:.2f}.",
              "Mean over seeds of the arms that reached the ratio; Δ = mean paired difference comp − arm (same dense "
              "model, same data order per seed) ± 95% t-interval half-width; n = paired seeds.", ""]
@@ -150,6 +150,7 @@ def report(records: list[dict], stages: list[dict], out: Path, stem: str) -> Non
                 delta = f"{dm:+.2f} ± {dh:.2f}"
             lines.append(f"| {ratio} | {s} | {m:.2f} ± {h:.2f} | {kept:.3f} | {delta} | {len(diffs) or len(rows)} "
                          f"| {len(rows)}/{len(all_rows)} |")
+    lines += structure_section(stages) + cost_section(stages)
     comp_runs = [st for st in stages if st["strategy"] == "comp"]
     if comp_runs:
         counts: dict[str, int] = {}
@@ -161,6 +162,47 @@ def report(records: list[dict], stages: list[dict], out: Path, stem: str) -> Non
                   ", ".join(f"{m}: {c} ({100 * c / total:.0f}%)" for m, c in sorted(counts.items()))]
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     plot(records, stages, strategies, ratios, out / f"{stem}.png")
+
+
+def structure_section(stages: list[dict], ratio: str = "0.8") -> list[str]:
+    """How each arm spent its FLOPs at ``ratio``: mean kept fraction of heads and neurons, and the fraction of
+    tokens that survive to the last layer (product of the site keep ratios), per tower."""
+    by_strategy: dict[str, list[dict]] = {}
+    for st in stages:
+        if ratio in st.get("layers", {}):
+            by_strategy.setdefault(st["strategy"], []).append(st["layers"][ratio])
+    if not by_strategy:
+        return []
+    lines = ["", f"## Structure at {ratio} (mean over seeds)", "",
+             "| strategy | tower | heads kept | neurons kept | tokens reaching the last layer |", "|---|---|---|---|---|"]
+    for strategy in sorted(by_strategy, key=order_key):
+        runs = by_strategy[strategy]
+        for tower in runs[0]:
+            heads = statistics.fmean(statistics.fmean(lay["heads"] for lay in run[tower]) for run in runs)
+            neurons = statistics.fmean(statistics.fmean(lay["neurons"] for lay in run[tower]) for run in runs)
+            tokens = statistics.fmean(math.prod(lay["keep"] for lay in run[tower]) for run in runs)
+            lines.append(f"| {strategy} | {tower} | {heads:.2f} | {neurons:.2f} | {tokens:.2f} |")
+    return lines
+
+
+def cost_section(stages: list[dict]) -> list[str]:
+    """The MPS cost signal: how often a stage's measured cost (validation loss gained per FLOP removed) is
+    negative, i.e. the loss fell while pruning -- recovery from earlier stages outweighing this stage's damage."""
+    lines = ["", "## MPS cost signal", "",
+             "| strategy | stages | negative cost | median cost | median abs(cost) | median bootstrap SE |",
+             "|---|---|---|---|---|---|"]
+    rows = 0
+    for strategy in sorted({st["strategy"] for st in stages}, key=order_key):
+        costs = [c for st in stages if st["strategy"] == strategy for c in st.get("cost", []) if c is not None]
+        if not costs:
+            continue
+        rows += 1
+        negative = sum(c < 0 for c in costs) / len(costs)
+        ses = [x for st in stages if st["strategy"] == strategy for x in st.get("cost_se", []) if x is not None]
+        se = f"{statistics.median(ses):.2f}" if ses else "not recorded"
+        lines.append(f"| {strategy} | {len(costs)} | {100 * negative:.0f}% | {statistics.median(costs):.2f} | "
+                     f"{statistics.median(abs(c) for c in costs):.2f} | {se} |")
+    return lines if rows else []
 
 
 def plot(records: list[dict], stages: list[dict], strategies: list[str], ratios: list[float], path: Path) -> None:
@@ -238,7 +280,8 @@ def stage_record(strategy: str, seed: int, res: Any, dense: torch.nn.Module) -> 
               for ratio, (_, recipe) in res.snapshots.items()}
     return {"strategy": strategy, "seed": seed, "modes": [r["mode"] for r in res.stage_log],
             "chosen": [r["chosen"] for r in res.stage_log], "flops_kept": [r["flops_kept"] for r in res.stage_log],
-            "cost": [r["cost"] for r in res.stage_log], "layers": layers}
+            "cost": [r["cost"] for r in res.stage_log], "cost_se": [r["cost_se"] for r in res.stage_log],
+            "layers": layers}
 
 
 def strategy_floors(bench: Bench, dense: torch.nn.Module, strategies: list[str]) -> dict[str, float]:
@@ -306,18 +349,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny model, data and steps; results to /tmp")
     parser.add_argument("--report", action="store_true", help="only render the report from recorded runs")
     parser.add_argument("--floors", action="store_true", help="only print every strategy's FLOPs floor")
+    parser.add_argument("--stage-steps", type=int, default=None, help="override the stage length K")
+    parser.add_argument("--tag", default="", help="record into quality-TAG.* (e.g. a K=50 investigation)")
     parser.add_argument("--out", default=None)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     out = Path(args.out or ("/tmp/comp_quality_smoke" if args.smoke else "benchmarks/results"))
-    stem = "quality"
+    stem = f"quality-{args.tag}" if args.tag else "quality"
     results, stages_path = out / f"{stem}.json", out / f"{stem}_stages.jsonl"
     if args.report:
         report(load_records(results), load_stages(stages_path), out, stem)
         print(f"wrote {out / (stem + '.md')}")
         return 0
-    bench = make_bench(args.smoke)
+    bench = make_bench(args.smoke, **({"stage_steps": args.stage_steps} if args.stage_steps else {}))
     dense, dense_metrics = bench.dense(progress=not args.smoke)
     print(f"dense {bench.settings.name}: r1_mean {dense_metrics['r1_mean']:.2f} on {bench.settings.n_test} test pairs "
           f"(galleries of {bench.settings.gallery_size})")

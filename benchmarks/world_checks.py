@@ -29,7 +29,7 @@ import comp_vlm.adapters.clip as clip_adapter
 from comp_vlm.flops import tower_flops
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_world import Bench, make_bench  # noqa: E402
+from bench_world import Bench, make_bench
 
 
 @contextlib.contextmanager
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     (out / "world_checks.json").write_text(json.dumps(result, indent=1) + "\n")
     share = result["flops_share"]
     lines = ["# Benchmark world checks", "", "Command: `python benchmarks/world_checks.py`", "",
-             f"- dense FLOPs share: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in share.items())
+             "- dense FLOPs share: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in share.items())
              + f" (text at its mean training length, {length} tokens)",
              f"- dense R@1 {result['dense_r1']:.2f} ({result['dense_params']:,} params); half-width model trained "
              f"the same way from scratch: {result['half_width_r1']:.2f} ({result['half_width_params']:,} params)",
