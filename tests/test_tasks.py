@@ -349,3 +349,36 @@ def test_gallery_metrics_average_fixed_size_galleries():
         gallery_metrics(img, txt, keys, keys, gallery_size=11)
     with pytest.raises(ValueError, match="gallery_size"):
         RetrievalTask(gallery_size=1)
+
+
+def test_statements_are_half_true_and_false_ones_change_one_attribute():
+    from comp_vlm.data.synthetic import ORDINALS, BenchmarkWorld, mix_seed, sample_statements
+
+    world = BenchmarkWorld(seed=2)
+    px, statements, labels = sample_statements(world, 400, seed=5)
+    px2, statements2, labels2 = sample_statements(world, 400, seed=5)
+    assert torch.equal(px, px2) and statements == statements2 and torch.equal(labels, labels2)
+    assert px.shape == (400, 3, 32, 32) and 0.4 < labels.float().mean() < 0.6
+    # the same images as the captions of that scene draw: check each statement against the scene's objects
+    g = torch.Generator().manual_seed(mix_seed(world.seed, "statements", 5))
+    scenes, _ = world._scenes_and_pixels(400, g)
+    objects = [o.split(" then ") for o in world.objects(scenes)]
+    for objs, text, label in zip(objects, statements, labels.tolist()):
+        ordinal, claim = text.removeprefix("the ").split(" object from the left is a ")
+        truth = objs[ORDINALS.index(ordinal)]
+        differing = sum(a != b for a, b in zip(claim.split(), truth.split()))
+        assert differing == (0 if label else 1), (text, truth, label)
+
+
+def test_questions_have_one_word_answers_from_the_scene():
+    from comp_vlm.data.synthetic import BenchmarkWorld, sample_questions, task_vocabulary
+
+    world = BenchmarkWorld(seed=2)
+    px, questions, answers = sample_questions(world, 300, seed=1)
+    assert px.shape[0] == len(questions) == len(answers) == 300
+    assert {a for q, a in zip(questions, answers) if q.startswith("how many")} <= {"two", "three", "four"}
+    assert {a for q, a in zip(questions, answers) if "colour" in q} <= set(world.colours)
+    assert {a for q, a in zip(questions, answers) if "shape" in q} <= set(world.shapes)
+    vocab = set(task_vocabulary(world))
+    assert all(w in vocab for text in questions + answers for w in text.split())
+    assert sample_questions(world, 300, seed=1)[1] == questions

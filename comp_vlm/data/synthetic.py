@@ -142,12 +142,15 @@ class SyntheticWorld:
         pixels, captions, _ = self.sample_raw_keyed(n, seed)
         return pixels, captions
 
-    def _sample_raw(self, n: int, generator_seed: int) -> tuple[torch.Tensor, list[str], list[str]]:
-        g = torch.Generator().manual_seed(generator_seed)
+    def _scenes_and_pixels(self, n: int, g: torch.Generator) -> tuple[Scene, torch.Tensor]:
         scenes = self.sample_scenes(n, g)
         chunk = 2048  # bounds the (n, K, S, S) mask memory
         images = [self.render(_slice(scenes, i, i + chunk), g) for i in range(0, n, chunk)]
         pixels = torch.cat(images) if images else torch.zeros(0, 3, self.image_size, self.image_size)
+        return scenes, pixels
+
+    def _sample_raw(self, n: int, generator_seed: int) -> tuple[torch.Tensor, list[str], list[str]]:
+        scenes, pixels = self._scenes_and_pixels(n, torch.Generator().manual_seed(generator_seed))
         return pixels, self.describe(scenes), self.content_keys(scenes)
 
     def sample(self, n: int, seed: int | None = None) -> tuple[torch.Tensor, list[str]]:
@@ -366,3 +369,59 @@ class BenchmarkWorld(SyntheticWorld):
     def vocabulary(self) -> list[str]:
         return sorted({"a", "photo", "showing", "then"} | set(self.colours) | set(self.shapes) | set(self.sizes)
                       | set(FILLERS))
+
+
+ORDINALS = ("first", "second", "third", "fourth")
+NUMBERS = ("zero", "one", "two", "three", "four")
+
+
+def sample_statements(world: BenchmarkWorld, n: int, seed: int | None = None,
+                      ) -> tuple[torch.Tensor, list[str], torch.Tensor]:
+    """True/false statements about images (for image-text matching heads such as BLIP's ITM / NLVR-style tasks):
+    normalised ``pixel_values`` ``(n, 3, S, S)``, statements like ``"the second object from the left is a small
+    red circle"`` and ``(n,)`` bool labels, half true. A false statement changes exactly one attribute (colour,
+    shape or size) of the named object, so it cannot be rejected without looking at that object."""
+    g = torch.Generator().manual_seed(mix_seed(world.seed, "statements", seed))
+    scenes, pixels = world._scenes_and_pixels(n, g)
+    slot = (torch.rand(n, generator=g) * scenes.count).long()
+    label = torch.rand(n, generator=g) < 0.5
+    which = torch.randint(3, (n,), generator=g)  # the attribute a false statement changes
+    rows = torch.arange(n)
+    attrs = [scenes.size[rows, slot].clone(), scenes.colour[rows, slot].clone(), scenes.shape[rows, slot].clone()]
+    names = (world.sizes, world.colours, world.shapes)
+    for k, values in enumerate(names):
+        change = ~label & (which == k)
+        shift = 1 + (torch.rand(n, generator=g) * (len(values) - 1)).long()  # a different value, uniformly
+        attrs[k] = torch.where(change, (attrs[k] + shift) % len(values), attrs[k])
+    statements = [f"the {ORDINALS[j]} object from the left is a {world.sizes[a]} {world.colours[b]} "
+                  f"{world.shapes[c]}" for j, a, b, c in zip(slot.tolist(), *(t.tolist() for t in attrs))]
+    return world.normalise(pixels), statements, label
+
+
+def sample_questions(world: BenchmarkWorld, n: int, seed: int | None = None,
+                     ) -> tuple[torch.Tensor, list[str], list[str]]:
+    """Question/answer pairs about images (for generative VLMs such as LLaVA): normalised ``pixel_values``,
+    questions (the colour, shape or size of the j-th object from the left, or how many objects there are) and
+    one-word answers."""
+    g = torch.Generator().manual_seed(mix_seed(world.seed, "questions", seed))
+    scenes, pixels = world._scenes_and_pixels(n, g)
+    slot = (torch.rand(n, generator=g) * scenes.count).long().tolist()
+    kind = torch.randint(4, (n,), generator=g).tolist()
+    questions, answers = [], []
+    for i, (j, k) in enumerate(zip(slot, kind)):
+        if k == 3:
+            questions.append("how many objects are there")
+            answers.append(NUMBERS[int(scenes.count[i])])
+            continue
+        attr, values = (("size", world.sizes), ("colour", world.colours), ("shape", world.shapes))[k]
+        field = {"size": scenes.size, "colour": scenes.colour, "shape": scenes.shape}[attr]
+        questions.append(f"what {attr} is the {ORDINALS[j]} object from the left")
+        answers.append(values[int(field[i, j])])
+    return world.normalise(pixels), questions, answers
+
+
+def task_vocabulary(world: BenchmarkWorld) -> list[str]:
+    """Every word of the world's captions, statements, questions and answers."""
+    extra = {"the", "object", "from", "left", "is", "what", "how", "many", "objects", "are", "there", "size",
+             "colour", "shape"} | set(ORDINALS) | set(NUMBERS)
+    return sorted(set(world.vocabulary()) | extra)
