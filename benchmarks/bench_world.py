@@ -84,12 +84,10 @@ class Bench:
 
     def dense(self, width_scale: float = 1.0, progress: bool = True) -> tuple[torch.nn.Module, dict]:
         """The dense model (trained once, then cached) and its test metrics."""
-        self.data.train.load_state_dict({"epoch": 0, "position": 0})
-        model, metrics = cached_dense(CLIPModel._from_config, self.config(width_scale), self.task, self.data.train,
-                                      self.data.test, self.settings.dense, data_id=self.data_id(),
-                                      cache_dir="cache", progress=progress)
-        self.data.train.load_state_dict({"epoch": 0, "position": 0})
-        return model, metrics
+        self.data.train.load_state_dict({"epoch": 0, "position": 0})  # the data order the cache key names
+        return cached_dense(CLIPModel._from_config, self.config(width_scale), self.task, self.data.train,
+                            self.data.test, self.settings.dense, data_id=self.data_id(), cache_dir="cache",
+                            progress=progress)
 
     def train_order(self, seed: int) -> ShuffledBatches:
         """The training pairs in a seed's own order (the same for every arm of that seed)."""

@@ -56,14 +56,12 @@ def drop_at_first_site(bench: Bench, dense: torch.nn.Module, mode: str, keep: fl
     adapter = comp_vlm.get_adapter(model).install()
     site = adapter.token_sites(mode)[0]
     adapter.set_keep_ratio(site.tower, site.layer, keep)
-    if random_seed is None:
-        return bench.task.evaluate(model, bench.data.test)["r1_mean"]
-    with random_token_scores(random_seed):
+    with contextlib.nullcontext() if random_seed is None else random_token_scores(random_seed):
         return bench.task.evaluate(model, bench.data.test)["r1_mean"]
 
 
-def image_hashes(batches: list[dict]) -> set[str]:
-    return {hashlib.sha1(px.numpy().tobytes()).hexdigest() for b in batches for px in b["pixel_values"]}
+def image_hashes(pixel_values: torch.Tensor) -> set[str]:
+    return {hashlib.sha1(px.numpy().tobytes()).hexdigest() for px in pixel_values}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,8 +100,9 @@ def main(argv: list[str] | None = None) -> int:
         sum(g.count(k) > 1 for k in g) / len(g) for g in galleries)
     captions = [c for b in bench.data.test for c in b["captions"]]
     result["unique_caption_fraction"] = len(set(captions)) / len(captions)
-    val, test = image_hashes(bench.data.val), image_hashes(bench.data.test)
-    train = {hashlib.sha1(px.numpy().tobytes()).hexdigest() for px in bench.data.train.data.pixel_values}
+    val = image_hashes(torch.cat([b["pixel_values"] for b in bench.data.val]))
+    test = image_hashes(torch.cat([b["pixel_values"] for b in bench.data.test]))
+    train = image_hashes(bench.data.train.data.pixel_values)
     result["split_overlap_images"] = {"val_test": len(val & test), "train_test": len(train & test),
                                       "train_val": len(train & val)}
     result["val_pairs"], result["train_pairs"] = s.n_val, s.n_train

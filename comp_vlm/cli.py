@@ -98,6 +98,12 @@ def _check_task(task: str, gallery_size: int | None = 0, eval_pairs: int | None 
     return RetrievalTask(gallery_size=gallery_size or None)
 
 
+def _gallery_argument(parser: argparse.ArgumentParser, default: str) -> None:
+    parser.add_argument("--gallery-size", type=int, default=None, metavar="N",
+                        help="retrieval R@K among N candidates, averaged over consecutive galleries of the split "
+                             f"(0: the whole split is one gallery; default: {default})")
+
+
 def _check_data(data: str) -> None:
     if data == "synthetic":
         return
@@ -488,9 +494,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"synthetic validation pairs (default: {d.n_val})")
     prune.add_argument("--n-test", type=int, default=None, metavar="N",
                        help=f"synthetic test pairs (default: {d.n_test})")
-    prune.add_argument("--gallery-size", type=int, default=None, metavar="N",
-                       help="retrieval R@K among N candidates, averaged over consecutive galleries of the split "
-                            "(0: the whole split is one gallery; default: 100, or the whole split when smaller)")
+    _gallery_argument(prune, "100, or the whole split when smaller")
     prune.add_argument("--text-length", type=int, default=None, metavar="N",
                        help="text length of the FLOPs reference (default: mean caption length of the training data)")
     prune.add_argument("--resume", action="store_true",
@@ -516,10 +520,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="evaluation data (default: synthetic)")
     ev.add_argument("--n-test", type=int, default=None, metavar="N",
                     help=f"test pairs (default: as recorded in the recipe, else {d.n_test})")
-    ev.add_argument("--gallery-size", type=int, default=None, metavar="N",
-                    help="retrieval R@K among N candidates, averaged over consecutive galleries of the split "
-                         "(0: the whole split is one gallery; default: as recorded with a pruned model, else 100, or "
-                         "the whole split when smaller)")
+    _gallery_argument(ev, "as recorded with a pruned model, else 100, or the whole split when smaller")
     ev.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
     _common(ev, seed_default=None)
     ev.set_defaults(func=cmd_eval)

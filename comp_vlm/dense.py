@@ -70,7 +70,8 @@ def train_dense(model: nn.Module, task: Any, train_data: Any, training: DenseTra
 def cached_dense(build: Any, config: Any, task: Any, train_data: Any, val_data: Any, training: DenseTraining,
                  data_id: str, cache_dir: str | os.PathLike = "cache", progress: bool = True) -> tuple[nn.Module, dict]:
     """The dense model for (config, training, data): loaded from ``cache_dir`` or trained and stored there.
-    ``build(config)`` makes a fresh model. Returns the model (eval mode) and its validation metrics."""
+    ``build(config)`` makes a fresh model. A stateful loader (``state_dict``) is left at its position either way.
+    Returns the model (eval mode) and its validation metrics."""
     from safetensors.torch import load_file, save_file
 
     key = cache_key(config, training, data_id)
@@ -82,7 +83,10 @@ def cached_dense(build: Any, config: Any, task: Any, train_data: Any, val_data: 
         model.load_state_dict(load_file(str(weights)), strict=True)
         log.info("dense model loaded from cache %s", weights)
         return model.eval(), json.loads(meta_path.read_text())["metrics"]
+    position = train_data.state_dict() if hasattr(train_data, "state_dict") else None
     train_dense(model, task, train_data, training, progress)
+    if position is not None:  # leave a stateful loader where it was, as the cached path does
+        train_data.load_state_dict(position)
     metrics = task.evaluate(model, val_data)
     cache.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=cache, suffix=".tmp")

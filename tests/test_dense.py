@@ -39,6 +39,8 @@ def test_cache_round_trip(tmp_path):
     assert m1 == m2
     for (k, a), (_, b) in zip(first.state_dict().items(), second.state_dict().items()):
         assert torch.equal(a, b), k
+    data.train.load_state_dict({"epoch": 1, "position": 2})
     third, _ = cached_dense(CLIPModel._from_config, cfg, RetrievalTask(), data.train, data.val,
                             DenseTraining(steps=7, warmup=2), "w0", tmp_path, progress=False)
     assert len(list(tmp_path.iterdir())) == 4  # another training setting, another entry
+    assert data.train.state_dict() == {"epoch": 1, "position": 2}  # training left the loader where it was

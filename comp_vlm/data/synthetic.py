@@ -407,14 +407,15 @@ def sample_questions(world: BenchmarkWorld, n: int, seed: int | None = None,
     scenes, pixels = world._scenes_and_pixels(n, g)
     slot = (torch.rand(n, generator=g) * scenes.count).long().tolist()
     kind = torch.randint(4, (n,), generator=g).tolist()
+    attributes = (("size", world.sizes, scenes.size), ("colour", world.colours, scenes.colour),
+                  ("shape", world.shapes, scenes.shape))
     questions, answers = [], []
     for i, (j, k) in enumerate(zip(slot, kind)):
         if k == 3:
             questions.append("how many objects are there")
             answers.append(NUMBERS[int(scenes.count[i])])
             continue
-        attr, values = (("size", world.sizes), ("colour", world.colours), ("shape", world.shapes))[k]
-        field = {"size": scenes.size, "colour": scenes.colour, "shape": scenes.shape}[attr]
+        attr, values, field = attributes[k]
         questions.append(f"what {attr} is the {ORDINALS[j]} object from the left")
         answers.append(values[int(field[i, j])])
     return world.normalise(pixels), questions, answers
