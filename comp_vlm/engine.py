@@ -675,9 +675,10 @@ def training_loss(task: Any, model: nn.Module, batch: Any, teacher: nn.Module | 
                   where: str) -> torch.Tensor:
     """Task loss (+ distillation towards ``teacher``), on the model's device; non-finite losses stop the run."""
     batch = task.batch_to(batch, _model_device(model))
-    loss = task.loss(model, batch)
     if teacher is not None and distill > 0:
-        loss = loss + distill * task.distill_loss(model, teacher, batch)
+        loss = task.loss_with_distill(model, teacher, batch, distill)
+    else:
+        loss = task.loss(model, batch)
     if not torch.isfinite(loss):
         raise NonFiniteError(f"training loss is {loss.item()} during {where}")
     return loss

@@ -215,6 +215,22 @@ def test_distill_loss_is_zero_against_itself(setup):
     assert RetrievalTask().distill_loss(model, other, batch).item() > 1e-3
 
 
+def test_loss_with_distill_runs_the_student_once_and_equals_the_sum(setup):
+    cfg, _, loaders = setup
+    student, teacher = fresh(cfg), fresh(cfg)
+    with torch.no_grad():
+        teacher.visual_projection.weight.mul_(-1)
+    student.eval()
+    batch, task = loaders.val[0], RetrievalTask()
+    calls = []
+    student.vision_model.register_forward_hook(lambda *_: calls.append(1))
+    fused = task.loss_with_distill(student, teacher, batch, 0.7)
+    assert len(calls) == 1
+    separate = task.loss(student, batch) + 0.7 * task.distill_loss(student, teacher, batch)
+    assert len(calls) == 3
+    torch.testing.assert_close(fused, separate)
+
+
 def test_nonfinite_training_loss_is_named(setup):
     cfg, _, loaders = setup
     model = fresh(cfg)

@@ -65,6 +65,12 @@ class Task(ABC):
 
         raise ConfigError(f"task {type(self).__name__} has no distillation loss")
 
+    def loss_with_distill(self, student: nn.Module, teacher: nn.Module, batch: Batch, weight: float) -> torch.Tensor:
+        """:meth:`loss` + ``weight`` × :meth:`distill_loss`. This default runs the student twice; a task whose two
+        losses share the student's outputs overrides it to run the student once (one forward, one set of CIP
+        statistics per training step)."""
+        return self.loss(student, batch) + weight * self.distill_loss(student, teacher, batch)
+
     def validation_loss(self, model: nn.Module, batches: Iterable[Batch]) -> float:
         """Mean of :meth:`loss` over a fixed list of batches (each batch weighs the same), in eval mode under
         ``torch.no_grad()``; the model's previous train/eval state is restored afterwards."""

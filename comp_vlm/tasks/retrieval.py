@@ -183,25 +183,37 @@ class RetrievalTask(Task):
         return log_scale.float().exp().clamp(max=self.max_scale)
 
     # -- Task -------------------------------------------------------------------------------------------------
-    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
-        img = self.encode_images(model, batch["pixel_values"])
-        txt = self.encode_texts(model, batch["input_ids"], batch.get("attention_mask"))
+    def _embeddings(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image and text embeddings of ``batch`` (projected, unnormalised)."""
+        return (self.encode_images(model, batch["pixel_values"]),
+                self.encode_texts(model, batch["input_ids"], batch.get("attention_mask")))
+
+    def _contrastive(self, model: nn.Module, batch: Batch, img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
         return contrastive_loss(img, txt, self.scale(model), batch_positives(batch, img.shape[0], img.device))
 
-    def distill_loss(self, student: nn.Module, teacher: nn.Module, batch: Batch) -> torch.Tensor:
-        """KL from the teacher's to the student's image->text and text->image similarity distributions over the
-        batch (logit KD; the teacher runs under no_grad with its own temperature)."""
-        img = F.normalize(self.encode_images(student, batch["pixel_values"]), dim=-1)
-        txt = F.normalize(self.encode_texts(student, batch["input_ids"], batch.get("attention_mask")), dim=-1)
-        logits = self.scale(student) * img @ txt.t()
+    def _kd(self, student: nn.Module, teacher: nn.Module, batch: Batch, img: torch.Tensor,
+            txt: torch.Tensor) -> torch.Tensor:
+        logits = self.scale(student) * F.normalize(img, dim=-1) @ F.normalize(txt, dim=-1).t()
         with torch.no_grad():
-            t_img = F.normalize(self.encode_images(teacher, batch["pixel_values"]), dim=-1)
-            t_txt = F.normalize(self.encode_texts(teacher, batch["input_ids"], batch.get("attention_mask")), dim=-1)
-            t_logits = self.scale(teacher) * t_img @ t_txt.t()
+            t_img, t_txt = self._embeddings(teacher, batch)
+            t_logits = self.scale(teacher) * F.normalize(t_img, dim=-1) @ F.normalize(t_txt, dim=-1).t()
         kl_i = F.kl_div(F.log_softmax(logits, 1), F.log_softmax(t_logits, 1), log_target=True, reduction="batchmean")
         kl_t = F.kl_div(F.log_softmax(logits.t(), 1), F.log_softmax(t_logits.t(), 1), log_target=True,
                         reduction="batchmean")
         return (kl_i + kl_t) / 2
+
+    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        return self._contrastive(model, batch, *self._embeddings(model, batch))
+
+    def distill_loss(self, student: nn.Module, teacher: nn.Module, batch: Batch) -> torch.Tensor:
+        """KL from the teacher's to the student's image->text and text->image similarity distributions over the
+        batch (logit KD; the teacher runs under no_grad with its own temperature)."""
+        return self._kd(student, teacher, batch, *self._embeddings(student, batch))
+
+    def loss_with_distill(self, student: nn.Module, teacher: nn.Module, batch: Batch, weight: float) -> torch.Tensor:
+        """Contrastive loss + ``weight`` × KD from one student forward."""
+        img, txt = self._embeddings(student, batch)
+        return self._contrastive(student, batch, img, txt) + weight * self._kd(student, teacher, batch, img, txt)
 
     def embed(self, model: nn.Module, loader: Iterable[Batch]) -> dict[str, Any]:
         """Embeddings of every pair in ``loader`` (eval mode, no grad, previous mode restored): ``image_emb``,
