@@ -181,30 +181,6 @@ def dense_training(spec: DemoSpec, seed: int) -> Any:
                          weight_decay=spec.dense_weight_decay, seed=seed)
 
 
-def _load_cached(path: Path, model: nn.Module) -> bool:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        state = load_file(str(path))
-        model.load_state_dict(state, strict=True)
-    except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
-        log.warning("ignoring unreadable cached dense weights %s (%s): retraining", path, str(exc).splitlines()[0])
-        return False
-    return True
-
-
-def _save_cached(path: Path, model: nn.Module, meta: dict) -> None:
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(tmp), metadata={"comp_vlm": "dense-cache"})
-    os.replace(tmp, path)
-    path.with_suffix(".json").write_text(json.dumps(meta, indent=1))
-
-
 @dataclass
 class DenseModel:
     model: nn.Module
@@ -223,7 +199,7 @@ def builtin_dense(spec: DemoSpec, seed: int, device: str, cache_dir: str | None,
     """The built-in model trained densely on the synthetic world (weights from the cache when present)."""
     from transformers import CLIPModel
 
-    from .dense import cache_key, train_dense
+    from .dense import cache_key, load_cached_weights, save_cached_weights, train_dense
 
     world = make_world(spec.image_size, spec.max_objects, seed)
     tokenizer = build_tokenizer(world, spec)
@@ -237,10 +213,13 @@ def builtin_dense(spec: DemoSpec, seed: int, device: str, cache_dir: str | None,
     path = Path(cache_dir) / f"dense-{key}.safetensors" if cache_dir else None
     dense = DenseModel(model, tokenizer, data.world.image_processor(), data, spec, f"built-in {spec.name}",
                        cache_path=path)
-    if path is not None and path.is_file() and _load_cached(path, model):
+    if path is not None and path.is_file() and load_cached_weights(path, model):
         dense.cached = True
         say(f"   dense weights loaded from the cache: {path}")
     else:
+        if path is not None and path.is_file():  # a failed load may have written into the model: start afresh
+            torch.manual_seed(seed)
+            model = dense.model = CLIPModel._from_config(config, attn_implementation="sdpa")
         say(f"   training the dense {spec.name} ({sum(p.numel() for p in model.parameters()):,} params): "
             f"{spec.dense_steps} steps of batch {spec.batch_size} on {spec.n_train} synthetic image-caption pairs, "
             f"AdamW lr {spec.dense_lr}, cosine")
@@ -252,8 +231,8 @@ def builtin_dense(spec: DemoSpec, seed: int, device: str, cache_dir: str | None,
         say(f"   dense training done in {dense.train_seconds:.0f} s (validation {task.primary_metric} "
             f"{val[task.primary_metric]:.1f})")
         if path is not None:
-            _save_cached(path, model, {"training": asdict(training), "data": data.settings, "metrics": val,
-                                       "model": spec.name, "train_seconds": dense.train_seconds})
+            save_cached_weights(path, model, {"training": asdict(training), "data": data.settings, "metrics": val,
+                                              "model": spec.name, "train_seconds": dense.train_seconds})
             say(f"   dense weights cached: {path}")
     data.loaders.train.load_state_dict({"epoch": 0, "position": 0})  # the same batches next, cached or not
     model.to(device).eval()

@@ -67,31 +67,59 @@ def train_dense(model: nn.Module, task: Any, train_data: Any, training: DenseTra
     return model.eval()
 
 
+def load_cached_weights(path: Path, model: nn.Module) -> bool:
+    """Load cached safetensors weights into ``model`` (strict); ``False`` with a warning when the file is
+    unreadable or does not fit (a truncated or foreign file is retrained, never trusted)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        model.load_state_dict(load_file(str(path)), strict=True)
+    except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
+        log.warning("ignoring unreadable cached dense weights %s (%s): retraining", path, str(exc).splitlines()[0])
+        return False
+    return True
+
+
+def save_cached_weights(path: Path, model: nn.Module, meta: dict) -> None:
+    """Write ``model``'s weights to ``path`` (temp file, then rename) and ``meta`` to ``path`` with ``.json``."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, tmp, metadata={"comp_vlm": "dense-cache"})
+    os.replace(tmp, path)
+    path.with_suffix(".json").write_text(json.dumps(meta, indent=1, default=str))
+
+
 def cached_dense(build: Any, config: Any, task: Any, train_data: Any, val_data: Any, training: DenseTraining,
                  data_id: str, cache_dir: str | os.PathLike = "cache", progress: bool = True) -> tuple[nn.Module, dict]:
-    """The dense model for (config, training, data): loaded from ``cache_dir`` or trained and stored there.
-    ``build(config)`` makes a fresh model. A stateful loader (``state_dict``) is left at its position either way.
-    Returns the model (eval mode) and its validation metrics."""
-    from safetensors.torch import load_file, save_file
-
+    """The dense model for (config, training, data): loaded from ``cache_dir`` or trained and stored there (an
+    unreadable cache entry is retrained). ``build(config)`` makes a fresh model. A stateful loader
+    (``state_dict``) is left at its position either way. Returns the model (eval mode) and its validation
+    metrics."""
     key = cache_key(config, training, data_id)
-    cache = Path(cache_dir)
-    weights, meta_path = cache / f"dense-{key}.safetensors", cache / f"dense-{key}.json"
+    weights = Path(cache_dir) / f"dense-{key}.safetensors"
+    meta_path = weights.with_suffix(".json")
     torch.manual_seed(training.seed)
     model = build(config)
     if weights.is_file() and meta_path.is_file():
-        model.load_state_dict(load_file(str(weights)), strict=True)
-        log.info("dense model loaded from cache %s", weights)
-        return model.eval(), json.loads(meta_path.read_text())["metrics"]
+        try:
+            metrics = json.loads(meta_path.read_text())["metrics"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("ignoring unreadable cache metadata %s (%s): retraining", meta_path, exc)
+            metrics = None
+        if metrics is not None and load_cached_weights(weights, model):
+            log.info("dense model loaded from cache %s", weights)
+            return model.eval(), metrics
+        torch.manual_seed(training.seed)  # a failed load may have written into the model: start afresh
+        model = build(config)
     position = train_data.state_dict() if hasattr(train_data, "state_dict") else None
     train_dense(model, task, train_data, training, progress)
     if position is not None:  # leave a stateful loader where it was, as the cached path does
         train_data.load_state_dict(position)
     metrics = task.evaluate(model, val_data)
-    cache.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=cache, suffix=".tmp")
-    os.close(fd)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp)
-    os.replace(tmp, weights)
-    meta_path.write_text(json.dumps({"training": asdict(training), "data": data_id, "metrics": metrics}, indent=1))
+    save_cached_weights(weights, model, {"training": asdict(training), "data": data_id, "metrics": metrics})
     return model, metrics

@@ -17,7 +17,7 @@ def test_lr_schedule():
     assert abs(lr_at(55, t) - 0.5) < 1e-9
 
 
-def test_cache_round_trip(tmp_path):
+def tiny_setup():
     world = SyntheticWorld(image_size=16, seed=0)
     tok = build_word_tokenizer(world.vocabulary())
     data = make_retrieval_loaders(world, tok, 64, 32, 32, 16, seed=0)
@@ -29,6 +29,11 @@ def test_cache_round_trip(tmp_path):
                            image_size=16, patch_size=4),
         projection_dim=16,
     )
+    return cfg, data
+
+
+def test_cache_round_trip(tmp_path):
+    cfg, data = tiny_setup()
     training = DenseTraining(steps=6, warmup=2)
     first, m1 = cached_dense(CLIPModel._from_config, cfg, RetrievalTask(), data.train, data.val, training, "w0",
                              tmp_path, progress=False)
@@ -44,3 +49,21 @@ def test_cache_round_trip(tmp_path):
                             DenseTraining(steps=7, warmup=2), "w0", tmp_path, progress=False)
     assert len(list(tmp_path.iterdir())) == 4  # another training setting, another entry
     assert data.train.state_dict() == {"epoch": 1, "position": 2}  # training left the loader where it was
+
+
+
+def test_unreadable_cache_entry_is_retrained(tmp_path, caplog):
+    cfg, data = tiny_setup()
+    training = DenseTraining(steps=4, warmup=1)
+    first, m1 = cached_dense(CLIPModel._from_config, cfg, RetrievalTask(), data.train, data.val, training, "w0",
+                             tmp_path, progress=False)
+    weights = next(tmp_path.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated
+    with caplog.at_level("WARNING", logger="comp_vlm"):
+        again, m2 = cached_dense(CLIPModel._from_config, cfg, RetrievalTask(), data.train, data.val, training, "w0",
+                                 tmp_path, progress=False)
+    assert "unreadable cached dense weights" in caplog.text
+    assert m1 == m2  # retrained from the same seed: the same model
+    for (k, a), (_, b) in zip(first.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), k
+    assert weights.stat().st_size > 100  # and cached again
