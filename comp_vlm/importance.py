@@ -88,6 +88,10 @@ def token_weights(
     - ``no-cip``: ω_n = 1 for every supported token (and the anchor): Σ ω X² is the plain squared L2 norm (Eq. 3).
 
     ``token_scores`` (B, n) is only read by ``cip``; tokens outside ``support`` get 0 whatever their score.
+    **DECISION** (always-kept tokens other than the anchor, e.g. BOS in a causal tower): the sites' scores are
+    normalised over the prunable tokens only, so such a token scores 0 and gets ω = 0 under ``cip``. BOS is the
+    attention sink of the pooled row (method.md §2, causal towers); weighting by its share would let the sink's
+    activations dominate every unit's score. ``uniform-rms`` and ``no-cip`` weight it like any other token.
     """
     if weighting not in WEIGHTINGS:
         raise ValueError(f"unknown token weighting {weighting!r}; expected one of {WEIGHTINGS}")
