@@ -16,9 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -26,6 +24,7 @@ from transformers import CLIPConfig, CLIPModel
 
 import comp_vlm
 from comp_vlm import AdapterOptions, get_adapter
+from comp_vlm.demo import interleaved_latency_ms
 
 VIT_B16 = dict(
     text_config=dict(vocab_size=49408, hidden_size=512, intermediate_size=2048, num_hidden_layers=12,
@@ -87,20 +86,6 @@ def recipe_for(cfg: dict, kept_target: float, unit_keep: float, reference: dict,
     return recipe
 
 
-def time_variants(variants: dict, inputs: dict, repeats: int) -> dict[str, float]:
-    """Median latency (ms) per variant over ``repeats`` interleaved rounds, after one warm-up each."""
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    with torch.inference_mode():
-        for model in variants.values():
-            model(**inputs)
-        for _ in range(repeats):
-            for name, model in variants.items():
-                t0 = time.perf_counter()
-                model(**inputs)
-                times[name].append((time.perf_counter() - t0) * 1e3)
-    return {name: statistics.median(v) for name, v in times.items()}
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny model (smoke test)")
@@ -130,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
         ids[:, 0] = cfg["text_config"]["bos_token_id"]
         ids[:, -1] = cfg["text_config"]["eos_token_id"]
         inputs = {"pixel_values": torch.randn(batch, 3, image, image, generator=g), "input_ids": ids}
-        lat = time_variants(variants, inputs, args.repeats)
+        times = interleaved_latency_ms(list(variants.values()), inputs, args.repeats, warmup=1)
+        lat = dict(zip(variants, times))
         for name in plans:
             ideal = flops["dense"] / flops[name]
             measured = lat["dense"] / lat[name]

@@ -317,11 +317,12 @@ def _sync(device: torch.device) -> None:
 
 def interleaved_latency_ms(models: list[nn.Module], inputs: dict, repeats: int, warmup: int = 2) -> list[float]:
     """Median forward latency (ms) of each model on the same inputs, timed in interleaved rounds (model 1, model
-    2, ..., then again) so that a change in background load affects every model alike."""
+    2, ..., then again) so that a change in background load affects every model alike. Used by the demo,
+    ``comp-vlm bench`` and ``benchmarks/speed.py``."""
     device = next(models[0].parameters()).device
     inputs = {k: v.to(device) for k, v in inputs.items()}
     times: list[list[float]] = [[] for _ in models]
-    with torch.no_grad():
+    with torch.inference_mode():
         for m in models:
             m.eval()
             for _ in range(warmup):
