@@ -22,6 +22,7 @@ from comp_vlm.data.synthetic import (
     mix_seed,
 )
 from comp_vlm.data.text import build_word_tokenizer
+from comp_vlm.demo import clip_config
 from comp_vlm.dense import DenseTraining, cached_dense
 from comp_vlm.tasks import RetrievalTask
 
@@ -67,17 +68,10 @@ class Bench:
     task: RetrievalTask
 
     def config(self, width_scale: float = 1.0) -> CLIPConfig:
-        s, tok = self.settings, self.tokenizer
-        vw, tw = int(s.vision_width * width_scale), int(s.text_width * width_scale)
-        return CLIPConfig(
-            text_config=dict(vocab_size=len(tok), hidden_size=tw, intermediate_size=4 * tw,
-                             num_hidden_layers=s.layers, num_attention_heads=s.heads, max_position_embeddings=24,
-                             bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                             pad_token_id=tok.pad_token_id),
-            vision_config=dict(hidden_size=vw, intermediate_size=4 * vw, num_hidden_layers=s.layers,
-                               num_attention_heads=s.heads, image_size=32, patch_size=4),
-            projection_dim=s.projection_dim,
-        )
+        s = self.settings
+        return clip_config(self.tokenizer, vision_hidden=int(s.vision_width * width_scale),
+                           text_hidden=int(s.text_width * width_scale), layers=s.layers, heads=s.heads,
+                           projection_dim=s.projection_dim, image_size=32, patch_size=4, max_positions=24)
 
     def data_id(self) -> str:
         s = self.settings

@@ -105,23 +105,30 @@ def build_tokenizer(world: Any, spec: DemoSpec) -> Any:
     return build_word_tokenizer(world.vocabulary(), model_max_length=spec.max_positions)
 
 
-def build_config(spec: DemoSpec, tokenizer: Any) -> Any:
+def clip_config(tokenizer: Any, *, vision_hidden: int, text_hidden: int, layers: int, heads: int,
+                projection_dim: int, image_size: int, patch_size: int, max_positions: int, mlp_ratio: int = 4) -> Any:
+    """A small ``CLIPConfig`` for the word-level ``tokenizer`` (same depth and heads in both towers), as the demo's
+    built-ins and the benchmark model use it."""
     from transformers import CLIPConfig
 
     text = {
-        "vocab_size": len(tokenizer), "hidden_size": spec.text_hidden,
-        "intermediate_size": spec.mlp_ratio * spec.text_hidden, "num_hidden_layers": spec.layers,
-        "num_attention_heads": spec.heads, "max_position_embeddings": spec.max_positions,
+        "vocab_size": len(tokenizer), "hidden_size": text_hidden, "intermediate_size": mlp_ratio * text_hidden,
+        "num_hidden_layers": layers, "num_attention_heads": heads, "max_position_embeddings": max_positions,
         # EOS is the highest id, so CLIP's pooling rule (argmax or first EOS) picks it either way
         "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
         "pad_token_id": tokenizer.pad_token_id,
     }
     vision = {
-        "hidden_size": spec.vision_hidden, "intermediate_size": spec.mlp_ratio * spec.vision_hidden,
-        "num_hidden_layers": spec.layers, "num_attention_heads": spec.heads, "image_size": spec.image_size,
-        "patch_size": spec.patch_size,
+        "hidden_size": vision_hidden, "intermediate_size": mlp_ratio * vision_hidden, "num_hidden_layers": layers,
+        "num_attention_heads": heads, "image_size": image_size, "patch_size": patch_size,
     }
-    return CLIPConfig(text_config=text, vision_config=vision, projection_dim=spec.projection_dim)
+    return CLIPConfig(text_config=text, vision_config=vision, projection_dim=projection_dim)
+
+
+def build_config(spec: DemoSpec, tokenizer: Any) -> Any:
+    return clip_config(tokenizer, vision_hidden=spec.vision_hidden, text_hidden=spec.text_hidden, layers=spec.layers,
+                       heads=spec.heads, projection_dim=spec.projection_dim, image_size=spec.image_size,
+                       patch_size=spec.patch_size, max_positions=spec.max_positions, mlp_ratio=spec.mlp_ratio)
 
 
 def make_world(image_size: int, max_objects: int, seed: int, mean: Any = None, std: Any = None) -> Any:
