@@ -76,6 +76,11 @@ def batch_positives(batch: Batch, n: int, device: torch.device | None = None) ->
     return pos
 
 
+def similarity_logits(image_emb: torch.Tensor, text_emb: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
+    """``(B, B)`` cosine similarities of image ``i`` and text ``j`` (float32) times ``scale``."""
+    return scale * F.normalize(image_emb.float(), dim=-1) @ F.normalize(text_emb.float(), dim=-1).t()
+
+
 def contrastive_loss(
     image_emb: torch.Tensor, text_emb: torch.Tensor, scale: torch.Tensor | float,
     positives: torch.Tensor | None = None,
@@ -83,9 +88,7 @@ def contrastive_loss(
     """Symmetric InfoNCE over cosine similarities times ``scale``: the mean of the image-to-text and
     text-to-image cross-entropies. ``positives`` (``(B, B)`` bool, diagonal set) spreads each row's target evenly
     over its relevant columns; ``None`` means the diagonal only (standard CLIP loss)."""
-    img = F.normalize(image_emb.float(), dim=-1)
-    txt = F.normalize(text_emb.float(), dim=-1)
-    logits = scale * img @ txt.t()
+    logits = similarity_logits(image_emb, text_emb, scale)
     if positives is None:
         labels = torch.arange(logits.shape[0], device=logits.device)
         return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
@@ -193,10 +196,9 @@ class RetrievalTask(Task):
 
     def _kd(self, student: nn.Module, teacher: nn.Module, batch: Batch, img: torch.Tensor,
             txt: torch.Tensor) -> torch.Tensor:
-        logits = self.scale(student) * F.normalize(img, dim=-1) @ F.normalize(txt, dim=-1).t()
+        logits = similarity_logits(img, txt, self.scale(student))
         with torch.no_grad():
-            t_img, t_txt = self._embeddings(teacher, batch)
-            t_logits = self.scale(teacher) * F.normalize(t_img, dim=-1) @ F.normalize(t_txt, dim=-1).t()
+            t_logits = similarity_logits(*self._embeddings(teacher, batch), self.scale(teacher))
         kl_i = F.kl_div(F.log_softmax(logits, 1), F.log_softmax(t_logits, 1), log_target=True, reduction="batchmean")
         kl_t = F.kl_div(F.log_softmax(logits.t(), 1), F.log_softmax(t_logits.t(), 1), log_target=True,
                         reduction="batchmean")
