@@ -41,7 +41,7 @@ import comp_vlm.engine
 from comp_vlm.importance import normalize_scores
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_world import Bench, make_bench
+from bench_world import Bench, make_bench, token_scorer
 
 SCORERS = ("eq6", "cls-row", "mean-heads", "random")
 
@@ -110,8 +110,7 @@ class ScoringSwitch:
         self.objects: torch.Tensor | None = None
         self.recorded: list[dict[str, torch.Tensor]] = []
 
-    @contextlib.contextmanager
-    def active(self) -> Iterator[ScoringSwitch]:
+    def active(self) -> contextlib.AbstractContextManager:
         original = clip_adapter.token_scores
 
         def scores(probs: torch.Tensor, head_mask: torch.Tensor | None, state: Any, causal: bool) -> torch.Tensor:
@@ -126,11 +125,7 @@ class ScoringSwitch:
             return eq6 if self.scorer == "eq6" else alternative_scores(self.scorer, probs, state, self.generator,
                                                                         self.objects)
 
-        clip_adapter.token_scores = scores
-        try:
-            yield self
-        finally:
-            clip_adapter.token_scores = original
+        return token_scorer(scores)
 
     def feed(self, batches: Iterable[dict], labels: list[torch.Tensor]) -> Iterator[dict]:
         """The batches, telling the switch each batch's object patches before the model sees it."""

@@ -19,35 +19,26 @@ import hashlib
 import json
 import statistics
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 import comp_vlm
-import comp_vlm.adapters.clip as clip_adapter
 from comp_vlm.flops import tower_flops
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_world import Bench, make_bench
+from bench_world import Bench, make_bench, token_scorer
 
 
-@contextlib.contextmanager
-def random_token_scores(seed: int) -> Iterator[None]:
-    """Token sites rank tokens by uniform noise instead of CIT (benchmark-only switch of the adapter module's
-    scoring function; restored on exit)."""
-    original = clip_adapter.token_scores
+def random_token_scores(seed: int) -> contextlib.AbstractContextManager:
+    """Token sites rank tokens by uniform noise instead of CIT (both towers)."""
     g = torch.Generator().manual_seed(seed)
 
     def noise(probs: torch.Tensor, head_mask: torch.Tensor | None, state, causal: bool) -> torch.Tensor:
         scores = torch.rand(state.prunable.shape, generator=g).to(probs.device)
         return scores.masked_fill(~state.prunable, float("-inf"))
 
-    clip_adapter.token_scores = noise
-    try:
-        yield
-    finally:
-        clip_adapter.token_scores = original
+    return token_scorer(noise)
 
 
 def drop_at_first_site(bench: Bench, dense: torch.nn.Module, mode: str, keep: float, random_seed: int | None,
