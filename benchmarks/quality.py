@@ -22,6 +22,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,15 @@ from bench_world import Bench, make_bench
 
 MAIN = ("comp", "param-only", "token-only", "sjp", "cycle", "random-mode")
 ABLATIONS = ("greedy", "no-cip", "uniform-rms", "no-cit", "no-re", "no-hi")
+# arms that are a strategy run with other engine options (recorded under the arm's name in the "strategy" field)
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "comp-immediate": ("comp", {"cost_measure": "immediate"}),  # MPS cost = damage before any recovery training
+}
+
+
+def arm_strategy(arm: str) -> tuple[str, dict[str, Any]]:
+    """The engine strategy and extra PruneConfig options of an arm name."""
+    return VARIANTS.get(arm, (arm, {}))
 
 
 def load_records(path: Path) -> list[dict]:
@@ -45,19 +55,24 @@ def load_stages(path: Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines()] if path.is_file() else []
 
 
-def append_records(path: Path, new: list[dict]) -> None:
-    """Read-append-write through a temp file and rename, under an exclusive lock: a crash never leaves a truncated
-    results file, and suite processes running side by side (e.g. one per core) never lose each other's records."""
+def update_json(path: Path, change: Callable[[Any], Any], empty: Any) -> None:
+    """Read ``path`` (``empty`` if absent), apply ``change``, write it back through a temp file and rename, under an
+    exclusive lock: a crash never leaves a truncated results file, and suite processes running side by side (e.g.
+    one per core) never lose each other's updates."""
     import fcntl
 
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        records = load_records(path) + new
+        value = change(json.loads(path.read_text()) if path.is_file() else empty)
         fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
         with os.fdopen(fd, "w") as fh:
-            json.dump(records, fh, indent=1)
+            json.dump(value, fh, indent=1)
         os.replace(tmp, path)
+
+
+def append_records(path: Path, new: list[dict]) -> None:
+    update_json(path, lambda records: records + new, [])
 
 
 def mean_ci(values: list[float]) -> tuple[float, float]:
@@ -75,7 +90,7 @@ NAIVE_JOINT = ("sjp", "cycle", "random-mode")
 
 
 def order_key(strategy: str) -> tuple[int, str]:
-    known = ("dense+ft",) + MAIN + ABLATIONS
+    known = ("dense+ft",) + MAIN + ABLATIONS + tuple(VARIANTS)
     return (known.index(strategy) if strategy in known else len(known), strategy)
 
 
@@ -91,20 +106,20 @@ def arm_mean(records: list[dict], ratio: float, strategy: str) -> float:
     return statistics.fmean(rows) if rows else -math.inf
 
 
-def headline(records: list[dict], ratio: float) -> list[str]:
-    """CoMP vs the best single-mode arm and vs the best naive joint arm (best = highest mean at ``ratio``)."""
+def headline(records: list[dict], ratio: float, arm: str = "comp") -> list[str]:
+    """``arm`` (CoMP) vs the best single-mode arm and vs the best naive joint arm (best = highest mean at ``ratio``)."""
     lines = []
     for label, group in (("best single-mode arm", SINGLE_MODE), ("best naive joint arm", NAIVE_JOINT)):
         present = [g for g in group if arm_mean(records, ratio, g) > -math.inf]
-        if not present or arm_mean(records, ratio, "comp") == -math.inf:
+        if not present or arm_mean(records, ratio, arm) == -math.inf:
             continue
         best = max(present, key=lambda g: arm_mean(records, ratio, g))
-        diffs = paired(records, ratio, "comp", best)
+        diffs = paired(records, ratio, arm, best)
         if len(diffs) < 2:
             continue
         m, h = mean_ci(diffs)
         verdict = "CI excludes 0" if m - h > 0 or m + h < 0 else "CI includes 0"
-        lines.append(f"- at {ratio}: comp − {label} ({best}) = **{m:+.2f} ± {h:.2f}** R@1 points "
+        lines.append(f"- at {ratio}: {arm} − {label} ({best}) = **{m:+.2f} ± {h:.2f}** R@1 points "
                      f"(n = {len(diffs)} paired seeds; {verdict})")
     return lines
 
@@ -128,6 +143,12 @@ def report(records: list[dict], stages: list[dict], out: Path, stem: str) -> Non
     lines += ["## Headline", ""]
     for ratio in ratios:
         lines += headline(records, ratio)
+    variants = [v for v in VARIANTS if v in strategies]
+    if variants:
+        lines += ["", "Variants of comp (same seeds; Δ in the table below is comp − variant):", ""]
+        for ratio in ratios:
+            for v in variants:
+                lines += headline(records, ratio, v)
     lines += ["", "## All arms", "", "| ratio | strategy | mean ± 95% CI | FLOPs kept | Δ comp − arm | n | reached |",
               "|---|---|---|---|---|---|---|"]
     for ratio in ratios:
@@ -151,14 +172,16 @@ def report(records: list[dict], stages: list[dict], out: Path, stem: str) -> Non
             lines.append(f"| {ratio} | {s} | {m:.2f} ± {h:.2f} | {kept:.3f} | {delta} | {len(diffs) or len(rows)} "
                          f"| {len(rows)}/{len(all_rows)} |")
     lines += structure_section(stages) + cost_section(stages)
-    comp_runs = [st for st in stages if st["strategy"] == "comp"]
-    if comp_runs:
+    for arm in ("comp",) + tuple(VARIANTS):
+        runs = [st for st in stages if st["strategy"] == arm]
+        if not runs:
+            continue
         counts: dict[str, int] = {}
-        for st in comp_runs:
+        for st in runs:
             for mode in st["modes"]:
                 counts[mode] = counts.get(mode, 0) + 1
         total = sum(counts.values())
-        lines += ["", "## MPS (comp): stages per mode over all seeds", "",
+        lines += ["", f"## MPS ({arm}): stages per mode over all seeds", "",
                   ", ".join(f"{m}: {c} ({100 * c / total:.0f}%)" for m, c in sorted(counts.items()))]
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     plot(records, stages, strategies, ratios, out / f"{stem}.png")
@@ -288,10 +311,10 @@ def strategy_floors(bench: Bench, dense: torch.nn.Module, strategies: list[str])
     """FLOPs fraction each strategy keeps at its floors (all floors hit / one token per site)."""
     floors = {}
     length = comp_vlm.engine.training_text_length(bench.train_order(0))  # the reference prune() uses
-    for strategy in strategies:
-        config = comp_vlm.PruneConfig(ratio=0.01, strategy=strategy, progress=False,
+    for arm in strategies:
+        config = comp_vlm.PruneConfig(ratio=0.01, strategy=arm_strategy(arm)[0], progress=False,
                                       reference={"text_length": length})
-        floors[strategy] = comp_vlm.Pruner(copy.deepcopy(dense), bench.task, bench.data.val[:1], config).floor_flops()
+        floors[arm] = comp_vlm.Pruner(copy.deepcopy(dense), bench.task, bench.data.val[:1], config).floor_flops()
     return floors
 
 
@@ -299,10 +322,11 @@ def run_arm(bench: Bench, dense: torch.nn.Module, dense_metric: float, strategy:
             ratios: list[float], progress: bool) -> tuple[list[dict], dict | None]:
     s = bench.settings
     t0 = time.perf_counter()
+    engine_strategy, options = arm_strategy(strategy)
     config = comp_vlm.PruneConfig(
-        ratio=max(ratios), snapshots=tuple(ratios), strategy=strategy, seed=seed, stage_steps=s.stage_steps,
+        ratio=max(ratios), snapshots=tuple(ratios), strategy=engine_strategy, seed=seed, stage_steps=s.stage_steps,
         flops_step=s.flops_step, finetune_steps=s.finetune_steps, calibration_batches=s.calibration_batches,
-        lr=s.prune_lr, progress=progress)
+        lr=s.prune_lr, progress=progress, **options)
     try:
         res = comp_vlm.prune(copy.deepcopy(dense), bench.task, bench.train_order(seed), bench.data.val, config,
                              test_data=bench.data.test)
@@ -372,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     print("FLOPs floors (fraction of dense FLOPs kept at every floor): "
           + ", ".join(f"{k} {v:.3f}" for k, v in floors.items()))
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{stem}_floors.json").write_text(json.dumps(floors, indent=1) + "\n")
+    update_json(out / f"{stem}_floors.json", lambda recorded: recorded | floors, {})  # keeps other runs' arms
     if args.floors:
         return 0
     done = {(r["strategy"], r["seed"]) for r in load_records(results)}

@@ -192,6 +192,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         "calibration_batches": (args.calibration_batches if args.calibration_batches is not None
                              else spec.calibration_batches),
         "lr": args.lr if args.lr is not None else spec.prune_lr, "distill": args.distill, "seed": args.seed,
+        "cost_measure": args.cost_measure,
         "checkpoint_dir": str(ckpt), "resume": args.resume, "progress": not args.quiet,
     }
     comp_vlm.PruneConfig(**settings)  # validate the options before loading or training anything
@@ -422,7 +423,7 @@ def _common(parser: argparse.ArgumentParser, seed_default: int | None = 0) -> No
 
 def build_parser() -> argparse.ArgumentParser:
     from .demo import BUILTINS
-    from .engine import STRATEGIES
+    from .engine import COST_MEASURES, STRATEGIES
 
     d = BUILTINS["demo-clip"]
 
@@ -486,6 +487,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"learning rate of search and fine-tuning (default: {d.prune_lr})")
     prune.add_argument("--distill", type=float, default=0.0, metavar="W",
                        help="weight of distillation towards the dense model (default: 0)")
+    prune.add_argument("--cost-measure", default="recovered", choices=COST_MEASURES,
+                       help="MPS stage cost: validation loss after the stage's recovery training ('recovered', "
+                            "default) or right after the removal, before training ('immediate')")
     prune.add_argument("--batch-size", type=int, default=None, metavar="N",
                        help=f"training batch size (model directories; default: {d.batch_size})")
     prune.add_argument("--n-train", type=int, default=None, metavar="N",

@@ -30,13 +30,14 @@ from .collect import StatsCollector
 from .errors import ConfigError, NonFiniteError
 from .flops import LayerStructure, attention_flops, model_flops, tower_flops
 from .recipe import Recipe
-from .schedule import MPSConfig, MultiModeScheduler, NoModeLeftError, mode_kind
+from .schedule import MPSConfig, MultiModeScheduler, NoModeLeftError, mode_kind, stage_cost
 from .structure import TowerStructure
 
 log = logging.getLogger("comp_vlm")
 
 STRATEGIES = ("comp", "param-only", "token-only", "sjp", "cycle", "random-mode", "greedy",
               "no-cip", "uniform-rms", "no-cit", "no-re", "no-hi")
+COST_MEASURES = ("recovered", "immediate")
 PARAM_ALL = "P"  # param-only ranks every parameter mode together (UPop-like global ranking)
 
 
@@ -55,6 +56,7 @@ class PruneConfig:
     weight_decay: float = 0.0
     seed: int = 0
     badness: str = "val_loss"  # or "metric" (B = -metric, the paper's choice)
+    cost_measure: str = "recovered"  # or "immediate": B with the stage's units/tokens removed, before any training
     normalization: str = "rank"
     head_floor: int = 1
     neuron_floor: float = 0.05
@@ -95,6 +97,8 @@ class PruneConfig:
             raise ConfigError("flops_step must lie in (0, 1] and stage_steps be >= 2")
         if self.badness not in ("val_loss", "metric"):
             raise ConfigError(f"badness must be 'val_loss' or 'metric', got {self.badness!r}")
+        if self.cost_measure not in COST_MEASURES:
+            raise ConfigError(f"cost_measure must be one of {', '.join(COST_MEASURES)}, got {self.cost_measure!r}")
         if self.normalization not in importance.NORMALIZATIONS:
             raise ConfigError(f"normalization must be one of {importance.NORMALIZATIONS}")
 
@@ -131,6 +135,8 @@ class StagePlan:
     flops_after: float = 0.0
     b_before: float = 0.0
     losses_before: list[float] = field(default_factory=list)
+    b_removed: float | None = None  # cost_measure "immediate": B with the stage's removal applied outright
+    losses_removed: list[float] = field(default_factory=list)
 
 
 def bootstrap_se(deltas: list[float], resamples: int, seed: int) -> float:
@@ -314,11 +320,27 @@ class Pruner:
             plan.flops_before = before
             plan.b_before, plan.losses_before = self._b_last
             self.plan = plan
+            if self.config.cost_measure == "immediate":
+                plan.b_removed, plan.losses_removed = self._badness_removed()
             self.stage_step = 0
             self.stage_index += 1
             self._stage_t0 = time.perf_counter()
             self.collector.reset()
             return
+
+    def _badness_removed(self) -> tuple[float, list[float]]:
+        """B on the current weights with the planned removal applied at once (new units' masks at 0, the token mode
+        at its new level): the stage's immediate damage, free of the training drift that the recovered measure
+        also credits to the stage. The live masks are put back to the stage's first step afterwards."""
+        was = self.model.training
+        self.model.eval()
+        self.stage_step = self.config.stage_steps // 2  # the schedule's fully-removed point
+        self._apply_masks()
+        value = self._badness()
+        self.stage_step = 0
+        self._apply_masks()
+        self.model.train(was)
+        return value
 
     def _restore_plan(self, plan: StagePlan) -> None:
         if plan.token_level is not None:
@@ -446,14 +468,19 @@ class Pruner:
             metric = float(self.task.evaluate(self.model, self.val_batches)[self.task.primary_metric])
         self.model.train()
         f_before, f_after = plan.flops_before, self.flops_kept()
-        r = (b_after - plan.b_before) / max(f_before - f_after, 1e-12)
-        deltas = [a - b for a, b in zip(losses_after, plan.losses_before)]
-        se = bootstrap_se(deltas, self.config.bootstrap, self.config.seed + self.stage_index) / max(f_before - f_after, 1e-12)
+        if self.config.cost_measure == "immediate":
+            b_cost, losses_cost = plan.b_removed, plan.losses_removed
+        else:
+            b_cost, losses_cost = b_after, losses_after
+        r = stage_cost(plan.b_before, b_cost, f_before, f_after)
+        deltas = [a - b for a, b in zip(losses_cost, plan.losses_before)]
+        se = bootstrap_se(deltas, self.config.bootstrap, self.config.seed + self.stage_index) / (f_before - f_after)
         R = self.scheduler.update(plan.mode, r, info={"se": se if math.isfinite(se) else None})
         record = {
             "stage": self.stage_index, "mode": plan.mode, "chosen": self.scheduler.history[-1].get("how"),
             "flops_kept": f_after, "flops_removed_step": f_before - f_after, "b_before": plan.b_before,
-            "b_after": b_after, "metric": metric, "cost": r, "cost_se": se, "R": R, "token_level": plan.token_level,
+            "b_after": b_after, "b_removed": plan.b_removed, "metric": metric, "cost": r, "cost_se": se, "R": R,
+            "token_level": plan.token_level,
             "heads_pruned": sum(len(v) for v in plan.heads.values()),
             "neurons_pruned": sum(len(v) for v in plan.neurons.values()),
             "wall_s": time.perf_counter() - self._stage_t0,

@@ -180,12 +180,15 @@ def test_prune_a_model_directory(demo_out, tmp_path, capsys):
     out = tmp_path / "p"
     args = ["prune", "--model", str(demo_out / "dense"), "--data", "synthetic", "--ratio", "0.5", "--out", str(out),
             "--n-train", "128", "--n-val", "32", "--n-test", "32", "--stage-steps", "2", "--flops-step", "0.3",
-            "--finetune-steps", "1", "--calibration-batches", "1", "--resume", "--quiet"]
+            "--finetune-steps", "1", "--calibration-batches", "1", "--cost-measure", "immediate", "--resume",
+            "--quiet"]
     assert main(args) == 0
     assert "pruned model" in capsys.readouterr().out
     recipe = comp_vlm.read_recipe(out)
     assert recipe.flops_kept <= 0.5 + 1e-9
     assert (out / "stages.jsonl").is_file() and (out / "tokenizer.json").is_file()
+    stages = [json.loads(x) for x in (out / "stages.jsonl").read_text().splitlines()]
+    assert stages and all(s["b_removed"] is not None for s in stages)  # --cost-measure reached the engine
     assert not out.with_name("p.ckpt").exists()  # the search checkpoint is removed after success
     assert main(["eval", str(out), "--quiet"]) == 0
     assert "r1_mean" in capsys.readouterr().out

@@ -127,6 +127,37 @@ def test_sweep_keeps_reachable_snapshots(setup):
     assert pruner.not_reached == [0.97] and pruner.pending_targets == [0.3]
 
 
+def test_immediate_cost_is_the_damage_the_stage_ends_with_when_nothing_trains(setup):
+    """With lr = 0 the weights never change, so the immediate probe (removal applied at once) must see exactly the
+    model the stage ends with: same B as the recovered measure, same costs, same modes -- which also shows that the
+    probe leaves no trace (masks, RNG, statistics) on the search."""
+    cfg, tok, _ = setup
+    logs = {}
+    for measure in ("recovered", "immediate"):
+        loaders = make_retrieval_loaders(SyntheticWorld(image_size=16, seed=0), tok, n_train=96, n_val=32,
+                                         n_test=32, batch_size=16, seed=0)  # the same data order for both
+        res = prune(fresh(cfg), RetrievalTask(), loaders.train, loaders.val,
+                    quick(ratio=0.5, lr=0.0, finetune_steps=0, cost_measure=measure))
+        logs[measure] = res.stage_log
+    rec, imm = logs["recovered"], logs["immediate"]
+    assert [r["mode"] for r in rec] == [r["mode"] for r in imm] and len({r["mode"] for r in imm}) >= 2
+    for a, b in zip(rec, imm):
+        assert a["b_removed"] is None
+        assert b["b_removed"] == pytest.approx(b["b_after"], abs=1e-6)
+        assert b["cost"] == pytest.approx(a["cost"], abs=1e-4)
+
+
+def test_immediate_cost_ignores_the_recovery(setup):
+    cfg, _, loaders = setup
+    res = prune(fresh(cfg), RetrievalTask(), loaders.train, loaders.val,
+                quick(ratio=0.3, lr=1e-3, finetune_steps=0, cost_measure="immediate"))
+    for r in res.stage_log:
+        assert r["cost"] == pytest.approx((r["b_removed"] - r["b_before"]) / r["flops_removed_step"], rel=1e-9)
+    assert any(abs(r["b_removed"] - r["b_after"]) > 1e-4 for r in res.stage_log)  # training moved B afterwards
+    with pytest.raises(ConfigError, match="cost_measure"):
+        PruneConfig(cost_measure="later")
+
+
 @pytest.mark.parametrize("ratio", [0.0, 1.0, -0.2, 1.5])
 def test_bad_ratio(ratio):
     with pytest.raises(ConfigError, match="ratio"):
