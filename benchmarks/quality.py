@@ -225,6 +225,27 @@ def cost_section(stages: list[dict]) -> list[str]:
         se = f"{statistics.median(ses):.2f}" if ses else "not recorded"
         lines.append(f"| {strategy} | {len(costs)} | {100 * negative:.0f}% | {statistics.median(costs):.2f} | "
                      f"{statistics.median(abs(c) for c in costs):.2f} | {se} |")
+    return (lines + mode_gap_section(stages)) if rows else []
+
+
+def mode_gap_section(stages: list[dict],
+                     arms: tuple[str, ...] = ("comp", "cycle", "random-mode", "comp-immediate")) -> list[str]:
+    """Cost per mode: whether the modes differ by more than a mode's own stage-to-stage spread (a gap MPS can
+    exploit) or not (then the choice is mostly noise). cycle and random-mode sample every mode regardless of cost."""
+    lines = ["", "Measured cost per mode (all stages of all seeds): median and interquartile range.", "",
+             "| arm | mode | stages | median cost | IQR |", "|---|---|---|---|---|"]
+    rows = 0
+    for arm in arms:
+        by_mode: dict[str, list[float]] = {}
+        for st in stages:
+            if st["strategy"] == arm:
+                for mode, cost in zip(st["modes"], st.get("cost", [])):
+                    if cost is not None:
+                        by_mode.setdefault(mode, []).append(cost)
+        for mode, costs in sorted(by_mode.items()):
+            rows += 1
+            q1, _, q3 = statistics.quantiles(costs, n=4) if len(costs) >= 2 else (costs[0], 0, costs[0])
+            lines.append(f"| {arm} | {mode} | {len(costs)} | {statistics.median(costs):.2f} | {q1:.2f} to {q3:.2f} |")
     return lines if rows else []
 
 
