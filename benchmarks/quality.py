@@ -39,6 +39,7 @@ ABLATIONS = ("greedy", "no-cip", "uniform-rms", "no-cit", "no-re", "no-hi")
 # arms that are a strategy run with other engine options (recorded under the arm's name in the "strategy" field)
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "comp-immediate": ("comp", {"cost_measure": "immediate"}),  # MPS cost = damage before any recovery training
+    "comp-metric": ("comp", {"badness": "metric"}),  # B = -validation R@1 (the paper's choice) instead of val loss
 }
 
 
@@ -229,7 +230,7 @@ def cost_section(stages: list[dict]) -> list[str]:
 
 
 def mode_gap_section(stages: list[dict],
-                     arms: tuple[str, ...] = ("comp", "cycle", "random-mode", "comp-immediate")) -> list[str]:
+                     arms: tuple[str, ...] = ("comp", "cycle", "random-mode", *VARIANTS)) -> list[str]:
     """Cost per mode: whether the modes differ by more than a mode's own stage-to-stage spread (a gap MPS can
     exploit) or not (then the choice is mostly noise). cycle and random-mode sample every mode regardless of cost."""
     lines = ["", "Measured cost per mode (all stages of all seeds): median and interquartile range.", "",

@@ -158,6 +158,18 @@ def test_immediate_cost_ignores_the_recovery(setup):
         PruneConfig(cost_measure="later")
 
 
+def test_metric_badness_costs_are_metric_lost_per_flop(setup):
+    """B = -metric (the paper's choice): each cost is the validation R@1 lost per FLOPs fraction removed."""
+    cfg, _, loaders = setup
+    res = prune(fresh(cfg), RetrievalTask(), loaders.train, loaders.val,
+                quick(ratio=0.3, finetune_steps=0, badness="metric"))
+    dense_r1 = RetrievalTask().evaluate(fresh(cfg), loaders.val)["r1_mean"]
+    assert res.stage_log[0]["b_before"] == pytest.approx(-dense_r1)
+    for r in res.stage_log:
+        assert -100.0 <= r["b_after"] <= 0.0 and r["metric"] is None
+        assert r["cost"] == pytest.approx((r["b_after"] - r["b_before"]) / r["flops_removed_step"], rel=1e-9)
+
+
 @pytest.mark.parametrize("ratio", [0.0, 1.0, -0.2, 1.5])
 def test_bad_ratio(ratio):
     with pytest.raises(ConfigError, match="ratio"):
