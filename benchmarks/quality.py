@@ -326,6 +326,7 @@ def stage_record(strategy: str, seed: int, res: Any, dense: torch.nn.Module) -> 
     return {"strategy": strategy, "seed": seed, "modes": [r["mode"] for r in res.stage_log],
             "chosen": [r["chosen"] for r in res.stage_log], "flops_kept": [r["flops_kept"] for r in res.stage_log],
             "cost": [r["cost"] for r in res.stage_log], "cost_se": [r["cost_se"] for r in res.stage_log],
+            "b_after": [r["b_after"] for r in res.stage_log], "val_metric": [r["metric"] for r in res.stage_log],
             "layers": layers}
 
 
