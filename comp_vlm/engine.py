@@ -320,12 +320,12 @@ class Pruner:
             plan.flops_before = before
             plan.b_before, plan.losses_before = self._b_last
             self.plan = plan
-            if self.config.cost_measure == "immediate":
-                plan.b_removed, plan.losses_removed = self._badness_removed()
             self.stage_step = 0
             self.stage_index += 1
             self._stage_t0 = time.perf_counter()
             self.collector.reset()
+            if self.config.cost_measure == "immediate":  # part of the stage: its wall time, its index in errors
+                plan.b_removed, plan.losses_removed = self._badness_removed()
             return
 
     def _badness_removed(self) -> tuple[float, list[float]]:
