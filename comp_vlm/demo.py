@@ -224,9 +224,6 @@ def builtin_dense(spec: DemoSpec, seed: int, device: str, cache_dir: str | None,
         dense.cached = True
         say(f"   dense weights loaded from the cache: {path}")
     else:
-        if path is not None and path.is_file():  # a failed load may have written into the model: start afresh
-            torch.manual_seed(seed)
-            model = dense.model = CLIPModel._from_config(config, attn_implementation="sdpa")
         say(f"   training the dense {spec.name} ({sum(p.numel() for p in model.parameters()):,} params): "
             f"{spec.dense_steps} steps of batch {spec.batch_size} on {spec.n_train} synthetic image-caption pairs, "
             f"AdamW lr {spec.dense_lr}, cosine")

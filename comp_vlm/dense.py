@@ -69,15 +69,22 @@ def train_dense(model: nn.Module, task: Any, train_data: Any, training: DenseTra
 
 def load_cached_weights(path: Path, model: nn.Module) -> bool:
     """Load cached safetensors weights into ``model`` (strict); ``False`` with a warning when the file is
-    unreadable or does not fit (a truncated or foreign file is retrained, never trusted)."""
+    unreadable or does not fit (a truncated or foreign file is retrained, never trusted). The file is checked
+    against the model's keys and shapes before anything is copied, so a failed load leaves ``model`` untouched."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     try:
-        model.load_state_dict(load_file(str(path)), strict=True)
-    except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
         log.warning("ignoring unreadable cached dense weights %s (%s): retraining", path, str(exc).splitlines()[0])
         return False
+    expected = model.state_dict()
+    misfit = sorted(set(state) ^ set(expected)) or [k for k, v in expected.items() if state[k].shape != v.shape]
+    if misfit:
+        log.warning("ignoring cached dense weights %s that do not fit the model (%s): retraining", path, misfit[0])
+        return False
+    model.load_state_dict(state, strict=True)
     return True
 
 
@@ -114,8 +121,6 @@ def cached_dense(build: Any, config: Any, task: Any, train_data: Any, val_data: 
         if metrics is not None and load_cached_weights(weights, model):
             log.info("dense model loaded from cache %s", weights)
             return model.eval(), metrics
-        torch.manual_seed(training.seed)  # a failed load may have written into the model: start afresh
-        model = build(config)
     position = train_data.state_dict() if hasattr(train_data, "state_dict") else None
     train_dense(model, task, train_data, training, progress)
     if position is not None:  # leave a stateful loader where it was, as the cached path does

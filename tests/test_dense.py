@@ -7,7 +7,7 @@ from transformers import CLIPConfig, CLIPModel
 
 from comp_vlm.data.synthetic import SyntheticWorld, make_retrieval_loaders
 from comp_vlm.data.text import build_word_tokenizer
-from comp_vlm.dense import DenseTraining, cached_dense, lr_at
+from comp_vlm.dense import DenseTraining, cached_dense, load_cached_weights, lr_at, save_cached_weights
 from comp_vlm.tasks import RetrievalTask
 
 
@@ -45,7 +45,7 @@ def test_cache_round_trip(tmp_path):
     for (k, a), (_, b) in zip(first.state_dict().items(), second.state_dict().items()):
         assert torch.equal(a, b), k
     data.train.load_state_dict({"epoch": 1, "position": 2})
-    third, _ = cached_dense(CLIPModel._from_config, cfg, RetrievalTask(), data.train, data.val,
+    _, _ = cached_dense(CLIPModel._from_config, cfg, RetrievalTask(), data.train, data.val,
                             DenseTraining(steps=7, warmup=2), "w0", tmp_path, progress=False)
     assert len(list(tmp_path.iterdir())) == 4  # another training setting, another entry
     assert data.train.state_dict() == {"epoch": 1, "position": 2}  # training left the loader where it was
@@ -67,3 +67,20 @@ def test_unreadable_cache_entry_is_retrained(tmp_path, caplog):
     for (k, a), (_, b) in zip(first.state_dict().items(), again.state_dict().items()):
         assert torch.equal(a, b), k
     assert weights.stat().st_size > 100  # and cached again
+
+
+def test_cache_entry_that_does_not_fit_leaves_the_model_untouched(tmp_path, caplog):
+    cfg, _ = tiny_setup()
+    torch.manual_seed(0)
+    model = CLIPModel._from_config(cfg)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    other = CLIPModel._from_config(cfg)
+    with torch.no_grad():
+        other.text_projection.weight = torch.nn.Parameter(torch.zeros(8, 32))  # a foreign shape, saved last
+    save_cached_weights(tmp_path / "w.safetensors", other, {})
+    with caplog.at_level("WARNING", logger="comp_vlm"):
+        assert not load_cached_weights(tmp_path / "w.safetensors", model)
+    assert "do not fit the model (text_projection.weight)" in caplog.text
+    for k, v in model.state_dict().items():  # nothing was copied, not even the tensors that fit
+        assert torch.equal(v, before[k]), k
+    assert load_cached_weights(tmp_path / "w.safetensors", other)  # the same file fits its own model
