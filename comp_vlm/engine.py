@@ -24,8 +24,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import checkpoint, importance
-from .adapters.base import AdapterOptions, ModelAdapter, get_adapter
+from . import budget, checkpoint, importance
+from .adapters.base import AdapterOptions, ModelAdapter, Site, get_adapter
 from .collect import StatsCollector
 from .errors import ConfigError, NonFiniteError
 from .flops import LayerStructure, attention_flops, model_flops, tower_flops
@@ -37,8 +37,12 @@ log = logging.getLogger("comp_vlm")
 
 STRATEGIES = ("comp", "param-only", "token-only", "sjp", "cycle", "random-mode", "greedy",
               "no-cip", "uniform-rms", "no-cit", "no-re", "no-hi")
-COST_MEASURES = ("recovered", "immediate")
-PARAM_ALL = "P"  # param-only ranks every parameter mode together (UPop-like global ranking)
+COST_MEASURES = ("recovered", "immediate", "probe")
+LR_SCHEDULES = ("constant", "cosine")
+FINETUNE_BUDGETS = ("fixed", "equal-total")
+WARMUP_ORDERS = ("random", "fixed")
+PARAM_ALL = "P"
+TOKEN_KINDS = {"T_v": "vision_tokens", "T_l": "text_tokens"}  # names of the token modes in stage logs  # param-only ranks every parameter mode together (UPop-like global ranking)
 
 
 @dataclass
@@ -54,14 +58,24 @@ class PruneConfig:
     finetune_steps: int = 100
     lr: float = 5e-5
     weight_decay: float = 0.0
+    lr_schedule: str = "constant"  # search learning rate: constant, or cosine to 0 over the nominal search
+    finetune_schedule: str = "cosine"  # fine-tuning: warm-up then cosine decay to 0, or constant
+    finetune_warmup: float = 0.1  # share of the fine-tuning steps spent warming up
+    finetune_budget: str = "fixed"  # or "equal-total": fine-tuning tops every snapshot up to the same total steps
     seed: int = 0
     badness: str = "val_loss"  # or "metric" (B = -metric, the paper's choice)
     cost_measure: str = "recovered"  # or "immediate": B with the stage's units/tokens removed, before any training
-    normalization: str = "rank"
+    normalization: str = "rank"  # per-layer normaliser of the per-flop selection rule
+    selection: str = "kind-rank"  # unit selection rule (importance.SELECTIONS; "per-flop" = the first rule)
+    token_plan: str = "linear"  # per-site pyramid of a token mode (budget.TOKEN_PLANS; "legacy" = the first rule)
+    token_max_cut: float = 0.5  # a stage removes at most this share of the tokens left at any site
+    token_floor: float = 0.1  # every site keeps >= this share of the prunable tokens entering its tower
+    warmup_order: str = "random"  # MPS warm-up order of the untried modes: seeded permutation or adapter order
+    sliver_fraction: float = 0.25  # no remainder below this share of flops_step before a snapshot; no HI from it
     head_floor: int = 1
     neuron_floor: float = 0.05
     sjp_token_share: float = 0.5
-    min_stage_fraction: float = 0.25  # a mode that can remove less than this share of the step is exhausted
+    min_stage_fraction: float = 0.0  # a mode at its floors that can remove less than this share is exhausted
     distill: float = 0.0  # weight of the distillation loss towards the dense model (search and fine-tuning)
     stage_metric: bool = True  # also log the task metric on the validation batches after every stage
     bootstrap: int = 200
@@ -101,6 +115,16 @@ class PruneConfig:
             raise ConfigError(f"cost_measure must be one of {', '.join(COST_MEASURES)}, got {self.cost_measure!r}")
         if self.normalization not in importance.NORMALIZATIONS:
             raise ConfigError(f"normalization must be one of {importance.NORMALIZATIONS}")
+        for name, allowed in (("selection", importance.SELECTIONS), ("token_plan", budget.TOKEN_PLANS),
+                              ("warmup_order", WARMUP_ORDERS), ("lr_schedule", LR_SCHEDULES),
+                              ("finetune_schedule", LR_SCHEDULES), ("finetune_budget", FINETUNE_BUDGETS)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        for name in ("token_max_cut", "token_floor"):
+            if not 0.0 < getattr(self, name) <= 1.0:
+                raise ConfigError(f"{name} must lie in (0, 1], got {getattr(self, name)}")
+        if not 0.0 <= self.sliver_fraction < 1.0 or not 0.0 <= self.finetune_warmup < 1.0:
+            raise ConfigError("sliver_fraction and finetune_warmup must lie in [0, 1)")
 
     @property
     def targets(self) -> list[float]:
@@ -137,6 +161,8 @@ class StagePlan:
     losses_before: list[float] = field(default_factory=list)
     b_removed: float | None = None  # cost_measure "immediate": B with the stage's removal applied outright
     losses_removed: list[float] = field(default_factory=list)
+    floor_limited: bool = True  # a shortfall of this stage means floors, not the per-stage token bound
+    removed_by: dict[str, float] = field(default_factory=dict)  # FLOPs fraction removed per unit kind / token kind
 
 
 def bootstrap_se(deltas: list[float], resamples: int, seed: int) -> float:
@@ -177,7 +203,7 @@ class Pruner:
         modes = self._search_modes()
         self.scheduler = MultiModeScheduler(modes, MPSConfig(
             strategy=config.scheduler_strategy(), rho=config.rho, tau=config.tau, lambda0=config.lambda0,
-            i_max=config.i_max), seed=config.seed)
+            i_max=config.i_max, warmup_order=config.warmup_order), seed=config.seed)
         self.pending_targets = list(config.targets)
         self.snapshots: list[Snapshot] = []
         self.not_reached: list[float] = []
@@ -208,21 +234,27 @@ class Pruner:
         params = strategy != "token-only"
         tokens = strategy != "param-only"
         towers = []
+        floor_level = 1e-9 if self.config.token_plan == "legacy" else self.config.token_floor  # legacy: one token
         for t in self.structural_towers():
             spec = self.specs[t.name]
+            keeps = self._site_keeps(t.name, floor_level)
             layers = []
             for i, lay in enumerate(t.layers):
                 if params:
                     lay = replace(lay, heads=min(lay.heads, self.config.head_floor),
                                   neurons=min(lay.neurons, self._neuron_floor(spec.neurons)))
-                if tokens and self._has_site(t.name, i):
-                    lay = replace(lay, site_keep=1e-9)  # every site keeps a single prunable token
+                if tokens and i in keeps:
+                    lay = replace(lay, site_keep=keeps[i])
                 layers.append(lay)
             towers.append(replace(t, layers=tuple(layers)))
         return model_flops(towers) / self.dense_flops
 
-    def _has_site(self, tower: str, layer: int) -> bool:
-        return layer in self.adapter.site_layers(self.specs[tower])
+    def _site_keeps(self, tower: str, level: float) -> dict[int, float]:
+        """Per-site keep ratios of a tower's token mode at ``level`` (its deepest site's cumulative keep)."""
+        sites = self.adapter.site_layers(self.specs[tower])
+        if not sites:
+            return {}
+        return dict(zip(sites, budget.pyramid_keep_ratios(level, len(sites), self.config.token_plan)))
 
     def _neuron_floor(self, n: int) -> int:
         return max(1, math.ceil(self.config.neuron_floor * n))
@@ -249,14 +281,20 @@ class Pruner:
         for t in self.adapter.structure(self.reference):
             spec = self.specs[t.name]
             level = self.token_levels.get(spec.token_mode, 1.0) if spec.token_mode else 1.0
+            keeps = self._site_keeps(t.name, level) if level < 1.0 else {}
             layers = []
             for i, lay in enumerate(t.layers):
                 heads = int((~self.selected_heads[(t.name, i)]).sum())
                 neurons = int((~self.selected_neurons[(t.name, i)]).sum())
-                keep = level if (self._has_site(t.name, i) and level < 1.0) else None
+                keep = keeps.get(i)
                 layers.append(replace(lay, heads=heads, neurons=neurons, site_keep=keep))
             towers.append(replace(t, layers=tuple(layers)))
         return towers
+
+    @property
+    def search_steps(self) -> int:
+        """Training steps the search has taken so far (finished stages plus the current one)."""
+        return max(0, self.stage_index - 1) * self.config.stage_steps + self.stage_step
 
     def flops_kept(self) -> float:
         return model_flops(self.structural_towers()) / self.dense_flops
@@ -291,11 +329,47 @@ class Pruner:
 
     def _next_step_flops(self) -> float:
         """Absolute FLOPs to remove this stage: the fixed step, cut short to land on the next target."""
-        current = self.flops_kept()
-        nxt = min(self.pending_targets)
-        return min(self.config.flops_step, current - (1 - nxt)) * self.dense_flops
+        step = budget.next_step(self.flops_kept(), 1 - min(self.pending_targets), self.config.flops_step,
+                                self.config.sliver_fraction)
+        return step * self.dense_flops
+
+    def _plan(self, mode: str) -> StagePlan | None:
+        """Plan one stage of ``mode`` (structurally applied), or None, restored, if the mode is exhausted."""
+        target = self._next_step_flops()
+        before = self.flops_kept()
+        plan = self._plan_tokens(mode, target) if mode_kind(mode) == "token" else self._plan_params(mode, target)
+        plan.requested = target / self.dense_flops
+        plan.flops_before = before
+        removed = before - plan.flops_after
+        if plan.token_level is not None:
+            plan.removed_by = {TOKEN_KINDS.get(mode, mode): removed}
+        if removed <= 1e-12 or (plan.floor_limited and removed < self.config.min_stage_fraction * plan.requested):
+            # at its floors: nothing (or, by option, only a sliver) left to remove
+            log.info("mode %s can remove only %.4f of %.4f requested: exhausted", mode, max(removed, 0.0),
+                     plan.requested)
+            self._restore_plan(plan)
+            return None
+        return plan
+
+    def _probe_costs(self) -> dict[str, tuple[float, list[float]]]:
+        """cost_measure "probe": the immediate cost of every live mode on the current weights, fed to MPS before
+        it chooses (method.md §3, beyond the paper). Returns each probed mode's (B_removed, per-batch losses)."""
+        measured = {}
+        b_before = self._b_last[0]
+        for mode in self.scheduler.candidates():
+            plan = self._plan(mode)
+            if plan is None:
+                self.scheduler.mark_exhausted(mode)
+                continue
+            self.plan = plan
+            measured[mode] = self._badness_removed()
+            self._restore_plan(plan)
+            self.plan = None
+            self.scheduler.observe(mode, stage_cost(b_before, measured[mode][0], plan.flops_before, plan.flops_after))
+        return measured
 
     def _start_stage(self) -> None:
+        probed = self._probe_costs() if self.config.cost_measure == "probe" else {}
         while True:
             try:
                 mode = self.scheduler.choose()
@@ -305,27 +379,24 @@ class Pruner:
                 self.pending_targets = []
                 self._finish()
                 return
-            target = self._next_step_flops()
-            before = self.flops_kept()
-            plan = self._plan_tokens(mode, target) if mode_kind(mode) == "token" else self._plan_params(mode, target)
-            plan.requested = target / self.dense_flops
-            removed = before - plan.flops_after
-            if removed <= 1e-12 or removed < self.config.min_stage_fraction * plan.requested:
-                # at its floors: a whole stage for a sliver of FLOPs would feed MPS a huge, noisy cost
-                log.info("mode %s can remove only %.4f of %.4f requested: exhausted", mode, max(removed, 0.0),
-                         plan.requested)
+            plan = self._plan(mode)
+            if plan is None:
                 self.scheduler.mark_exhausted(mode)
-                self._restore_plan(plan)
                 continue
-            plan.flops_before = before
             plan.b_before, plan.losses_before = self._b_last
             self.plan = plan
             self.stage_step = 0
             self.stage_index += 1
             self._stage_t0 = time.perf_counter()
             self.collector.reset()
-            if self.config.cost_measure == "immediate":  # part of the stage: its wall time, its index in errors
+            if mode in probed:
+                plan.b_removed, plan.losses_removed = probed[mode]
+            elif self.config.cost_measure == "immediate":  # part of the stage: its wall time, its index in errors
                 plan.b_removed, plan.losses_removed = self._badness_removed()
+            if plan.token_level is not None:
+                log.info("stage %d %s: level %.4f -> %.4f, per-site keep %s", self.stage_index, mode,
+                         plan.prev_level, plan.token_level,
+                         {f"{s.tower}.{s.layer}": round(r, 4) for s, r in self._mode_site_keeps(mode).items()})
             return
 
     def _badness_removed(self) -> tuple[float, list[float]]:
@@ -351,10 +422,12 @@ class Pruner:
             self.selected_neurons[key][idx] = False
 
     def _plan_params(self, mode: str, target: float) -> StagePlan:
-        """Knapsack-greedy over the mode's unselected units, by normalised CIP score per FLOP (method.md §2)."""
+        """Greedy fill of the FLOPs step with the mode's unselected units in the order of the selection rule
+        (method.md §2 "Selection": importance decides which units go, ΔF how many fill the step)."""
         towers = {t.name: t for t in self.structural_towers()}
         modes = self._param_modes(mode)
-        keys, scores, costs, groups, floors = [], [], [], [], []
+        keys, scores, costs, groups, floors, kinds = [], [], [], [], [], []
+        kind_ids: dict[tuple[str, str], int] = {}
         for name, spec in self.specs.items():
             if spec.param_mode not in modes:
                 continue
@@ -380,22 +453,27 @@ class Pruner:
                     importance.check_finite(s, f"{name} layer {i} {kind} score")
                     g = len(floors)
                     floors.append(floor)
+                    k = kind_ids.setdefault((name, kind), len(kind_ids))
                     for u in free.tolist():
                         keys.append((kind, name, i, u))
                         scores.append(float(s[u]))
                         costs.append(float(max(unit, 1)))
                         groups.append(g)
+                        kinds.append(k)
         plan = StagePlan(mode)
         if not keys:
             plan.flops_after = self.flops_kept()
             return plan
         groups_t = torch.tensor(groups, dtype=torch.long)
-        norm = importance.normalize_groups(torch.tensor(scores, dtype=torch.float64), groups_t, self.config.normalization)
-        new, _ = importance.knapsack_select(norm, torch.tensor(costs, dtype=torch.float64), target,
-                                            torch.zeros(len(keys), dtype=torch.bool), groups_t,
-                                            torch.tensor(floors, dtype=torch.long))
+        costs_t = torch.tensor(costs, dtype=torch.float64)
+        order = importance.selection_keys(torch.tensor(scores, dtype=torch.float64), costs_t, groups_t,
+                                          torch.tensor(kinds, dtype=torch.long), self.config.selection,
+                                          self.config.normalization)
+        new, _ = importance.greedy_fill(order, costs_t, target, torch.zeros(len(keys), dtype=torch.bool),
+                                              groups_t, torch.tensor(floors, dtype=torch.long))
         for j in torch.nonzero(new).flatten().tolist():
             kind, name, i, u = keys[j]
+            plan.removed_by[kind + "s"] = plan.removed_by.get(kind + "s", 0.0) + costs[j] / self.dense_flops
             table, target_map = ((self.selected_heads, plan.heads) if kind == "head"
                                  else (self.selected_neurons, plan.neurons))
             table[(name, i)][u] = True
@@ -406,7 +484,8 @@ class Pruner:
         return plan
 
     def _plan_tokens(self, mode: str, target: float) -> StagePlan:
-        """Bisection on the mode's pyramid level q (every site keeps q of what reaches it) for the FLOPs step."""
+        """Bisection on the mode's level q (its deepest site's cumulative keep; the per-site pyramid follows from
+        it, :mod:`comp_vlm.budget`) for the FLOPs step, within the stage bound and the mode's floor."""
         current = self.token_levels[mode]
         goal = self.flops_kept() - target / self.dense_flops
 
@@ -414,8 +493,10 @@ class Pruner:
             self.token_levels[mode] = q
             return self.flops_kept()
 
-        lo, hi = 1e-6, current
-        if kept_at(lo) > goal:  # cannot reach the step: go to the floor
+        lo, hi = budget.token_level_range(current, self.config.token_plan, self.config.token_floor,
+                                          self.config.token_max_cut)
+        short = kept_at(lo) > goal
+        if short:  # cannot reach the step within this stage's range: go to its lower end
             best = lo
         else:
             for _ in range(40):
@@ -425,8 +506,20 @@ class Pruner:
                 else:
                     hi = mid
             best = lo
-        # structurally counted from now on; the live keep ratios switch at K/2 (see _apply_masks)
-        return StagePlan(mode, token_level=best, prev_level=current, flops_after=kept_at(best))
+        # a shortfall is the floor's unless the per-stage bound stopped the stage above the floor
+        bounded = self.config.token_plan != "legacy" and best > self.config.token_floor + 1e-12
+        # structurally counted from now on; the live keep ratios switch at K/2
+        return StagePlan(mode, token_level=best, prev_level=current, flops_after=kept_at(best),
+                         floor_limited=not (short and bounded))
+
+    def _mode_site_keeps(self, mode: str, level: float | None = None) -> dict[Site, float]:
+        """Per-site keep ratios of a token mode at ``level`` (default: its planned level)."""
+        level = self.token_levels[mode] if level is None else level
+        keeps: dict[Site, float] = {}
+        for spec in self.specs.values():
+            if spec.token_mode == mode:
+                keeps.update({Site(spec.name, mode, i): r for i, r in self._site_keeps(spec.name, level).items()})
+        return keeps
 
     # ---- per-step schedule -----------------------------------------------------------------------------------------
     def _apply_masks(self) -> None:
@@ -446,8 +539,8 @@ class Pruner:
                 setter(name, i, values)
         for mode, level in self.token_levels.items():
             live = level if (mode != plan.mode or self.stage_step >= half) else plan.prev_level
-            for site in self.adapter.token_sites(mode):
-                self.adapter.set_keep_ratio(site.tower, site.layer, min(1.0, max(live, 1e-6)))
+            for site, keep in self._mode_site_keeps(mode, live).items():
+                self.adapter.set_keep_ratio(site.tower, site.layer, min(1.0, max(keep, 1e-6)))
 
     def step(self) -> None:
         """Call after each optimizer step during the search."""
@@ -468,14 +561,20 @@ class Pruner:
             metric = float(self.task.evaluate(self.model, self.val_batches)[self.task.primary_metric])
         self.model.train()
         f_before, f_after = plan.flops_before, self.flops_kept()
-        if self.config.cost_measure == "immediate":
+        if self.config.cost_measure in ("immediate", "probe"):
             b_cost, losses_cost = plan.b_removed, plan.losses_removed
         else:
             b_cost, losses_cost = b_after, losses_after
         r = stage_cost(plan.b_before, b_cost, f_before, f_after)
         deltas = [a - b for a, b in zip(losses_cost, plan.losses_before)]
         se = bootstrap_se(deltas, self.config.bootstrap, self.config.seed + self.stage_index) / (f_before - f_after)
-        R = self.scheduler.update(plan.mode, r, info={"se": se if math.isfinite(se) else None})
+        sliver = budget.is_sliver(f_before - f_after, self.config.flops_step, self.config.sliver_fraction)
+        if sliver:
+            log.info("stage %d removed only %.4f of FLOPs (a sliver): its cost does not update MPS history",
+                     self.stage_index, f_before - f_after)
+        # probe: the chosen mode's cost already entered R_m before the choice
+        hi = not sliver and self.config.cost_measure != "probe"
+        R = self.scheduler.update(plan.mode, r, info={"se": se if math.isfinite(se) else None}, hi=hi)
         record = {
             "stage": self.stage_index, "mode": plan.mode, "chosen": self.scheduler.history[-1].get("how"),
             "flops_kept": f_after, "flops_removed_step": f_before - f_after, "b_before": plan.b_before,
@@ -483,12 +582,13 @@ class Pruner:
             "token_level": plan.token_level,
             "heads_pruned": sum(len(v) for v in plan.heads.values()),
             "neurons_pruned": sum(len(v) for v in plan.neurons.values()),
+            "removed_by": dict(plan.removed_by), "sliver": sliver,
             "wall_s": time.perf_counter() - self._stage_t0,
         }
         self.stage_log.append(record)
         self._write_log(record)
         self._b_last = (b_after, losses_after)
-        if f_before - f_after < 0.999 * plan.requested:  # floors reached before the full step
+        if f_before - f_after < 0.999 * plan.requested and plan.floor_limited:  # floors reached before the full step
             log.info("mode %s removed %.4f of %.4f requested: exhausted", plan.mode, f_before - f_after, plan.requested)
             self.scheduler.mark_exhausted(plan.mode)
         if self.config.strategy == "sjp" and self.scheduler.phase == "token":
@@ -667,6 +767,41 @@ def _load_search_checkpoint(path: Path, model: nn.Module, pruner: Pruner, opt: t
         log.warning("the training data has no state_dict(): the resumed run restarts its data order")
 
 
+def search_lr_factor(config: PruneConfig, step: int) -> float:
+    """The search's learning-rate multiplier at search step ``step`` (cosine: over the nominal search)."""
+    total = budget.nominal_search_steps(config.ratio, config.flops_step, config.stage_steps)
+    return budget.lr_factor(step, total, config.lr_schedule)
+
+
+def snapshot_finetune_steps(config: PruneConfig, ratio: float, search_steps: int) -> int:
+    return budget.finetune_steps_for(ratio, search_steps, config.finetune_steps, config.finetune_budget,
+                                     config.flops_step, config.stage_steps)
+
+
+def train_dense_control(model: nn.Module, task: Any, train_data: Iterable, config: PruneConfig,
+                        search_steps: int) -> int:
+    """The 'dense + the same training' control: ``search_steps`` steps exactly as the search trains (optimizer,
+    learning-rate schedule, distillation from a frozen copy of the dense model), then the fine-tuning a snapshot
+    at ``config.ratio`` reached after that many steps gets. Returns the total steps trained."""
+    seed_everything(config.seed)
+    teacher = copy.deepcopy(model).eval().requires_grad_(False) if config.distill > 0 else None
+    batches = cycle_batches(train_data)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr,
+                            weight_decay=config.weight_decay)
+    model.train()
+    for step in tqdm(range(search_steps), desc="dense control", disable=not config.progress, leave=False):
+        set_lr(opt, config.lr * search_lr_factor(config, step))
+        loss = training_loss(task, model, next(batches), teacher, config.distill, "dense control")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    ft = snapshot_finetune_steps(config, config.ratio, search_steps)
+    seed_everything(config.seed)
+    train_steps(model, task, cycle_batches(train_data), ft, config, teacher, desc="dense control fine-tune")
+    model.eval()
+    return search_steps + ft
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -711,13 +846,20 @@ def training_loss(task: Any, model: nn.Module, batch: Any, teacher: nn.Module | 
     return loss
 
 
+def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    for group in opt.param_groups:
+        group["lr"] = lr
+
+
 def train_steps(model: nn.Module, task: Any, batches: Iterator, steps: int, config: PruneConfig,
                 teacher: nn.Module | None = None, desc: str = "train") -> None:
-    """Plain fine-tuning: AdamW, ``steps`` batches (with the same distillation option as the search)."""
+    """Fine-tuning: AdamW, ``steps`` batches, ``config.finetune_schedule`` (warm-up + cosine decay to 0 by default;
+    method.md §3 "Recovery must not hurt"), with the same distillation option as the search."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     model.train()
-    for _ in tqdm(range(steps), desc=desc, disable=not config.progress, leave=False):
+    for i in tqdm(range(steps), desc=desc, disable=not config.progress, leave=False):
+        set_lr(opt, config.lr * budget.lr_factor(i, steps, config.finetune_schedule, config.finetune_warmup))
         loss = training_loss(task, model, next(batches), teacher, config.distill, desc)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -756,6 +898,7 @@ def prune(model: nn.Module, task: Any, train_data: Iterable, val_batches: list, 
     bar = tqdm(desc=f"CoMP {config.strategy}", total=None, disable=not config.progress)
     model.train()
     while not pruner.done:
+        set_lr(opt, config.lr * search_lr_factor(config, pruner.search_steps))
         loss = training_loss(task, model, next(batches), teacher, config.distill, f"search stage {pruner.stage_index}")
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -774,8 +917,10 @@ def prune(model: nn.Module, task: Any, train_data: Iterable, val_batches: list, 
     for snap in pruner.snapshots:
         seed_everything(config.seed)
         pruned = pruner.materialize(snap)
-        if config.finetune_steps > 0:
-            train_steps(pruned, task, cycle_batches(train_data), config.finetune_steps, config, teacher,
+        steps = snapshot_finetune_steps(config, snap.ratio, snap.stage * config.stage_steps)
+        snap.recipe.extra["finetune_steps"] = steps
+        if steps > 0:
+            train_steps(pruned, task, cycle_batches(train_data), steps, config, teacher,
                         desc=f"fine-tune {snap.ratio:.2f}")
         pruned.eval()
         if test_data is not None:

@@ -227,8 +227,53 @@ def normalize_groups(scores: torch.Tensor, groups: torch.Tensor, method: str = "
     return out
 
 
-def knapsack_select(
+SELECTIONS = ("per-flop", "layer-rank", "kind-rank", "kind-zscore")
+"""Unit-selection rules (method.md §2 "Selection", REVISED). ``per-flop`` is the first rule: the score
+normalised per layer group, divided by the unit's FLOPs ΔF_i — size decides (a head costs ~50x a neuron). The
+size-blind rules normalise the score *density* S_i/ΔF_i inside groups of one unit kind, so that importance decides
+which units go and ΔF only how many fill the step: ``layer-rank`` (rank within tower x kind x layer),
+``kind-rank`` (rank within tower x kind, across layers) and ``kind-zscore`` (standardised within tower x kind:
+keeps magnitude information across layers)."""
+
+
+def selection_keys(
     scores: torch.Tensor,
+    costs: torch.Tensor,
+    layer_groups: torch.Tensor,
+    kind_groups: torch.Tensor,
+    rule: str,
+    normalization: str = "rank",
+) -> torch.Tensor:
+    """Sort keys (U,) float64 for :func:`greedy_fill`: units with the lowest key are pruned first.
+
+    ``scores`` (U,) ≥ 0 are the units' importances S_i, ``costs`` (U,) > 0 their FLOPs ΔF_i; ``layer_groups`` /
+    ``kind_groups`` (U,) long ids of the tower x kind x layer and tower x kind groups. ``normalization`` is the
+    per-layer-group normaliser of the ``per-flop`` rule only. See :data:`SELECTIONS`.
+    """
+    if rule not in SELECTIONS:
+        raise ValueError(f"unknown selection rule {rule!r}; expected one of {SELECTIONS}")
+    s = check_finite(scores.double(), "selection scores")
+    c = check_finite(costs.double(), "selection costs")
+    if bool((s < 0).any()):
+        raise ValueError("unit scores must be >= 0")
+    if bool((c <= 0).any()):
+        raise ValueError("unit costs (ΔF) must be > 0")
+    if rule == "per-flop":
+        return normalize_groups(s, layer_groups, normalization) / c
+    density = s / c
+    if rule == "layer-rank":
+        return normalize_groups(density, layer_groups, "rank")
+    if rule == "kind-rank":
+        return normalize_groups(density, kind_groups, "rank")
+    out = torch.empty_like(density)  # kind-zscore: raw standardised density (order only; may be negative)
+    for g in torch.unique(kind_groups).tolist():
+        idx = (kind_groups == g).nonzero(as_tuple=True)[0]
+        out[idx] = zscore(density[idx])
+    return out
+
+
+def greedy_fill(
+    keys: torch.Tensor,
     costs: torch.Tensor,
     target: float,
     selected: torch.Tensor,
@@ -236,19 +281,18 @@ def knapsack_select(
     floors: torch.Tensor,
     eligible: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, float]:
-    """Knapsack-greedy selection of units to prune (§2 "Selection"). Returns ``(new_selected, removed)``.
+    """Take units in ascending ``keys`` order until their FLOPs reach ``target``. Returns ``(new_selected, removed)``.
 
-    Candidates are the ``eligible`` (default: all) units not yet ``selected``, sorted by S_i / ΔF_i ascending
-    (``scores`` (U,) ≥ 0, normalised per group; ``costs`` (U,) ΔF_i > 0 for candidates), ties by lower index.
-    Units are taken in that order until the FLOPs removed reach ``target``; the last unit taken may overshoot
-    it (DECISION: no skipping to fit). A unit is skipped if taking it would leave its group (``groups`` (U,)
-    long ids 0..G-1) with fewer than ``floors[g]`` unselected units (``floors`` (G,) ints, computed by the
-    caller). Selection is monotone: ``new_selected ⊇ selected``. ``removed`` is the FLOPs removed by the newly
-    selected units only; it is below ``target`` when candidates or floors run out (the mode is exhausted).
+    Candidates are the ``eligible`` (default: all) units not yet ``selected``, sorted by ``keys`` (U,) ascending,
+    ties by lower index; ``costs`` (U,) ΔF_i > 0 for candidates. The last unit taken may overshoot ``target``
+    (DECISION: no skipping to fit). A unit is skipped if taking it would leave its group (``groups`` (U,) long ids
+    0..G-1) with fewer than ``floors[g]`` unselected units (``floors`` (G,) ints). Selection is monotone:
+    ``new_selected ⊇ selected``. ``removed`` is the FLOPs of the newly selected units only; it is below ``target``
+    when candidates or floors run out.
     """
-    u = scores.numel()
-    if not (scores.shape == costs.shape == selected.shape == groups.shape == (u,)):
-        raise ValueError("scores, costs, selected and groups must all be (U,)")
+    u = keys.numel()
+    if not (keys.shape == costs.shape == selected.shape == groups.shape == (u,)):
+        raise ValueError("keys, costs, selected and groups must all be (U,)")
     selected = selected.bool()
     eligible = torch.ones_like(selected) if eligible is None else eligible.bool()
     groups = groups.long()
@@ -261,13 +305,11 @@ def knapsack_select(
     new_selected = selected.clone()
     if target <= 0 or cand.numel() == 0:
         return new_selected, 0.0
-    s = check_finite(scores[cand].double(), "knapsack scores")
-    c = check_finite(costs[cand].double(), "knapsack costs")
-    if bool((s < 0).any()):
-        raise ValueError("knapsack scores must be >= 0 (normalise with normalize_groups)")
+    k = check_finite(keys[cand].double(), "selection keys")
+    c = check_finite(costs[cand].double(), "selection costs")
     if bool((c <= 0).any()):
-        raise ValueError("knapsack costs (ΔF) of candidate units must be > 0")
-    order = torch.sort(s / c, stable=True).indices  # stable: ties keep ascending unit index
+        raise ValueError("costs (ΔF) of candidate units must be > 0")
+    order = torch.sort(k, stable=True).indices  # stable: ties keep ascending unit index
     cand, c = cand[order], c[order]
     # floors: in group g at most (kept_g - floor_g) candidates may go; skipping a unit at its group's floor and
     # continuing is the same as keeping, per group, only the first `capacity` candidates in greedy order.
@@ -286,3 +328,28 @@ def knapsack_select(
     take = before < target
     new_selected[cand[take]] = True
     return new_selected, float(c[take].sum())
+
+
+def knapsack_select(
+    scores: torch.Tensor,
+    costs: torch.Tensor,
+    target: float,
+    selected: torch.Tensor,
+    groups: torch.Tensor,
+    floors: torch.Tensor,
+    eligible: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, float]:
+    """The first selection rule (``per-flop``): :func:`greedy_fill` by S_i / ΔF_i ascending, where ``scores``
+    (U,) ≥ 0 are already normalised per group (:func:`normalize_groups`) and ``costs`` (U,) ΔF_i > 0."""
+    if not (scores.shape == costs.shape == selected.shape):
+        raise ValueError("scores, costs and selected must all be (U,)")
+    cand = ~selected.bool() & (torch.ones_like(selected.bool()) if eligible is None else eligible.bool())
+    s = check_finite(scores[cand].double(), "knapsack scores")
+    c = check_finite(costs[cand].double(), "knapsack costs")
+    if bool((s < 0).any()):
+        raise ValueError("knapsack scores must be >= 0 (normalise with normalize_groups)")
+    if bool((c <= 0).any()):
+        raise ValueError("knapsack costs (ΔF) of candidate units must be > 0")
+    keys = torch.zeros(scores.shape, dtype=torch.float64, device=scores.device)
+    keys[cand] = s / c
+    return greedy_fill(keys, costs, target, selected, groups, floors, eligible)

@@ -45,6 +45,7 @@ from .errors import CompVLMError, ConfigError
 
 STRATEGIES = ("comp", "greedy", "no-re", "no-hi", "cycle", "random-mode", "param-only", "token-only", "sjp")
 SUBSET_RULES = ("cycle", "comp", "greedy")
+WARMUP_ORDERS = ("fixed", "random")
 STATE_VERSION = 1
 
 
@@ -134,6 +135,8 @@ class MPSConfig:
     strategy: one of :data:`STRATEGIES` (see the module docstring). rho: RE probability (Eq.9).
     tau: RE softmax temperature (Eq.9). lambda0, i_max: HI decay (Eq.10). subset_rule: rule within the
     restricted mode set of ``param-only`` / ``token-only`` / ``sjp`` (one of :data:`SUBSET_RULES`).
+    warmup_order: ``fixed`` (untried modes run in the given order) or ``random`` (a seeded permutation; method.md
+    §3 REVISED: a fixed order credits every token mode's first cost with the recovery of a parameter stage).
     """
 
     strategy: str = "comp"
@@ -142,8 +145,11 @@ class MPSConfig:
     lambda0: float = 0.4
     i_max: float = 5
     subset_rule: str = "cycle"
+    warmup_order: str = "fixed"
 
     def __post_init__(self) -> None:
+        if self.warmup_order not in WARMUP_ORDERS:
+            raise ConfigError(f"unknown warmup_order {self.warmup_order!r}; choose one of {', '.join(WARMUP_ORDERS)}")
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"unknown MPS strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
         if self.subset_rule not in SUBSET_RULES:
@@ -198,8 +204,8 @@ class MultiModeScheduler:
     """Chooses the mode of each pruning stage: CAS greedy (Eq.8) + RE exploration (Eq.9) + HI history (Eq.10),
     or one of the baseline schedules, with a JSON-serialisable state and its own seeded RNG.
 
-    Rules common to the CAS strategies: untried modes run first, in the given order (round-robin warm-up, no
-    RE); afterwards, with probability ``rho`` (RE on) a mode is drawn from softmax(I_m / tau) over the
+    Rules common to the CAS strategies: untried modes (no cost R_m yet) run first, in the warm-up order (the
+    given order, or a seeded permutation of it; no RE); afterwards, with probability ``rho`` (RE on) a mode is drawn from softmax(I_m / tau) over the
     available modes, else ``argmin_m R_m`` (ties: first in the given order). ``I_m = T - T_m`` is counted
     at the stage being chosen. Exhausted modes leave both the greedy set and the RE softmax.
 
@@ -231,6 +237,10 @@ class MultiModeScheduler:
         self.phase: str | None = "token" if self.spec.sjp else None
         self.history: list[dict[str, Any]] = []
         self._pending: dict[str, Any] | None = None
+        self._observed: dict[str, float] = {}
+        self.warmup = list(modes)
+        if self.config.warmup_order == "random":  # its own RNG: the RE stream stays that of a fixed-order run
+            random.Random(f"warmup-{self.seed}").shuffle(self.warmup)
 
     # ------------------------------------------------------------------------------------------ queries
 
@@ -273,7 +283,7 @@ class MultiModeScheduler:
                 f"no mode left for strategy {self.config.strategy!r}: exhausted {self.exhausted} of {self.modes}"
                 + (f" (sjp phase {self.phase!r})" if self.spec.sjp else ""))
         t = self.stage + 1
-        untried = [m for m in cands if self.last_run[m] is None]
+        untried = sorted((m for m in cands if self.costs[m] is None), key=self.warmup.index)
         rule = self.spec.rule
         if rule == "random":
             mode, how = cands[self._rng.randrange(len(cands))], "uniform"
@@ -298,16 +308,19 @@ class MultiModeScheduler:
             "i_m": None if prev is None else t - prev, "R_before": {m: self.costs[m] for m in cands},
             "status": "pending", "r": None, "lam": None, "R": None, "info": None,
         }
+        if self._observed:
+            rec["observed"], self._observed = dict(self._observed), {}
         if self.spec.sjp:
             rec["phase"] = self.phase
         self.history.append(rec)
         self._pending = {"mode": mode, "prev_last_run": prev}
         return mode
 
-    def update(self, mode: str, cost: float, info: Mapping[str, Any] | None = None) -> float:
+    def update(self, mode: str, cost: float, info: Mapping[str, Any] | None = None, hi: bool = True) -> float | None:
         """Record the measured CAS cost r (Eq.8) of the pending stage and apply HI (Eq.10); returns the new R_m.
 
         With HI off, R_m = r. ``info`` (JSON-serialisable, e.g. a bootstrap SE) is stored in the history.
+        ``hi=False`` records r but leaves R_m as it is (a sliver stage, or a cost already seen by :meth:`observe`).
         """
         if self._pending is None:
             raise ScheduleError("update() without a pending stage: call choose() first")
@@ -322,7 +335,9 @@ class MultiModeScheduler:
         prev_run = self._pending["prev_last_run"]
         i_m = None if prev_run is None else self.stage - prev_run
         r_prev = self.costs[mode]
-        if self.spec.use_hi and r_prev is not None:
+        if not hi:
+            lam, new = None, r_prev
+        elif self.spec.use_hi and r_prev is not None:
             lam = history_lambda(i_m, self.config.lambda0, self.config.i_max)
             new = history_update(r_prev, cost, i_m, self.config.lambda0, self.config.i_max)
         else:
@@ -331,6 +346,23 @@ class MultiModeScheduler:
         self.history[-1].update(status="done", r=cost, lam=lam, R=new, info=info)
         self._pending = None
         return new
+
+    def observe(self, mode: str, cost: float) -> float:
+        """Probe cost measure (method.md §3, beyond the paper): before the next ``choose()``, a cost r measured for
+        ``mode`` on the current weights updates R_m by HI (Eq.10, I_m = stages since the mode last ran; the first
+        observation sets R_m = r). Returns the new R_m."""
+        if self._pending is not None:
+            raise ScheduleError("observe() while a stage is pending: observe before choose()")
+        cost = float(cost)
+        if not math.isfinite(cost):
+            raise ValueError(f"probe cost must be finite, got {cost}")
+        r_prev, i_m = self.costs[mode], self.stages_since(mode)
+        if self.spec.use_hi and r_prev is not None:
+            self.costs[mode] = history_update(r_prev, cost, i_m, self.config.lambda0, self.config.i_max)
+        else:
+            self.costs[mode] = cost
+        self._observed[mode] = cost
+        return self.costs[mode]
 
     def mark_exhausted(self, mode: str) -> None:
         """Mode ``mode`` cannot prune further: it leaves the greedy set and the RE softmax for good.
@@ -372,6 +404,8 @@ class MultiModeScheduler:
             "phase": self.phase,
             "pending": None if self._pending is None else dict(self._pending),
             "history": json.loads(json.dumps(self.history)),  # deep copy, JSON types only
+            "warmup": list(self.warmup),
+            "observed": dict(self._observed),
             "rng": [version, list(internal), gauss],
         }
 
@@ -393,6 +427,8 @@ class MultiModeScheduler:
         self.phase = state["phase"]
         self._pending = None if state["pending"] is None else dict(state["pending"])
         self.history = json.loads(json.dumps(state["history"]))
+        self.warmup = list(state.get("warmup", self.modes))
+        self._observed = {m: float(v) for m, v in state.get("observed", {}).items()}
         version, internal, gauss = state["rng"]
         self._rng.setstate((int(version), tuple(int(x) for x in internal), gauss))
 

@@ -89,12 +89,13 @@ def test_same_seed_same_recipe(setup):
 def test_mode_that_can_remove_only_a_sliver_is_exhausted_before_its_stage(setup):
     cfg, _, loaders = setup
     # every head kept and 62 of 64 neurons per layer: a parameter mode can remove ~1% of FLOPs, far below the step
-    tight = dict(ratio=0.3, strategy="cycle", finetune_steps=0, head_floor=4, neuron_floor=0.97)
+    tight = dict(ratio=0.3, strategy="cycle", finetune_steps=0, head_floor=4, neuron_floor=0.97, min_stage_fraction=0.25,
+                 token_plan="legacy")
     res = prune(fresh(cfg), RetrievalTask(), loaders.train, loaders.val, quick(**tight))
     assert {r["mode"] for r in res.stage_log} == {"T_v", "T_l"}
     assert all(r["flops_removed_step"] > 0.25 * 0.1 - 1e-9 or r["flops_kept"] <= 0.7 + 1e-9 for r in res.stage_log)
     # with the threshold off, the parameter modes spend whole stages on their sliver
-    res = prune(fresh(cfg), RetrievalTask(), loaders.train, loaders.val, quick(**tight, min_stage_fraction=0.0))
+    res = prune(fresh(cfg), RetrievalTask(), loaders.train, loaders.val, quick(**{**tight, "min_stage_fraction": 0.0}))
     slivers = [r for r in res.stage_log if r["mode"] in ("P_v", "P_l")]
     assert slivers and all(r["flops_removed_step"] < 0.25 * 0.1 for r in slivers)
     with pytest.raises(ConfigError, match="min_stage_fraction"):
@@ -104,7 +105,8 @@ def test_mode_that_can_remove_only_a_sliver_is_exhausted_before_its_stage(setup)
 @pytest.mark.parametrize("strategy", ["param-only", "token-only", "sjp", "random-mode", "no-cit", "uniform-rms"])
 def test_strategies_run(setup, strategy):
     cfg, _, loaders = setup
-    res = prune(fresh(cfg), RetrievalTask(), loaders.train, loaders.val, quick(ratio=0.3, strategy=strategy, finetune_steps=0))
+    ratio = 0.25 if strategy == "token-only" else 0.3  # token-only's floor (10% of tokens at every site) keeps ~70%
+    res = prune(fresh(cfg), RetrievalTask(), loaders.train, loaders.val, quick(ratio=ratio, strategy=strategy, finetune_steps=0))
     modes = {r["mode"] for r in res.stage_log}
     if strategy == "param-only":
         assert modes == {"P"}
@@ -112,7 +114,7 @@ def test_strategies_run(setup, strategy):
     if strategy == "token-only":
         assert modes <= {"T_v", "T_l"}
         assert all(len(lay.heads) == 4 for t in res.recipe.towers.values() for lay in t)
-    assert res.recipe.flops_kept <= 0.7 + 1e-9
+    assert res.recipe.flops_kept <= 1 - ratio + 1e-9
 
 
 def test_unreachable_single_target_fails_at_plan_time(setup):
@@ -123,8 +125,8 @@ def test_unreachable_single_target_fails_at_plan_time(setup):
 
 def test_sweep_keeps_reachable_snapshots(setup):
     cfg, _, loaders = setup
-    pruner = Pruner(fresh(cfg), RetrievalTask(), loaders.val, quick(ratio=0.3, snapshots=(0.97,), strategy="token-only"))
-    assert pruner.not_reached == [0.97] and pruner.pending_targets == [0.3]
+    pruner = Pruner(fresh(cfg), RetrievalTask(), loaders.val, quick(ratio=0.2, snapshots=(0.97,), strategy="token-only"))
+    assert pruner.not_reached == [0.97] and pruner.pending_targets == [0.2]
 
 
 def test_immediate_cost_is_the_damage_the_stage_ends_with_when_nothing_trains(setup):
@@ -187,6 +189,7 @@ def test_nan_statistic_is_reported(setup):
     pruner = Pruner(model, RetrievalTask(), loaders.val, quick(ratio=0.3))
     with torch.no_grad():
         model.vision_model.encoder.layers[1].mlp.fc1.weight[0, 0] = float("nan")
+    loaders.train.load_state_dict({"epoch": 0, "position": 0})  # calibration must see batches whatever ran before
     with pytest.raises(comp_vlm.CompVLMError, match="vision layer"):
         pruner.calibrate(iter(loaders.train))
 

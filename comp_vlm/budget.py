@@ -1,0 +1,108 @@
+"""FLOPs budget of the staged search, pure numbers (method.md §1 keep ratios, §3 steps and slivers).
+
+- Token plans: a token mode's state is one *level* q, the cumulative keep of the prunable tokens at its deepest
+  site. :func:`pyramid_keep_ratios` turns q into per-site keep ratios r_j (each site keeps r_j of the prunable
+  tokens that reach it) whose cumulative keep c_j = r_0 ... r_j forms a pyramid: c_j decreases with depth and
+  c_last = q. :func:`token_level_range` bounds one stage (no site loses more than ``max_cut`` of what is left
+  there) and the mode as a whole (every site keeps at least ``floor`` of the tokens entering the tower).
+- Steps: :func:`next_step` plans the FLOPs one stage removes, cut short to land on the next snapshot, and enlarged
+  so that no remainder below the sliver bound is left before it.
+"""
+
+from __future__ import annotations
+
+import math
+
+TOKEN_PLANS = ("linear", "geometric", "legacy")
+"""``linear``: c_j = 1 - (1 - q)(j + 1)/n (shallow sites keep most); ``geometric``: c_j = q^((j + 1)/n), every site
+keeps the same share of what reaches it (PDrop's pyramid); ``legacy``: the first rule, every site keeps q of what
+reaches it (c_j = q^(j + 1): compounds), with no stage bound and a one-token floor."""
+
+LEGACY_MIN_LEVEL = 1e-6  # the first rule's lower end of the bisection (a site then keeps a single token)
+
+
+def cumulative_keep(level: float, n_sites: int, plan: str) -> list[float]:
+    """c_j, the share of a tower's prunable tokens still present after site j, for j = 0..n_sites-1."""
+    if plan not in TOKEN_PLANS:
+        raise ValueError(f"unknown token plan {plan!r}; expected one of {TOKEN_PLANS}")
+    if not 0.0 < level <= 1.0:
+        raise ValueError(f"token level must lie in (0, 1], got {level}")
+    if plan == "legacy":
+        return [level ** (j + 1) for j in range(n_sites)]
+    if plan == "linear":
+        return [1.0 - (1.0 - level) * (j + 1) / n_sites for j in range(n_sites)]
+    return [level ** ((j + 1) / n_sites) for j in range(n_sites)]
+
+
+def pyramid_keep_ratios(level: float, n_sites: int, plan: str) -> list[float]:
+    """Per-site keep ratios r_j = c_j / c_{j-1} (c_{-1} = 1) of :func:`cumulative_keep`; all in (0, 1]."""
+    if plan == "legacy":
+        cumulative_keep(level, n_sites, plan)  # validates
+        return [level] * n_sites
+    c = cumulative_keep(level, n_sites, plan)
+    return [min(1.0, c[j] / (c[j - 1] if j else 1.0)) for j in range(n_sites)]
+
+
+def token_level_range(current: float, plan: str, floor: float, max_cut: float) -> tuple[float, float]:
+    """The levels one stage may move a token mode to: ``(lowest, current)``.
+
+    For the pyramid plans c_j(q') / c_j(q) is smallest at the deepest site, where it is q'/q, so "no site loses
+    more than ``max_cut`` of what is left there" is q' ≥ (1 - max_cut) q, and "every site keeps ≥ ``floor`` of
+    the tokens entering the tower" is q' ≥ floor (c_j ≥ c_last = q'). ``legacy`` ignores both (first rule).
+    """
+    if plan == "legacy":
+        return min(LEGACY_MIN_LEVEL, current), current
+    if not 0.0 < floor <= 1.0 or not 0.0 < max_cut <= 1.0:
+        raise ValueError(f"token floor and max cut must lie in (0, 1], got {floor}, {max_cut}")
+    return min(current, max(floor, (1.0 - max_cut) * current)), current
+
+
+def next_step(kept: float, next_target_kept: float, step: float, sliver: float) -> float:
+    """FLOPs fraction the next stage removes (method.md §3): the fixed ``step``, cut short to land exactly on the
+    next snapshot (``next_target_kept``, a FLOPs-kept fraction), and enlarged to the whole remainder when less than
+    ``sliver`` (a fraction of ``step``) would otherwise be left before that snapshot."""
+    remaining = kept - next_target_kept
+    if remaining <= step + sliver * step:
+        return max(remaining, 0.0)
+    return step
+
+
+def is_sliver(removed: float, step: float, sliver: float) -> bool:
+    """A stage whose realised ΔF is below the sliver bound: its cost is too noisy to update MPS history."""
+    return removed < sliver * step
+
+
+
+
+
+def lr_factor(step: int, total: int, schedule: str, warmup: float = 0.0) -> float:
+    """Learning-rate multiplier at 0-based ``step`` of ``total``: ``constant`` (1), or ``cosine``: a linear warm-up
+    over the first ``warmup`` share of the steps, then cosine decay to 0 at ``total`` (held at 0 beyond)."""
+    if schedule == "constant" or total <= 0:
+        return 1.0
+    if schedule != "cosine":
+        raise ValueError(f"unknown learning-rate schedule {schedule!r}")
+    ramp = int(warmup * total)
+    if step < ramp:
+        return (step + 1) / ramp
+    progress = min(1.0, (step - ramp) / max(1, total - ramp))
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def nominal_search_steps(ratio: float, step: float, stage_steps: int) -> int:
+    """Training steps of a search that removes exactly one ``step`` per stage until ``ratio`` is removed."""
+    return math.ceil(ratio / step - 1e-9) * stage_steps
+
+
+def finetune_steps_for(ratio: float, search_steps: int, finetune_steps: int, budget: str, step: float,
+                       stage_steps: int) -> int:
+    """Fine-tuning steps of a snapshot at ``ratio`` reached after ``search_steps``: ``fixed`` gives every snapshot
+    ``finetune_steps``; ``equal-total`` tops it up so that search + fine-tuning equals the nominal search plus
+    ``finetune_steps`` (an arm that needed fewer stages trains as long as one that needed more; never below 0)."""
+    if budget == "fixed":
+        return finetune_steps
+    return max(0, nominal_search_steps(ratio, step, stage_steps) + finetune_steps - search_steps)
+
+
+__all__ = ["TOKEN_PLANS", "cumulative_keep", "finetune_steps_for", "is_sliver", "lr_factor", "next_step",
+           "nominal_search_steps", "pyramid_keep_ratios", "token_level_range"]
