@@ -356,7 +356,8 @@ class MultiModeScheduler:
         cost = float(cost)
         if not math.isfinite(cost):
             raise ValueError(f"probe cost must be finite, got {cost}")
-        r_prev, i_m = self.costs[mode], self.stages_since(mode)
+        r_prev = self.costs[mode]
+        i_m = self.stages_since(mode) or self.stage + 1  # never ran: stages since the search began
         if self.spec.use_hi and r_prev is not None:
             self.costs[mode] = history_update(r_prev, cost, i_m, self.config.lambda0, self.config.i_max)
         else:
