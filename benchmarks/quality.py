@@ -449,8 +449,9 @@ def repeat_line(records: list[dict], stem: str, labels: list[str] | set[str]) ->
 def suite_line(key: str, records: list[dict]) -> str:
     """Where a suite's records come from: world, task, dense model, commits, ``--set``."""
     if key == LEGACY:
-        return ("Suite `legacy`: records written before runs carried their world, config and commit (the repeat "
-                "commands below name their arms, seeds and ratios only).")
+        return ("Suite `legacy`: records written before runs carried their world, config and commit. The repeat "
+                "commands below name their arms, seeds, ratios and tag only (bench switches such as `--stage-steps` "
+                "were not recorded), and today's engine runs them as a new suite.")
     r = records[0]
     commits: dict[str, int] = {}
     for rec in records:
