@@ -491,7 +491,8 @@ def fixes_section(records: list[dict], ratios: list[float], h: str) -> list[str]
     present = labels_of(records)
     if "old" not in present:
         return []
-    arms = [x for x in present if x == "old" or x.startswith("old+") or x == "comp"]
+    order = ["old", *(f"old+{fix}" for fix in FIXES), "comp"]
+    arms = sorted((x for x in present if x in order), key=order.index)
     lines = ["", f"{h} The search fixes one at a time", "",
              ("old = comp with `LEGACY_OPTIONS` (the engine before the fixes); old+<fix> turns one fix on; comp has "
               "them all. Δ = arm − old, paired by seed."), "",

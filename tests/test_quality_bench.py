@@ -103,6 +103,22 @@ def test_best_rule_takes_the_best_mean_per_ratio():
     assert q.best_rule(records, 0.7, "sjp") is None
 
 
+def test_baseline_table_pairs_comp_with_each_baselines_best_rule():
+    records = [record(arm, seed, m + seed, "a") for arm, m in (("comp", 80.0), ("sjp", 70.0), ("sjp@per-flop", 78.0),
+                                                               ("no-re", 90.0), ("comp@per-flop", 99.0))
+               for seed in range(3)]
+    rows = [x for x in q.baseline_section(records, [0.8], "##") if x.startswith("| 0.8")]
+    assert rows == ["| 0.8 | sjp@per-flop | 79.00 | 81.00 | +2.00 ± 0.00 | 3 | CI excludes 0 |"]  # no-re: no baseline
+
+
+def test_fixes_table_runs_from_old_to_comp():
+    records = [record(arm, seed, m, "a") for arm, m in (("comp", 80.0), ("old+tokens", 75.0), ("old", 70.0),
+                                                        ("old+selection", 72.0), ("sjp", 1.0)) for seed in range(2)]
+    rows = [x for x in q.fixes_section(records, [0.8], "##") if x.startswith("| 0.8")]
+    assert [x.split(" | ")[1] for x in rows] == ["old", "old+selection", "old+tokens", "comp"]
+    assert "| +10.00 ± 0.00 | 2 |" in rows[-1] and q.fixes_section([records[0]], [0.8], "##") == []
+
+
 def test_control_steps_are_the_median_of_the_suites_comp_runs():
     records = [record("comp", 0, 1, "a", search_steps=100), record("comp", 0, 1, "a", ratio=0.5, search_steps=100),
                record("comp", 1, 1, "a", search_steps=200), record("comp", 2, 1, "a", search_steps=300),
