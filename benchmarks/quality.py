@@ -1,28 +1,43 @@
 """Quality suite: CoMP vs single-mode and naive joint pruning on the offline benchmark world, paired seeds.
 
-One search per (strategy, seed) passes through every requested ratio (snapshots), each snapshot fine-tuned and
+One search per (arm, seed) passes through every requested ratio (snapshots), each snapshot fine-tuned and
 evaluated; every finished run appends its records to ``benchmarks/results/quality.json`` (a list of flat records)
-and its stage log to ``quality_stages.jsonl``; a restart skips finished (strategy, seed) runs, so the suite can
-run in the background across sessions. ``--report`` renders the markdown table (means, mean paired differences
-vs comp with 95% CIs) and the PNG plots from whatever is recorded.
+and its stage log to ``quality_stages.jsonl``. Every record names what produced it: the world, model, task and
+bench settings, the git commit, and the full PruneConfig. A *suite* is the set of runs that share all of that
+except the arm-level fields (strategy, seed, the arm's own options, the unit-selection rule); its key is a short
+hash. A restart skips a run whose (suite, arm label, seed) is recorded, so the suite can run in the background
+across sessions, and arms are paired by seed only within one suite. ``--report`` renders the markdown tables
+(means, mean paired differences vs comp with 95% CIs) and the PNG plots per suite from whatever is recorded;
+records written before the suite keys form the suite ``legacy``.
 
     python benchmarks/quality.py --smoke                 # minutes: tiny everything, writes to /tmp
     python benchmarks/quality.py                         # the suite (hours on 2 CPU cores)
+    python benchmarks/quality.py --set distill=0.5       # every arm with that PruneConfig field changed
+    python benchmarks/quality.py --strategies comp,old,old+tokens   # the search fixes one at a time
     python benchmarks/quality.py --report                # tables + plots from the recorded runs
+    python benchmarks/quality.py --report --out benchmarks/results/before   # the results before the search fixes
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import dataclasses
+import hashlib
+import itertools
 import json
 import math
 import os
+import shlex
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+import types
+import typing
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +45,10 @@ import torch
 
 import comp_vlm
 import comp_vlm.engine
+from comp_vlm.dense import cache_key
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_world import Bench, make_bench
+from bench_world import FULL, SMOKE, Bench, BenchSettings, make_bench
 
 MAIN = ("comp", "param-only", "token-only", "sjp", "cycle", "random-mode")
 ABLATIONS = ("greedy", "no-cip", "uniform-rms", "no-cit", "no-re", "no-hi")
@@ -41,13 +57,224 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "comp-immediate": ("comp", {"cost_measure": "immediate"}),  # MPS cost = damage before any recovery training
     "comp-metric": ("comp", {"badness": "metric"}),  # B = -validation R@1 (the paper's choice) instead of val loss
 }
+# the PruneConfig options that reproduce the engine as it was before the search fixes, and the fields of each fix
+LEGACY_OPTIONS: dict[str, Any] = {"selection": "per-flop", "token_plan": "legacy", "warmup_order": "fixed",
+                                  "sliver_fraction": 0.0, "min_stage_fraction": 0.25, "lr_schedule": "constant",
+                                  "finetune_schedule": "constant", "distill": 0.0}
+FIXES: dict[str, tuple[str, ...]] = {"selection": ("selection",), "tokens": ("token_plan", "min_stage_fraction"),
+                                     "warmup": ("warmup_order",), "sliver": ("sliver_fraction",),
+                                     "recovery": ("lr_schedule", "finetune_schedule", "distill")}
 
 
+FROM_SUITE = "<suite value>"  # an arm option that takes the suite's value: the engine default, or --set
+
+
+def fix_arms(legacy: dict[str, Any], fixes: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, dict[str, Any]]]:
+    """``old`` = comp with the legacy options; ``old+<fix>`` = the legacy options with that fix's fields at the
+    suite's value (the engine default unless ``--set`` changes it)."""
+    arms = {"old": ("comp", dict(legacy))}
+    for fix, fields in fixes.items():
+        arms[f"old+{fix}"] = ("comp", legacy | dict.fromkeys(fields, FROM_SUITE))
+    return arms
+
+
+ARMS: dict[str, tuple[str, dict[str, Any]]] = {**VARIANTS, **fix_arms(LEGACY_OPTIONS, FIXES)}
+COMP_FAMILY = ("comp", *ARMS)  # comp with other options: MPS sections in the report
+SINGLE_MODE = ("param-only", "token-only")
+NAIVE_JOINT = ("sjp", "cycle", "random-mode")
+CONTROL = "dense+ft"  # the dense model trained as long as a comp run
+LEGACY = "legacy"  # the suite of records written before runs carried their identity
+UNRECORDED = ("log_path", "checkpoint_dir", "resume", "progress")  # PruneConfig fields that are no part of a run
+ARM_LEVEL = ("strategy", "seed", "selection")  # fields that differ between the arms of one suite (+ arm options)
+NOT_SETTABLE = {"strategy": "--strategies", "seed": "--seeds", "ratio": "--ratios", "snapshots": "--ratios",
+                **{k: "nothing (not recorded)" for k in UNRECORDED}}
+
+
+# ---- arms, configs and suites ----------------------------------------------------------------------------------
 def arm_strategy(arm: str) -> tuple[str, dict[str, Any]]:
     """The engine strategy and extra PruneConfig options of an arm name."""
-    return VARIANTS.get(arm, (arm, {}))
+    return ARMS.get(arm, (arm, {}))
 
 
+def config_fields(config_type: type = comp_vlm.PruneConfig) -> list[str]:
+    return [f.name for f in dataclasses.fields(config_type)]
+
+
+def arm_config(base: Any, arm: str, seed: int, progress: bool = False) -> Any:
+    """``base`` (the invocation's PruneConfig) as the arm runs it: its strategy and options (which win over
+    ``--set``), ``seed``. Raises ConfigError naming any option the engine's PruneConfig lacks."""
+    strategy, options = arm_strategy(arm)
+    missing = [k for k in options if k not in config_fields(type(base))]
+    if missing:
+        raise comp_vlm.ConfigError(f"arm {arm}: PruneConfig has no field {', '.join(missing)} "
+                                   "(the arm needs the engine's search fixes)")
+    options = {k: getattr(base, k) if v == FROM_SUITE else v for k, v in options.items()}
+    return dataclasses.replace(base, strategy=strategy, seed=seed, progress=progress, **options)
+
+
+def config_dict(config: Any) -> dict[str, Any]:
+    """Every PruneConfig field but paths and switches, as JSON values (tuples become lists)."""
+    return {k: json.loads(json.dumps(v)) for k, v in dataclasses.asdict(config).items() if k not in UNRECORDED}
+
+
+def arm_label(arm: str, selection: Any, default_selection: Any) -> str:
+    """The arm name, plus ``@<selection>`` when the run's unit-selection rule is not the one the arm implies (its
+    own option, else the suite's default)."""
+    expected = arm_strategy(arm)[1].get("selection", FROM_SUITE)
+    return arm if selection == (default_selection if expected == FROM_SUITE else expected) else f"{arm}@{selection}"
+
+
+def suite_key(identity: dict[str, Any], base: dict[str, Any], default_selection: Any) -> str:
+    """Short stable hash of the world, model, task and bench settings (``identity``), the invocation's PruneConfig
+    ``base`` (a ``config_dict``, before arm options) minus the arm-level fields, and the default selection rule."""
+    payload = {**identity, "config": {k: v for k, v in base.items() if k not in ARM_LEVEL},
+               "default_selection": default_selection}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:12]
+
+
+def suite_of(record: dict) -> str:
+    return record.get("suite", LEGACY)
+
+
+def label_of(record: dict) -> str:
+    return record.get("arm", record["strategy"])
+
+
+def base_name(label: str) -> str:
+    return label.split("@", 1)[0]
+
+
+def done_runs(records: list[dict]) -> set[tuple[str, str, int]]:
+    """The (suite, arm label, seed) of every recorded run: what a restart skips."""
+    return {(suite_of(r), label_of(r), r["seed"]) for r in records}
+
+
+def by_suite(items: list[dict]) -> dict[str, list[dict]]:
+    """Records or stage records per suite key, in the order the suites first appear."""
+    out: dict[str, list[dict]] = {}
+    for item in items:
+        out.setdefault(suite_of(item), []).append(item)
+    return out
+
+
+# ---- --set KEY=VALUE ---------------------------------------------------------------------------------------------
+def parse_value(text: str, hint: Any) -> Any:
+    """``text`` as a value of type ``hint`` (bool, int, float, str, tuple[X, ...] as comma-separated, dict as
+    JSON, ``X | None`` with ``none``)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if text.strip().lower() in ("none", "null") and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        if len(options) != 1:
+            raise ValueError(f"cannot parse a value of type {hint}")
+        return parse_value(text, options[0])
+    if hint is bool:
+        word = text.strip().lower()
+        if word in ("1", "true", "yes", "on") or word in ("0", "false", "no", "off"):
+            return word in ("1", "true", "yes", "on")
+        raise ValueError(f"expected a bool (true/false), got {text!r}")
+    if hint in (int, float, str):
+        try:
+            return hint(text)
+        except ValueError:
+            raise ValueError(f"expected {hint.__name__}, got {text!r}") from None
+    if origin is tuple:
+        return tuple(parse_value(x.strip(), args[0] if args else str) for x in text.split(",") if x.strip())
+    if hint is dict or origin is dict:
+        value = json.loads(text)
+        if not isinstance(value, dict):
+            raise ValueError(f"expected a JSON object, got {text!r}")
+        return value
+    raise ValueError(f"cannot parse a value of type {hint}")
+
+
+def parse_overrides(items: list[str], config_type: type = comp_vlm.PruneConfig) -> dict[str, Any]:
+    """``--set KEY=VALUE`` items as PruneConfig values parsed by each field's type; ValueError (one line) for a
+    malformed item, an unknown field or one the suite sets itself."""
+    hints = typing.get_type_hints(config_type)
+    fields = config_fields(config_type)
+    values: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep:
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE")
+        if key not in fields:
+            raise ValueError(f"--set {key}: PruneConfig has no field {key!r}")
+        if key in NOT_SETTABLE:
+            raise ValueError(f"--set {key}: set by {NOT_SETTABLE[key]}, not --set")
+        try:
+            values[key] = parse_value(text, hints[key])
+        except ValueError as exc:
+            raise ValueError(f"--set {item}: {exc}") from None
+    return values
+
+
+# ---- provenance --------------------------------------------------------------------------------------------------
+def git_state(root: Path) -> tuple[str | None, bool | None]:
+    """HEAD of the repository at ``root`` and whether tracked files under comp_vlm/ or benchmarks/ (results
+    excluded: the suite writes them) differ from it; (None, None) outside git."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout
+
+    try:
+        head = git("rev-parse", "HEAD").strip()
+        changed = git("status", "--porcelain", "--untracked-files=no", "--", "comp_vlm", "benchmarks",
+                      ":(exclude)benchmarks/results")
+    except (OSError, subprocess.CalledProcessError):
+        return None, None
+    return head, bool(changed.strip())
+
+
+def bench_identity(bench: Bench) -> dict[str, Any]:
+    """The world, model (bench settings name, the shapes and the dense model's cache key), task and bench
+    settings of the benchmark: what a suite key and every record carry."""
+    s = bench.settings
+    cfg = bench.config()
+    v, t = cfg.vision_config, cfg.text_config
+    model = {"name": s.name, "dense_id": cache_key(cfg, s.dense, bench.data_id()), "projection_dim": cfg.projection_dim,
+             "vision": {"hidden": v.hidden_size, "intermediate": v.intermediate_size, "layers": v.num_hidden_layers,
+                        "heads": v.num_attention_heads, "image_size": v.image_size, "patch_size": v.patch_size},
+             "text": {"hidden": t.hidden_size, "intermediate": t.intermediate_size, "layers": t.num_hidden_layers,
+                      "heads": t.num_attention_heads, "vocab": t.vocab_size,
+                      "max_positions": t.max_position_embeddings}}
+    task = {"name": "retrieval", "gallery_size": bench.task.gallery_size, "metric": bench.task.primary_metric}
+    return {"world": bench.data_id(), "model": model, "task": task, "bench": dataclasses.asdict(s)}
+
+
+def base_config(settings: BenchSettings, ratios: list[float], values: dict[str, Any]) -> Any:
+    """The invocation's PruneConfig: the bench settings, every ratio as a snapshot, ``--set`` values on top."""
+    bench = {"stage_steps": settings.stage_steps, "flops_step": settings.flops_step,
+             "finetune_steps": settings.finetune_steps, "calibration_batches": settings.calibration_batches,
+             "lr": settings.prune_lr}
+    ratios = sorted(set(ratios))
+    return comp_vlm.PruneConfig(ratio=ratios[-1], snapshots=tuple(ratios), progress=False, **(bench | values))
+
+
+@dataclasses.dataclass
+class Invocation:
+    """What every run of one invocation shares: identity, suite key, commit, ``--set`` and the base config."""
+
+    identity: dict[str, Any]
+    base: Any
+    overrides: dict[str, str]  # --set as typed (recorded, for the report's repeat commands)
+    commit: str | None
+    dirty: bool | None
+    default_selection: Any
+
+    @property
+    def suite(self) -> str:
+        return suite_key(self.identity, config_dict(self.base), self.default_selection)
+
+    def run_identity(self, arm: str, config: Any) -> dict[str, Any]:
+        """The identity fields of one run of ``arm`` with ``config``."""
+        return {"strategy": arm, "arm": arm_label(arm, getattr(config, "selection", None), self.default_selection),
+                "seed": config.seed, "suite": self.suite, **self.identity, "commit": self.commit,
+                "dirty": self.dirty, "overrides": self.overrides, "config": config_dict(config)}
+
+
+# ---- results files -----------------------------------------------------------------------------------------------
 def load_records(path: Path) -> list[dict]:
     return json.loads(path.read_text()) if path.is_file() else []
 
@@ -56,15 +283,22 @@ def load_stages(path: Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines()] if path.is_file() else []
 
 
-def update_json(path: Path, change: Callable[[Any], Any], empty: Any) -> None:
-    """Read ``path`` (``empty`` if absent), apply ``change``, write it back through a temp file and rename, under an
-    exclusive lock: a crash never leaves a truncated results file, and suite processes running side by side (e.g.
-    one per core) never lose each other's updates."""
+@contextlib.contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """An exclusive lock on ``path``'s lock file: suite processes side by side never interleave their writes."""
     import fcntl
 
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def update_json(path: Path, change: Callable[[Any], Any], empty: Any) -> None:
+    """Read ``path`` (``empty`` if absent), apply ``change``, write it back through a temp file and rename, under an
+    exclusive lock: a crash never leaves a truncated results file, and suite processes running side by side (e.g.
+    one per core) never lose each other's updates."""
+    with locked(path):
         value = change(json.loads(path.read_text()) if path.is_file() else empty)
         fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
         with os.fdopen(fd, "w") as fh:
@@ -76,6 +310,21 @@ def append_records(path: Path, new: list[dict]) -> None:
     update_json(path, lambda records: records + new, [])
 
 
+def append_line(path: Path, value: Any) -> None:
+    """Append ``value`` as one JSON line, under the lock (a long line may take several writes)."""
+    with locked(path), path.open("a") as fh:
+        fh.write(json.dumps(value) + "\n")
+
+
+def merge_floors(recorded: dict, suite: str, floors: dict[str, float]) -> dict:
+    """``recorded`` floors ({suite: {arm: floor}}) with ``floors`` added under ``suite``; a flat file of the
+    legacy format ({arm: floor}) becomes the suite ``legacy``."""
+    if recorded and not all(isinstance(v, dict) for v in recorded.values()):
+        recorded = {LEGACY: recorded}
+    return recorded | {suite: recorded.get(suite, {}) | floors}
+
+
+# ---- statistics --------------------------------------------------------------------------------------------------
 def mean_ci(values: list[float]) -> tuple[float, float]:
     """Mean and the half-width of a 95% t-interval (nan for fewer than 2 values)."""
     from scipy.stats import t as student_t  # optional dependency, only for the report
@@ -86,32 +335,57 @@ def mean_ci(values: list[float]) -> tuple[float, float]:
     return m, student_t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
 
 
-SINGLE_MODE = ("param-only", "token-only")
-NAIVE_JOINT = ("sjp", "cycle", "random-mode")
+def order_key(label: str) -> tuple[int, str]:
+    known = (CONTROL,) + MAIN + ABLATIONS + tuple(ARMS)
+    name = base_name(label)
+    return (known.index(name) if name in known else len(known), label)
 
 
-def order_key(strategy: str) -> tuple[int, str]:
-    known = ("dense+ft",) + MAIN + ABLATIONS + tuple(VARIANTS)
-    return (known.index(strategy) if strategy in known else len(known), strategy)
+def is_baseline(name: str) -> bool:
+    """Single-mode and naive joint arms, and any arm the suite does not know (not comp, its ablations or options)."""
+    return name in SINGLE_MODE + NAIVE_JOINT or name not in (CONTROL,) + MAIN + ABLATIONS + tuple(ARMS)
 
 
 def paired(records: list[dict], ratio: float, a: str, b: str) -> list[float]:
-    """Per-seed differences a - b at ``ratio`` over the seeds where both arms reached it."""
-    keyed = {(r["strategy"], r["seed"]): r for r in records if r["ratio"] == ratio and r["reached"]}
-    return [keyed[(a, seed)]["metric"] - keyed[(b, seed)]["metric"]
-            for (s, seed) in sorted(keyed) if s == b and (a, seed) in keyed]
+    """Per-seed differences a - b (arm labels) at ``ratio`` over the seeds where both reached it, within a suite."""
+    keyed = {(suite_of(r), label_of(r), r["seed"]): r for r in records if r["ratio"] == ratio and r["reached"]}
+    return [keyed[(suite, a, seed)]["metric"] - rec["metric"]
+            for (suite, label, seed), rec in sorted(keyed.items()) if label == b and (suite, a, seed) in keyed]
 
 
-def arm_mean(records: list[dict], ratio: float, strategy: str) -> float:
-    rows = [r["metric"] for r in records if r["strategy"] == strategy and r["ratio"] == ratio and r["reached"]]
+def arm_mean(records: list[dict], ratio: float, label: str) -> float:
+    rows = [r["metric"] for r in records if label_of(r) == label and r["ratio"] == ratio and r["reached"]]
     return statistics.fmean(rows) if rows else -math.inf
 
 
+def labels_of(items: list[dict]) -> list[str]:
+    return sorted({label_of(x) for x in items}, key=order_key)
+
+
+def best_rule(records: list[dict], ratio: float, name: str) -> str | None:
+    """The label of arm ``name`` under its best unit-selection rule at ``ratio`` (highest mean; None: unreached)."""
+    reached = [x for x in labels_of(records) if base_name(x) == name and arm_mean(records, ratio, x) > -math.inf]
+    return max(reached, key=lambda x: arm_mean(records, ratio, x)) if reached else None
+
+
+def delta(diffs: list[float]) -> str:
+    if len(diffs) < 2:
+        return ""
+    m, h = mean_ci(diffs)
+    return f"{m:+.2f} ± {h:.2f}"
+
+
+def verdict(diffs: list[float]) -> str:
+    m, h = mean_ci(diffs)
+    return "CI excludes 0" if m - h > 0 or m + h < 0 else "CI includes 0"
+
+
 def headline(records: list[dict], ratio: float, arm: str = "comp") -> list[str]:
-    """``arm`` (CoMP) vs the best single-mode arm and vs the best naive joint arm (best = highest mean at ``ratio``)."""
+    """``arm`` (CoMP) vs the best single-mode arm and vs the best naive joint arm (best = highest mean at ``ratio``
+    over the arms and their selection rules)."""
     lines = []
     for label, group in (("best single-mode arm", SINGLE_MODE), ("best naive joint arm", NAIVE_JOINT)):
-        present = [g for g in group if arm_mean(records, ratio, g) > -math.inf]
+        present = [x for x in labels_of(records) if base_name(x) in group and arm_mean(records, ratio, x) > -math.inf]
         if not present or arm_mean(records, ratio, arm) == -math.inf:
             continue
         best = max(present, key=lambda g: arm_mean(records, ratio, g))
@@ -119,127 +393,236 @@ def headline(records: list[dict], ratio: float, arm: str = "comp") -> list[str]:
         if len(diffs) < 2:
             continue
         m, h = mean_ci(diffs)
-        verdict = "CI excludes 0" if m - h > 0 or m + h < 0 else "CI includes 0"
         lines.append(f"- at {ratio}: {arm} − {label} ({best}) = **{m:+.2f} ± {h:.2f}** R@1 points "
-                     f"(n = {len(diffs)} paired seeds; {verdict})")
+                     f"(n = {len(diffs)} paired seeds; {verdict(diffs)})")
     return lines
 
 
-def report(records: list[dict], stages: list[dict], out: Path, stem: str) -> None:
-    if not records:
-        return
-    strategies = sorted({r["strategy"] for r in records}, key=order_key)
-    ratios = sorted({r["ratio"] for r in records if r["strategy"] != "dense+ft"})
-    dense = statistics.fmean(r["dense_metric"] for r in records)
-    model = records[0]["model"]
-    lines = ["# Quality: retrieval R@1 (mean of image→text and text→image, fixed-size galleries) after pruning",
-             "", f"Model `{model}`, {len(records)} records. Dense R@1: {dense:.2f}.",
-             "Mean over seeds of the arms that reached the ratio; Δ = mean paired difference comp − arm (same dense "
-             "model, same data order per seed) ± 95% t-interval half-width; n = paired seeds.", ""]
-    control = [r for r in records if r["strategy"] == "dense+ft"]
-    if control:
-        m, h = mean_ci([r["metric"] for r in control])
-        lines += [f"Control, dense + the same training steps as a comp run ({control[0]['steps']} steps): "
-                  f"{m:.2f} ± {h:.2f} (n = {len(control)}).", ""]
-    lines += ["## Headline", ""]
+# ---- report ------------------------------------------------------------------------------------------------------
+def switches(record: dict, stem: str) -> tuple[str, ...]:
+    """The command-line switches that select a record's bench settings and results files."""
+    bench = record.get("bench") or {}
+    model = record.get("model")
+    name = model.get("name") if isinstance(model, dict) else model
+    out: tuple[str, ...] = ("--smoke",) if name == SMOKE.name else ()
+    default = SMOKE if name == SMOKE.name else FULL
+    if bench.get("stage_steps", default.stage_steps) != default.stage_steps:
+        out += ("--stage-steps", str(bench["stage_steps"]))
+    if stem.startswith("quality-"):
+        out += ("--tag", stem[len("quality-"):])
+    return out
+
+
+def repeat_commands(records: list[dict], stem: str) -> list[str]:
+    """Commands that run ``records``' arms and seeds again (into a fresh ``--out``): one per group of arms that
+    share ratios, seeds, ``--set`` and bench switches; the dense+ft seeds go with the first group holding comp."""
+    ratios: dict[tuple, set[float]] = {}
+    for r in records:
+        if r["strategy"] != CONTROL:
+            setting = (tuple(sorted((r.get("overrides") or {}).items())), switches(r, stem))
+            ratios.setdefault((setting, r["strategy"], r["seed"]), set()).add(r["ratio"])
+    seeds: dict[tuple, list[int]] = {}
+    for (setting, arm, seed), rs in ratios.items():
+        seeds.setdefault((setting, arm, tuple(sorted(rs))), []).append(seed)
+    groups: dict[tuple, list[str]] = {}
+    for (setting, arm, rs), ss in seeds.items():
+        groups.setdefault((setting, rs, tuple(sorted(ss))), []).append(arm)
+    controls = sorted({r["seed"] for r in records if r["strategy"] == CONTROL})
+    commands = []
+    for ((overrides, flags), rs, ss), arms in groups.items():
+        control = controls if "comp" in arms else []
+        controls = [] if control else controls
+        args = [*flags, "--strategies", ",".join(sorted(arms, key=order_key)), "--ratios", ",".join(map(str, rs)),
+                "--seeds", ",".join(map(str, ss)), "--control-seeds", ",".join(map(str, control))]
+        for key, value in overrides:
+            args += ["--set", f"{key}={value}"]
+        commands.append("python benchmarks/quality.py " + shlex.join(args))
+    return commands
+
+
+def repeat_line(records: list[dict], stem: str, labels: list[str] | set[str]) -> list[str]:
+    """The line under a table naming the command(s) that repeat its arms."""
+    commands = repeat_commands([r for r in records if label_of(r) in labels], stem)
+    return ["", "Repeat: " + "; ".join(f"`{c}`" for c in commands)] if commands else []
+
+
+def suite_line(key: str, records: list[dict]) -> str:
+    """Where a suite's records come from: world, task, dense model, commits, ``--set``."""
+    if key == LEGACY:
+        return ("Suite `legacy`: records written before runs carried their world, config and commit. The repeat "
+                "commands below name their arms, seeds, ratios and tag only (bench switches such as `--stage-steps` "
+                "were not recorded), and today's engine runs them as a new suite.")
+    r = records[0]
+    commits: dict[str, int] = {}
+    for rec in records:
+        name = f"`{(rec['commit'] or 'unknown')[:10]}`" + (" (uncommitted changes)" if rec["dirty"] else "")
+        commits[name] = commits.get(name, 0) + 1
+    sets = sorted({" ".join(f"{k}={v}" for k, v in sorted((rec.get("overrides") or {}).items())) or "none"
+                   for rec in records})
+    return (f"Suite `{key}`: world `{r['world']}`, task {r['task']['name']} (galleries of "
+            f"{r['task']['gallery_size']}), dense model `{r['model']['dense_id']}`; commit "
+            + ", ".join(f"{c} ({n} records)" for c, n in commits.items()) + "; `--set`: " + "; ".join(sets) + ".")
+
+
+def baseline_section(records: list[dict], ratios: list[float], h: str, arm: str = "comp") -> list[str]:
+    """``arm`` at its default rule vs every baseline present, each under its best selection rule per ratio."""
+    names = list(dict.fromkeys(base_name(x) for x in labels_of(records) if is_baseline(base_name(x))))
+    rows = []
     for ratio in ratios:
-        lines += headline(records, ratio)
-    variants = [v for v in VARIANTS if v in strategies]
-    if variants:
-        lines += ["", "Variants of comp (same seeds; Δ in the table below is comp − variant):", ""]
-        for ratio in ratios:
-            for v in variants:
-                lines += headline(records, ratio, v)
-    lines += ["", "## All arms", "", "| ratio | strategy | mean ± 95% CI | FLOPs kept | Δ comp − arm | n | reached |",
-              "|---|---|---|---|---|---|---|"]
-    for ratio in ratios:
-        for s in strategies:
-            if s == "dense+ft":
-                continue
-            all_rows = [r for r in records if r["strategy"] == s and r["ratio"] == ratio]
-            rows = [r for r in all_rows if r["reached"]]
-            if not all_rows:
-                continue
-            if not rows:
-                lines.append(f"| {ratio} | {s} | not reached | | | | 0/{len(all_rows)} |")
-                continue
-            m, h = mean_ci([r["metric"] for r in rows])
-            kept = statistics.fmean(r["flops_kept"] for r in rows)
-            diffs = paired(records, ratio, "comp", s) if s != "comp" else []
-            delta = ""
-            if len(diffs) >= 2:
-                dm, dh = mean_ci(diffs)
-                delta = f"{dm:+.2f} ± {dh:.2f}"
-            lines.append(f"| {ratio} | {s} | {m:.2f} ± {h:.2f} | {kept:.3f} | {delta} | {len(diffs) or len(rows)} "
-                         f"| {len(rows)}/{len(all_rows)} |")
-    lines += structure_section(stages) + cost_section(stages)
-    for arm in ("comp",) + tuple(VARIANTS):
-        runs = [st for st in stages if st["strategy"] == arm]
-        if not runs:
+        if arm_mean(records, ratio, arm) == -math.inf:
             continue
-        counts: dict[str, int] = {}
-        for st in runs:
-            for mode in st["modes"]:
-                counts[mode] = counts.get(mode, 0) + 1
-        total = sum(counts.values())
-        lines += ["", f"## MPS ({arm}): stages per mode over all seeds", "",
-                  ", ".join(f"{m}: {c} ({100 * c / total:.0f}%)" for m, c in sorted(counts.items()))]
-    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
-    plot(records, stages, strategies, ratios, out / f"{stem}.png")
+        for name in names:
+            best = best_rule(records, ratio, name)
+            if best is None:
+                rows.append(f"| {ratio} | {name} | not reached | | | | |")
+                continue
+            diffs = paired(records, ratio, arm, best)
+            rows.append(f"| {ratio} | {best} | {arm_mean(records, ratio, best):.2f} | {arm_mean(records, ratio, arm):.2f} "
+                        f"| {delta(diffs)} | {len(diffs)} | {verdict(diffs) if len(diffs) >= 2 else ''} |")
+    if not rows:
+        return []
+    return (["", f"{h} {arm} vs each baseline (its best selection rule at each ratio)", "",
+             f"| ratio | baseline (best rule) | baseline mean | {arm} mean | Δ {arm} − baseline | n | |",
+             "|---|---|---|---|---|---|---|", *rows])
 
 
-def structure_section(stages: list[dict], ratio: str = "0.8") -> list[str]:
+def fixes_section(records: list[dict], ratios: list[float], h: str) -> list[str]:
+    """The search fixes one at a time: each ``old+<fix>`` and comp vs ``old``, paired by seed."""
+    present = labels_of(records)
+    if "old" not in present:
+        return []
+    order = ["old", *(f"old+{fix}" for fix in FIXES), "comp"]
+    arms = sorted((x for x in present if x in order), key=order.index)
+    lines = ["", f"{h} The search fixes one at a time", "",
+             ("old = comp with `LEGACY_OPTIONS` (the engine before the fixes); old+<fix> turns one fix on; comp has "
+              "them all. Δ = arm − old, paired by seed."), "",
+             "| ratio | arm | mean ± 95% CI | Δ arm − old | n |", "|---|---|---|---|---|"]
+    for ratio in ratios:
+        for x in arms:
+            rows = [r["metric"] for r in records if label_of(r) == x and r["ratio"] == ratio and r["reached"]]
+            if not rows:
+                continue
+            m, hw = mean_ci(rows)
+            diffs = paired(records, ratio, x, "old") if x != "old" else []
+            lines.append(f"| {ratio} | {x} | {m:.2f} ± {hw:.2f} | {delta(diffs)} | {len(diffs) or len(rows)} |")
+    return lines
+
+
+TOKEN_PARTS = {"T_v": "vision_tokens", "T_l": "text_tokens"}
+REMOVED_PARTS = ("heads", "neurons", "vision_tokens", "text_tokens")
+
+
+def snapshot_position(stage: dict, ratio: str) -> int | None:
+    """Position in a stage record's lists of the last stage before the ``ratio`` snapshot (None: not reached).
+    Logs without snapshot stages: the first stage that keeps at most 1 - ratio (the engine's snapshot rule)."""
+    if "snapshot_stage" in stage:
+        last = stage["snapshot_stage"].get(ratio)
+        positions = [i for i, s in enumerate(stage["stage"]) if last is not None and s <= last]
+        return positions[-1] if positions else None
+    return next((i for i, kept in enumerate(stage["flops_kept"]) if kept <= 1 - float(ratio) + 1e-9), None)
+
+
+def flops_went_where(stage: dict, ratio: str = "0.8") -> dict[str, float | None] | None:
+    """Fractions of the dense FLOPs removed up to the ``ratio`` snapshot by heads, neurons, vision tokens and text
+    tokens (the stages' ``removed_by``), with ``params`` = heads + neurons. A log without ``removed_by``
+    attributes each stage's removal by its mode: T_v / T_l to vision / text tokens, the rest to ``params`` (heads
+    and neurons then None). None where the run did not reach ``ratio``."""
+    last = snapshot_position(stage, ratio)
+    if last is None:
+        return None
+    removed_by = (stage.get("removed_by") or [None] * (last + 1))[:last + 1]
+    if all(x is not None for x in removed_by):
+        parts: dict[str, float | None] = {p: sum(x.get(p, 0.0) for x in removed_by) for p in REMOVED_PARTS}
+        parts["params"] = parts["heads"] + parts["neurons"]
+        return parts
+    kept = [1.0] + list(stage["flops_kept"])
+    steps = stage.get("flops_removed_step") or [a - b for a, b in itertools.pairwise(kept)]
+    out = {"heads": None, "neurons": None, "params": 0.0, "vision_tokens": 0.0, "text_tokens": 0.0}
+    for mode, removed in zip(stage["modes"][:last + 1], steps[:last + 1]):
+        out[TOKEN_PARTS.get(mode, "params")] += removed
+    return out
+
+
+def flops_section(stages: list[dict], h: str, ratio: str = "0.8") -> list[str]:
+    """Per arm, the mean over seeds of where the FLOPs removed up to the ``ratio`` snapshot came from."""
+    by_arm: dict[str, list[dict]] = {}
+    for st in stages:
+        parts = flops_went_where(st, ratio)
+        if parts is not None:
+            by_arm.setdefault(label_of(st), []).append(parts)
+    if not by_arm:
+        return []
+    lines = ["", f"{h} Where each arm's FLOPs went at {ratio} (mean over seeds)", "",
+             (f"Fraction of the dense FLOPs removed up to the {ratio} snapshot, by what removed it. Heads and neurons "
+              "apart where the stage log records it (`removed_by`); older logs only attribute a stage by its mode "
+              "(params = heads + neurons)."), "",
+             "| arm | runs | heads | neurons | params | vision tokens | text tokens | total |",
+             "|---|---|---|---|---|---|---|---|"]
+    for arm in sorted(by_arm, key=order_key):
+        runs = by_arm[arm]
+        cells = []
+        for part in ("heads", "neurons", "params", "vision_tokens", "text_tokens"):
+            values = [run[part] for run in runs]
+            cells.append("–" if any(v is None for v in values) else f"{statistics.fmean(values):.3f}")
+        total = statistics.fmean(run["params"] + run["vision_tokens"] + run["text_tokens"] for run in runs)
+        lines.append(f"| {arm} | {len(runs)} | " + " | ".join(cells) + f" | {total:.3f} |")
+    return lines
+
+
+def structure_section(stages: list[dict], h: str = "##", ratio: str = "0.8") -> list[str]:
     """How each arm spent its FLOPs at ``ratio``: mean kept fraction of heads and neurons, and the fraction of
     tokens that survive to the last layer (product of the site keep ratios), per tower."""
-    by_strategy: dict[str, list[dict]] = {}
+    by_arm: dict[str, list[dict]] = {}
     for st in stages:
         if ratio in st.get("layers", {}):
-            by_strategy.setdefault(st["strategy"], []).append(st["layers"][ratio])
-    if not by_strategy:
+            by_arm.setdefault(label_of(st), []).append(st["layers"][ratio])
+    if not by_arm:
         return []
-    lines = ["", f"## Structure at {ratio} (mean over seeds)", "",
+    lines = ["", f"{h} Structure at {ratio} (mean over seeds)", "",
              "| strategy | tower | heads kept | neurons kept | tokens reaching the last layer |", "|---|---|---|---|---|"]
-    for strategy in sorted(by_strategy, key=order_key):
-        runs = by_strategy[strategy]
+    for arm in sorted(by_arm, key=order_key):
+        runs = by_arm[arm]
         for tower in runs[0]:
             heads = statistics.fmean(statistics.fmean(lay["heads"] for lay in run[tower]) for run in runs)
             neurons = statistics.fmean(statistics.fmean(lay["neurons"] for lay in run[tower]) for run in runs)
             tokens = statistics.fmean(math.prod(lay["keep"] for lay in run[tower]) for run in runs)
-            lines.append(f"| {strategy} | {tower} | {heads:.2f} | {neurons:.2f} | {tokens:.2f} |")
+            lines.append(f"| {arm} | {tower} | {heads:.2f} | {neurons:.2f} | {tokens:.2f} |")
     return lines
 
 
-def cost_section(stages: list[dict]) -> list[str]:
+def cost_section(stages: list[dict], h: str = "##") -> list[str]:
     """The MPS cost signal: how often a stage's measured cost (validation loss gained per FLOP removed) is
     negative, i.e. the loss fell while pruning -- recovery from earlier stages outweighing this stage's damage."""
-    lines = ["", "## MPS cost signal", "",
+    lines = ["", f"{h} MPS cost signal", "",
              "| strategy | stages | negative cost | median cost | median abs(cost) | median bootstrap SE |",
              "|---|---|---|---|---|---|"]
     rows = 0
-    for strategy in sorted({st["strategy"] for st in stages}, key=order_key):
-        costs = [c for st in stages if st["strategy"] == strategy for c in st.get("cost", []) if c is not None]
+    for arm in labels_of(stages):
+        costs = [c for st in stages if label_of(st) == arm for c in st.get("cost", []) if c is not None]
         if not costs:
             continue
         rows += 1
         negative = sum(c < 0 for c in costs) / len(costs)
-        ses = [x for st in stages if st["strategy"] == strategy for x in st.get("cost_se", []) if x is not None]
+        ses = [x for st in stages if label_of(st) == arm for x in st.get("cost_se", []) if x is not None]
         se = f"{statistics.median(ses):.2f}" if ses else "not recorded"
-        lines.append(f"| {strategy} | {len(costs)} | {100 * negative:.0f}% | {statistics.median(costs):.2f} | "
+        lines.append(f"| {arm} | {len(costs)} | {100 * negative:.0f}% | {statistics.median(costs):.2f} | "
                      f"{statistics.median(abs(c) for c in costs):.2f} | {se} |")
-    return (lines + mode_gap_section(stages)) if rows else []
+    return lines if rows else []
 
 
-def mode_gap_section(stages: list[dict],
-                     arms: tuple[str, ...] = ("comp", "cycle", "random-mode", *VARIANTS)) -> list[str]:
+GAP_ARMS = ("comp", "cycle", "random-mode", *ARMS)
+
+
+def mode_gap_section(stages: list[dict]) -> list[str]:
     """Cost per mode: whether the modes differ by more than a mode's own stage-to-stage spread (a gap MPS can
     exploit) or not (then the choice is mostly noise). cycle and random-mode sample every mode regardless of cost."""
     lines = ["", "Measured cost per mode (all stages of all seeds): median and interquartile range.", "",
              "| arm | mode | stages | median cost | IQR |", "|---|---|---|---|---|"]
     rows = 0
-    for arm in arms:
+    for arm in [x for x in labels_of(stages) if base_name(x) in GAP_ARMS]:
         by_mode: dict[str, list[float]] = {}
         for st in stages:
-            if st["strategy"] == arm:
+            if label_of(st) == arm:
                 for mode, cost in zip(st["modes"], st.get("cost", [])):
                     if cost is not None:
                         by_mode.setdefault(mode, []).append(cost)
@@ -250,8 +633,99 @@ def mode_gap_section(stages: list[dict],
     return lines if rows else []
 
 
-def plot(records: list[dict], stages: list[dict], strategies: list[str], ratios: list[float], path: Path) -> None:
-    """Metric vs FLOPs kept per strategy; the MPS mode per stage (comp, all seeds; like the paper's Fig. 6); and
+def mps_section(stages: list[dict], h: str) -> list[str]:
+    """Stages per mode over all seeds, for comp and the arms that are comp with other options."""
+    lines = []
+    for arm in [x for x in labels_of(stages) if base_name(x) in COMP_FAMILY]:
+        counts: dict[str, int] = {}
+        for st in stages:
+            if label_of(st) == arm:
+                for mode in st["modes"]:
+                    counts[mode] = counts.get(mode, 0) + 1
+        total = sum(counts.values())
+        lines += ["", f"{h} MPS ({arm}): stages per mode over all seeds", "",
+                  ", ".join(f"{m}: {c} ({100 * c / total:.0f}%)" for m, c in sorted(counts.items()))]
+    return lines
+
+
+def suite_report(key: str, records: list[dict], stages: list[dict], stem: str, multi: bool) -> list[str]:
+    """The markdown of one suite (headings one level down when the file holds several suites)."""
+    h = "###" if multi else "##"
+    labels = labels_of(records)
+    ratios = sorted({r["ratio"] for r in records if r["strategy"] != CONTROL})
+    dense = statistics.fmean(r["dense_metric"] for r in records)
+    model = records[0]["model"]
+    lines = [""] + ([f"## Suite `{key}`", ""] if multi else [])
+    name = model["name"] if isinstance(model, dict) else model
+    lines += [f"Model `{name}`, {len(records)} records. Dense R@1: {dense:.2f}.", suite_line(key, records),
+              ("Mean over seeds of the arms that reached the ratio; Δ = mean paired difference comp − arm (same dense "
+               "model, same data order per seed) ± 95% t-interval half-width; n = paired seeds."), ""]
+
+    def repeat(section: list[str], arms: list[str] | set[str]) -> list[str]:
+        return section + repeat_line(records, stem, arms) if section else []
+
+    control = [r for r in records if label_of(r) == CONTROL]
+    if control:
+        m, hw = mean_ci([r["metric"] for r in control])
+        lines += [(f"Control, dense + the same training steps as a comp run ({control[0]['steps']} steps): "
+                   f"{m:.2f} ± {hw:.2f} (n = {len(control)})."), ""]
+    lines += [f"{h} Headline", ""]
+    for ratio in ratios:
+        lines += headline(records, ratio)
+    baselines = [x for x in labels if is_baseline(base_name(x))]
+    lines += repeat(baseline_section(records, ratios, h), ["comp", *baselines])
+    variants = [x for x in labels if base_name(x) in VARIANTS]
+    if variants:
+        lines += ["", "Variants of comp (same seeds; Δ in the table below is comp − variant):", ""]
+        for ratio in ratios:
+            for v in variants:
+                lines += headline(records, ratio, v)
+    lines += repeat(fixes_section(records, ratios, h), [x for x in labels if x == "comp" or x.startswith("old")])
+    table = ["", f"{h} All arms", "", "| ratio | strategy | mean ± 95% CI | FLOPs kept | Δ comp − arm | n | reached |",
+             "|---|---|---|---|---|---|---|"]
+    for ratio in ratios:
+        for s in labels:
+            if s == CONTROL:
+                continue
+            all_rows = [r for r in records if label_of(r) == s and r["ratio"] == ratio]
+            rows = [r for r in all_rows if r["reached"]]
+            if not all_rows:
+                continue
+            if not rows:
+                table.append(f"| {ratio} | {s} | not reached | | | | 0/{len(all_rows)} |")
+                continue
+            m, hw = mean_ci([r["metric"] for r in rows])
+            kept = statistics.fmean(r["flops_kept"] for r in rows)
+            diffs = paired(records, ratio, "comp", s) if s != "comp" else []
+            table.append(f"| {ratio} | {s} | {m:.2f} ± {hw:.2f} | {kept:.3f} | {delta(diffs)} | {len(diffs) or len(rows)} "
+                         f"| {len(rows)}/{len(all_rows)} |")
+    lines += repeat(table, [x for x in labels if x != CONTROL])
+    staged = labels_of(stages)
+    lines += repeat(flops_section(stages, h), staged)
+    lines += repeat(structure_section(stages, h), staged)
+    lines += repeat(cost_section(stages, h), staged)
+    lines += repeat(mode_gap_section(stages), [x for x in staged if base_name(x) in GAP_ARMS])
+    lines += mps_section(stages, h)
+    return lines
+
+
+def report(records: list[dict], stages: list[dict], out: Path, stem: str) -> None:
+    """``stem``.md (every suite in the records, in order of appearance) and its plots (``stem``.png for a single
+    suite, else ``stem``-<suite>.png per suite)."""
+    if not records:
+        return
+    suites, stage_suites = by_suite(records), by_suite(stages)
+    lines = ["# Quality: retrieval R@1 (mean of image→text and text→image, fixed-size galleries) after pruning"]
+    for key, recs in suites.items():
+        lines += suite_report(key, recs, stage_suites.get(key, []), stem, len(suites) > 1)
+        ratios = sorted({r["ratio"] for r in recs if r["strategy"] != CONTROL})
+        png = f"{stem}.png" if len(suites) == 1 else f"{stem}-{key}.png"
+        plot(recs, stage_suites.get(key, []), labels_of(recs), ratios, out / png)
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+
+
+def plot(records: list[dict], stages: list[dict], labels: list[str], ratios: list[float], path: Path) -> None:
+    """Metric vs FLOPs kept per arm; the MPS mode per stage (comp, all seeds; like the paper's Fig. 6); and
     the per-layer heads / neurons / token keep ratios of comp's 0.8 recipes (mean over seeds)."""
     try:
         import matplotlib
@@ -261,12 +735,12 @@ def plot(records: list[dict], stages: list[dict], strategies: list[str], ratios:
     except ImportError:
         return
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.5))
-    for s in strategies:
-        if s == "dense+ft":
+    for s in labels:
+        if s == CONTROL:
             continue
         pts = []
         for ratio in ratios:
-            rows = [r for r in records if r["strategy"] == s and r["ratio"] == ratio and r["reached"]]
+            rows = [r for r in records if label_of(r) == s and r["ratio"] == ratio and r["reached"]]
             if rows:
                 pts.append((statistics.fmean(r["flops_kept"] for r in rows), statistics.fmean(r["metric"] for r in rows)))
         if pts:
@@ -276,7 +750,7 @@ def plot(records: list[dict], stages: list[dict], strategies: list[str], ratios:
     axes[0].set_ylabel("R@1 (mean of both directions)")
     axes[0].legend(fontsize=7)
     axes[0].set_title("accuracy vs FLOPs")
-    comp_runs = [st for st in stages if st["strategy"] == "comp"]
+    comp_runs = [st for st in stages if label_of(st) == "comp"]
     if comp_runs:
         modes = sorted({m for st in comp_runs for m in st["modes"]})
         longest = max(len(st["modes"]) for st in comp_runs)
@@ -314,85 +788,119 @@ def plot(records: list[dict], stages: list[dict], strategies: list[str], ratios:
     plt.close(fig)
 
 
-def stage_record(strategy: str, seed: int, res: Any, dense: torch.nn.Module) -> dict:
-    """What the plots need from one search: the mode and FLOPs kept per stage, and the per-layer fractions of
-    heads and neurons kept and the token keep ratio (1 where no site) of every snapshot's recipe."""
+# ---- running -----------------------------------------------------------------------------------------------------
+def stage_record(identity: dict[str, Any], res: Any, dense: torch.nn.Module) -> dict:
+    """What the report needs from one search: per stage its index, mode, FLOPs kept and removed (and by what,
+    where the engine logs ``removed_by``), cost; per snapshot the stage it was taken after and the per-layer
+    fractions of heads and neurons kept and the token keep ratio (1 where no site) of its recipe."""
     specs = {spec.name: spec for spec in comp_vlm.get_adapter(dense).tower_specs()}
     layers = {str(ratio): {tower: [{"heads": len(lay.heads) / specs[tower].num_heads,
                                     "neurons": len(lay.neurons) / specs[tower].neurons,
                                     "keep": 1.0 if lay.keep_ratio is None else lay.keep_ratio}
                                    for lay in tower_layers] for tower, tower_layers in recipe.towers.items()}
               for ratio, (_, recipe) in res.snapshots.items()}
-    return {"strategy": strategy, "seed": seed, "modes": [r["mode"] for r in res.stage_log],
-            "chosen": [r["chosen"] for r in res.stage_log], "flops_kept": [r["flops_kept"] for r in res.stage_log],
-            "cost": [r["cost"] for r in res.stage_log], "cost_se": [r["cost_se"] for r in res.stage_log],
-            "b_after": [r["b_after"] for r in res.stage_log], "val_metric": [r["metric"] for r in res.stage_log],
-            "layers": layers}
+    log = res.stage_log
+    return {"strategy": identity["strategy"], "seed": identity["seed"],
+            "stage": [r.get("stage", i) for i, r in enumerate(log)], "modes": [r["mode"] for r in log],
+            "chosen": [r["chosen"] for r in log], "flops_kept": [r["flops_kept"] for r in log],
+            "flops_removed_step": [r.get("flops_removed_step") for r in log],
+            "removed_by": [r.get("removed_by") for r in log],
+            "cost": [r["cost"] for r in log], "cost_se": [r["cost_se"] for r in log],
+            "b_after": [r["b_after"] for r in log], "val_metric": [r["metric"] for r in log],
+            "snapshot_stage": {str(ratio): recipe.extra.get("stage") for ratio, (_, recipe) in res.snapshots.items()},
+            "layers": layers, **identity}
 
 
-def strategy_floors(bench: Bench, dense: torch.nn.Module, strategies: list[str]) -> dict[str, float]:
-    """FLOPs fraction each strategy keeps at its floors (all floors hit / one token per site)."""
+def strategy_floors(bench: Bench, dense: torch.nn.Module, arms: list[str], base: Any) -> dict[str, float]:
+    """FLOPs fraction each arm keeps at its floors (all floors hit / one token per site)."""
     floors = {}
     length = comp_vlm.engine.training_text_length(bench.train_order(0))  # the reference prune() uses
-    for arm in strategies:
-        config = comp_vlm.PruneConfig(ratio=0.01, strategy=arm_strategy(arm)[0], progress=False,
-                                      reference={"text_length": length})
+    for arm in arms:
+        config = dataclasses.replace(arm_config(base, arm, 0), ratio=0.01, snapshots=(),
+                                     reference={"text_length": length})
         floors[arm] = comp_vlm.Pruner(copy.deepcopy(dense), bench.task, bench.data.val[:1], config).floor_flops()
     return floors
 
 
-def run_arm(bench: Bench, dense: torch.nn.Module, dense_metric: float, strategy: str, seed: int,
-            ratios: list[float], progress: bool) -> tuple[list[dict], dict | None]:
-    s = bench.settings
+def run_arm(bench: Bench, dense: torch.nn.Module, dense_metric: float, config: Any, identity: dict[str, Any],
+            ratios: list[float]) -> tuple[list[dict], dict | None]:
+    """One search of an arm (``config``) through every ratio: a record per ratio and the stage record."""
     t0 = time.perf_counter()
-    engine_strategy, options = arm_strategy(strategy)
-    config = comp_vlm.PruneConfig(
-        ratio=max(ratios), snapshots=tuple(ratios), strategy=engine_strategy, seed=seed, stage_steps=s.stage_steps,
-        flops_step=s.flops_step, finetune_steps=s.finetune_steps, calibration_batches=s.calibration_batches,
-        lr=s.prune_lr, progress=progress, **options)
     try:
-        res = comp_vlm.prune(copy.deepcopy(dense), bench.task, bench.train_order(seed), bench.data.val, config,
+        res = comp_vlm.prune(copy.deepcopy(dense), bench.task, bench.train_order(config.seed), bench.data.val, config,
                              test_data=bench.data.test)
     except comp_vlm.ConfigError as exc:  # every ratio below the strategy's floor
-        print(f"{strategy} seed {seed}: {exc}")
+        print(f"{identity['arm']} seed {config.seed}: {exc}")
         res = None
     wall = time.perf_counter() - t0
-    steps = (len(res.stage_log) * s.stage_steps + s.finetune_steps) if res is not None else 0
+    search = len(res.stage_log) * config.stage_steps if res is not None else 0
     records = []
     for ratio in ratios:
         reached = res is not None and ratio in res.snapshots
         records.append({
-            "task": "retrieval", "model": s.name, "strategy": strategy, "ratio": ratio, "seed": seed,
-            "metric_name": "r1_mean", "metric": res.metrics[ratio]["r1_mean"] if reached else float("nan"),
-            "dense_metric": dense_metric,
-            "flops_kept": res.snapshots[ratio][1].flops_kept if reached else float("nan"),
-            "reached": reached, "steps": steps, "wall_s": wall})
-    return records, (stage_record(strategy, seed, res, dense) if res is not None else None)
+            "strategy": identity["strategy"], "ratio": ratio, "seed": config.seed, "metric_name": "r1_mean",
+            "metric": res.metrics[ratio]["r1_mean"] if reached else float("nan"), "dense_metric": dense_metric,
+            "flops_kept": res.snapshots[ratio][1].flops_kept if reached else float("nan"), "reached": reached,
+            "steps": search + config.finetune_steps if res is not None else 0, "search_steps": search,
+            "wall_s": wall, **identity})
+    return records, (stage_record(identity, res, dense) if res is not None else None)
 
 
-def run_dense_control(bench: Bench, dense: torch.nn.Module, dense_metric: float, seed: int, steps: int) -> dict:
-    """The dense model fine-tuned as long as a pruning run trains (search stages + fine-tuning), same lr and data
-    order: shows how much of a pruned arm's number the extra training alone could explain."""
-    s = bench.settings
+def control_search_steps(records: list[dict], suite: str, finetune_steps: int) -> int | None:
+    """Median over the suite's comp runs of their search steps (None before any comp run)."""
+    steps = {r["seed"]: r.get("search_steps", r["steps"] - finetune_steps) for r in records
+             if suite_of(r) == suite and label_of(r) == "comp" and r["steps"]}
+    return int(statistics.median(steps.values())) if steps else None
+
+
+def run_dense_control(bench: Bench, dense: torch.nn.Module, dense_metric: float, config: Any,
+                      identity: dict[str, Any], search_steps: int) -> dict:
+    """The dense model trained as a comp run of the suite trains (``config``, ``search_steps`` search steps, then
+    the fine-tuning), same data order: how much of a pruned arm's number the training alone could explain. Uses
+    the engine's ``train_dense_control`` (same optimizer, lr schedule and distillation as the search) where it
+    exists, else constant-lr AdamW over the search and fine-tuning steps."""
     t0 = time.perf_counter()
-    comp_vlm.engine.seed_everything(seed)
+    comp_vlm.engine.seed_everything(config.seed)
     model = copy.deepcopy(dense)
-    config = comp_vlm.PruneConfig(lr=s.prune_lr, progress=False)
-    comp_vlm.engine.train_steps(model, bench.task, comp_vlm.engine.cycle_batches(bench.train_order(seed)), steps,
-                                config)
+    train = getattr(comp_vlm.engine, "train_dense_control", None)
+    if train is not None:
+        trained = train(model, bench.task, bench.train_order(config.seed), config, search_steps)
+        model = trained if isinstance(trained, torch.nn.Module) else model
+    else:
+        teacher = copy.deepcopy(dense).eval().requires_grad_(False) if config.distill > 0 else None
+        comp_vlm.engine.train_steps(model, bench.task, comp_vlm.engine.cycle_batches(bench.train_order(config.seed)),
+                                    search_steps + config.finetune_steps, config, teacher)
     metric = bench.task.evaluate(model, bench.data.test)["r1_mean"]
-    return {"task": "retrieval", "model": s.name, "strategy": "dense+ft", "ratio": 0.0, "seed": seed,
-            "metric_name": "r1_mean", "metric": metric, "dense_metric": dense_metric, "flops_kept": 1.0,
-            "reached": True, "steps": steps, "wall_s": time.perf_counter() - t0}
+    return {"strategy": CONTROL, "ratio": 0.0, "seed": config.seed, "metric_name": "r1_mean", "metric": metric,
+            "dense_metric": dense_metric, "flops_kept": 1.0, "reached": True,
+            "steps": search_steps + config.finetune_steps, "search_steps": search_steps,
+            "wall_s": time.perf_counter() - t0, **identity}
+
+
+def make_invocation(bench: Bench, ratios: list[float], set_items: list[str]) -> Invocation:
+    """Parse ``--set``, build the base config and read the commit; ValueError / ConfigError (one line) on bad
+    input."""
+    values = parse_overrides(set_items)
+    base = base_config(bench.settings, ratios, values)
+    root = Path(comp_vlm.__file__).resolve().parents[1]
+    if Path(__file__).resolve().parents[1] != root:
+        print(f"note: comp_vlm is imported from {root}, not this checkout; recording that repository's commit")
+    commit, dirty = git_state(root)
+    overrides = dict(item.split("=", 1) for item in set_items)
+    return Invocation(bench_identity(bench), base, {k.strip(): v for k, v in overrides.items()}, commit, dirty,
+                      getattr(comp_vlm.PruneConfig(), "selection", None))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--strategies", default=",".join(MAIN))
+    parser.add_argument("--strategies", default=",".join(MAIN),
+                        help=f"arms: engine strategies, {', '.join(ARMS)}")
     parser.add_argument("--ratios", default="0.5,0.7,0.8,0.85")
     parser.add_argument("--seeds", default="0,1,2,3,4")
     parser.add_argument("--control-seeds", default="0,1,2",
                         help="seeds of the 'dense + the same training steps' control ('' for none)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a PruneConfig field for every arm of this run (repeatable; enters the suite key)")
     parser.add_argument("--smoke", action="store_true", help="tiny model, data and steps; results to /tmp")
     parser.add_argument("--report", action="store_true", help="only render the report from recorded runs")
     parser.add_argument("--floors", action="store_true", help="only print every strategy's FLOPs floor")
@@ -407,41 +915,49 @@ def main(argv: list[str] | None = None) -> int:
     results, stages_path = out / f"{stem}.json", out / f"{stem}_stages.jsonl"
     if args.report:
         report(load_records(results), load_stages(stages_path), out, stem)
-        print(f"wrote {out / (stem + '.md')}")
+        print(f"wrote {out / (stem + '.md')}" if results.is_file() else f"no records in {results}")
         return 0
     bench = make_bench(args.smoke, **({"stage_steps": args.stage_steps} if args.stage_steps else {}))
-    dense, dense_metrics = bench.dense(progress=not args.smoke)
-    print(f"dense {bench.settings.name}: r1_mean {dense_metrics['r1_mean']:.2f} on {bench.settings.n_test} test pairs "
-          f"(galleries of {bench.settings.gallery_size})")
     ratios = [float(r) for r in args.ratios.split(",")]
     strategies = args.strategies.split(",")
-    floors = strategy_floors(bench, dense, list(dict.fromkeys(strategies + list(MAIN))))
+    progress = not args.smoke
+    try:
+        inv = make_invocation(bench, ratios, args.set)
+        for arm in dict.fromkeys(strategies + list(MAIN)):  # every arm's options exist and validate
+            arm_config(inv.base, arm, 0)
+    except (ValueError, comp_vlm.ConfigError) as exc:
+        raise SystemExit(f"quality.py: {exc}") from None
+    print(f"suite {inv.suite} (commit {(inv.commit or 'unknown')[:10]}{', uncommitted changes' if inv.dirty else ''}"
+          f"; --set {' '.join(args.set) or 'none'})")
+    dense, dense_metrics = bench.dense(progress=progress)
+    print(f"dense {bench.settings.name}: r1_mean {dense_metrics['r1_mean']:.2f} on {bench.settings.n_test} test pairs "
+          f"(galleries of {bench.settings.gallery_size})")
+    floors = strategy_floors(bench, dense, list(dict.fromkeys(strategies + list(MAIN))), inv.base)
     print("FLOPs floors (fraction of dense FLOPs kept at every floor): "
           + ", ".join(f"{k} {v:.3f}" for k, v in floors.items()))
-    out.mkdir(parents=True, exist_ok=True)
-    update_json(out / f"{stem}_floors.json", lambda recorded: recorded | floors, {})  # keeps other runs' arms
+    update_json(out / f"{stem}_floors.json", lambda recorded: merge_floors(recorded, inv.suite, floors), {})
     if args.floors:
         return 0
-    done = {(r["strategy"], r["seed"]) for r in load_records(results)}
     for seed in [int(x) for x in args.seeds.split(",")]:
-        for strategy in strategies:
-            if (strategy, seed) in done:
+        for arm in strategies:
+            config = arm_config(inv.base, arm, seed, progress)
+            identity = inv.run_identity(arm, config)
+            if (inv.suite, identity["arm"], seed) in done_runs(load_records(results)):  # also other processes' runs
                 continue
-            records, stage = run_arm(bench, dense, dense_metrics["r1_mean"], strategy, seed, ratios,
-                                     progress=not args.smoke)
+            records, stage = run_arm(bench, dense, dense_metrics["r1_mean"], config, identity, ratios)
             append_records(results, records)
             if stage is not None:
-                with stages_path.open("a") as fh:  # one short line per append: safe side by side
-                    fh.write(json.dumps(stage) + "\n")
-            print(f"{strategy} seed {seed}: " + ", ".join(f"{r['ratio']}: {r['metric']:.2f}" for r in records)
+                append_line(stages_path, stage)
+            print(f"{identity['arm']} seed {seed}: " + ", ".join(f"{r['ratio']}: {r['metric']:.2f}" for r in records)
                   + f"  ({records[0]['wall_s']:.0f} s)", flush=True)
-    control_seeds = [int(x) for x in args.control_seeds.split(",") if x.strip()]
-    comp_steps = [r["steps"] for r in load_records(results) if r["strategy"] == "comp" and r["steps"]]
-    for seed in control_seeds:
-        if ("dense+ft", seed) in done or not comp_steps:
+    for seed in [int(x) for x in args.control_seeds.split(",") if x.strip()]:
+        config = arm_config(inv.base, "comp", seed, progress)
+        identity = inv.run_identity(CONTROL, config)
+        recorded = load_records(results)
+        steps = control_search_steps(recorded, inv.suite, config.finetune_steps)
+        if steps is None or (inv.suite, identity["arm"], seed) in done_runs(recorded):
             continue
-        steps = int(statistics.median(comp_steps))
-        append_records(results, [run_dense_control(bench, dense, dense_metrics["r1_mean"], seed, steps)])
+        append_records(results, [run_dense_control(bench, dense, dense_metrics["r1_mean"], config, identity, steps)])
     report(load_records(results), load_stages(stages_path), out, stem)
     print(f"wrote {results} and {out / (stem + '.md')}")
     return 0
