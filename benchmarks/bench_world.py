@@ -53,6 +53,8 @@ class BenchSettings:
     finetune_steps: int = 150
     prune_lr: float = 2e-4
     calibration_batches: int = 4
+    # every arm trains as many steps per snapshot (fine-tuning tops up an arm that needed fewer search stages)
+    finetune_budget: str = "equal-total"
 
 
 FULL = BenchSettings("bench-clip")

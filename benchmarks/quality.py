@@ -247,7 +247,7 @@ def base_config(settings: BenchSettings, ratios: list[float], values: dict[str, 
     """The invocation's PruneConfig: the bench settings, every ratio as a snapshot, ``--set`` values on top."""
     bench = {"stage_steps": settings.stage_steps, "flops_step": settings.flops_step,
              "finetune_steps": settings.finetune_steps, "calibration_batches": settings.calibration_batches,
-             "lr": settings.prune_lr}
+             "lr": settings.prune_lr, "finetune_budget": settings.finetune_budget}
     ratios = sorted(set(ratios))
     return comp_vlm.PruneConfig(ratio=ratios[-1], snapshots=tuple(ratios), progress=False, **(bench | values))
 
@@ -837,11 +837,15 @@ def run_arm(bench: Bench, dense: torch.nn.Module, dense_metric: float, config: A
     records = []
     for ratio in ratios:
         reached = res is not None and ratio in res.snapshots
+        extra = res.snapshots[ratio][1].extra if reached else {}
+        snap_search = extra.get("stage", 0) * config.stage_steps
         records.append({
             "strategy": identity["strategy"], "ratio": ratio, "seed": config.seed, "metric_name": "r1_mean",
             "metric": res.metrics[ratio]["r1_mean"] if reached else float("nan"), "dense_metric": dense_metric,
             "flops_kept": res.snapshots[ratio][1].flops_kept if reached else float("nan"), "reached": reached,
-            "steps": search + config.finetune_steps if res is not None else 0, "search_steps": search,
+            # steps that trained this snapshot: the search up to it plus its own fine-tuning
+            "steps": snap_search + extra.get("finetune_steps", config.finetune_steps) if reached else 0,
+            "search_steps": search,
             "wall_s": wall, **identity})
     return records, (stage_record(identity, res, dense) if res is not None else None)
 
