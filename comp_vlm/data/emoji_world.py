@@ -154,8 +154,10 @@ def _clash(a: tuple[int, ...], b: tuple[int, ...], min_gap: int) -> bool:
 
 
 def sample_scene(rng: np.random.Generator, bank: SpriteBank, n_concepts: int, config: WorldConfig,
-                 count: int | None = None, tries: int = 200) -> Scene:
-    """A random scene of ``count`` (default: random) distinct concepts at non-clashing positions."""
+                 count: int | None = None, tries: int = 200, positions: int = 20) -> Scene:
+    """A random scene of ``count`` (default: random) distinct concepts at non-clashing positions: each emoji gets
+    ``positions`` random positions to fit among those already placed; failing that, the scene starts again with new
+    sizes, up to ``tries`` times."""
     count = int(rng.integers(config.min_emoji, config.max_emoji + 1)) if count is None else count
     concepts = rng.choice(n_concepts, size=count, replace=False).tolist()
     for _ in range(tries):
@@ -163,11 +165,14 @@ def sample_scene(rng: np.random.Generator, bank: SpriteBank, n_concepts: int, co
         for c in concepts:
             size = int(rng.integers(config.min_size, config.max_size + 1))
             w, h = bank.shape(c, size)
-            x, y = int(rng.integers(0, config.canvas - w + 1)), int(rng.integers(0, config.canvas - h + 1))
-            box = (x, y, x + w, y + h)
-            if any(_clash(box, p.box, config.min_gap) for p in placed):
+            for _ in range(positions):
+                x, y = int(rng.integers(0, config.canvas - w + 1)), int(rng.integers(0, config.canvas - h + 1))
+                box = (x, y, x + w, y + h)
+                if not any(_clash(box, p.box, config.min_gap) for p in placed):
+                    placed.append(Placement(c, size, box))
+                    break
+            else:
                 break
-            placed.append(Placement(c, size, box))
         else:
             background = tuple(int(v) for v in rng.integers(30, 226, size=3))
             return Scene(tuple(sorted(placed, key=lambda p: p.centre_x)), background,  # type: ignore[arg-type]
