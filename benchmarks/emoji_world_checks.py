@@ -179,7 +179,8 @@ def run_attempt(attempt: Attempt, world: Path, settings: Settings, cache: Path, 
     max_positions = 8 * -(-max(len(tok(c)["input_ids"]) for im in images for c in im.captions) // 8)
     training = DenseTraining(steps=attempt.steps, lr=attempt.lr, warmup=settings.warmup,
                              weight_decay=settings.weight_decay)
-    data_id = f"emoji-world-{hashlib.sha256(json.dumps(record['config'], sort_keys=True).encode()).hexdigest()[:12]}"
+    world_id = json.dumps([record["config"], record["sources"]], sort_keys=True)  # the same world, the same images
+    data_id = f"emoji-world-{hashlib.sha256(world_id.encode()).hexdigest()[:12]}"
 
     def dense(width_scale: float) -> tuple[torch.nn.Module, dict, float]:
         loaders.train.load_state_dict({"epoch": 0, "position": 0})
@@ -277,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
                 "world": parse_overrides(args.world_set), **parse_overrides(args.model_set)})
     path = out / "emoji_world_checks.json"
     records = json.loads(path.read_text())["attempts"] if path.is_file() else []
-    command = "python benchmarks/emoji_world_checks.py" + (" --smoke" if args.smoke else "")
+    command = " ".join(["python benchmarks/emoji_world_checks.py", *(sys.argv[1:] if argv is None else argv)])
     for name in names:
         attempt = attempts[name]
         key = attempt_key(attempt, settings)
