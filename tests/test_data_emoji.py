@@ -34,6 +34,7 @@ from comp_vlm.data.emoji_world import (
     read_mask,
     read_world,
     render_scene,
+    render_sprites,
     sample_scene,
     statement,
     write_world,
@@ -57,7 +58,7 @@ def concepts():
 
 @pytest.fixture(scope="module")
 def bank(concepts):
-    return SpriteBank(concepts, SpriteFolder(SPRITES))
+    return SpriteBank(render_sprites(concepts, SpriteFolder(SPRITES)))
 
 
 @pytest.fixture(scope="module")
@@ -362,6 +363,19 @@ def test_write_world_keeps_a_finished_world_and_refuses_other_settings(world, co
     assert (out / "world.json").stat().st_mtime_ns == stamp
     with pytest.raises(DataError, match="a world with other settings is already there"):
         write_world(out, replace(SMALL, seed=9), concepts, SpriteFolder(SPRITES), progress=False)
+
+
+def test_world_drops_concepts_drawn_like_an_earlier_one(concepts, tmp_path):
+    class MooseLooksLikeFox:
+        def sprite(self, concept):
+            twin = next(c for c in concepts if c.name == "fox") if concept.name == "moose" else concept
+            return SpriteFolder(SPRITES).sprite(twin)
+
+    config = replace(SMALL, retrieval={"train": 30}, nlvr2={"dev": 1}, vqav2={"val": 1})
+    record = write_world(tmp_path, config, concepts, MooseLooksLikeFox(), progress=False)
+    assert record["dropped_duplicate_pictures"] == ["moose"]
+    assert [c["name"] for c in record["concepts"]] == [c.name for c in concepts if c.name != "moose"]
+    assert all("moose" not in im.captions[0] for im in read_karpathy(tmp_path / "karpathy"))
 
 
 def test_read_world_errors(tmp_path):

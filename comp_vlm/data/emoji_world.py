@@ -79,6 +79,8 @@ class WorldConfig:
     min_gap: int = 3  # least distance between two emoji centres along x, so left-to-right order is visible
     noise: float = 20.0  # std of the background noise, in 8-bit levels
     keyword_rate: float = 0.1
+    max_code_points: int | None = 2  # concepts with at most this many code points (None: ZWJ sequences too)
+    include_flags: bool = False
     max_concepts: int | None = None  # a seeded subset of the concepts (None: all)
     seed: int = 0
     captions_per_image: int = 1
@@ -108,11 +110,29 @@ class WorldConfig:
 
 
 # -- pictures ---------------------------------------------------------------------------------------------------
-class SpriteBank:
-    """Each concept's sprite, resized on demand to a longer side of ``size`` pixels (cached)."""
+def render_sprites(concepts: Sequence[Concept], glyphs: GlyphSource, progress: bool = False) -> list[Any]:
+    """Each concept's picture (RGBA, cropped to its alpha)."""
+    return [glyphs.sprite(c) for c in tqdm(concepts, desc="glyphs", disable=not progress)]
 
-    def __init__(self, concepts: Sequence[Concept], glyphs: GlyphSource, progress: bool = False) -> None:
-        self.base = [glyphs.sprite(c) for c in tqdm(concepts, desc="glyphs", disable=not progress)]
+
+def first_distinct(sprites: Sequence[Any]) -> list[int]:
+    """Indices of the sprites no earlier sprite equals pixel for pixel (the font draws some emoji alike: territories
+    sharing a flag, "family" and "family: man, man, boy"), so no two names share one picture."""
+    seen: set[tuple[tuple[int, int], bytes]] = set()
+    keep = []
+    for i, sprite in enumerate(sprites):
+        key = (sprite.size, sprite.tobytes())
+        if key not in seen:
+            seen.add(key)
+            keep.append(i)
+    return keep
+
+
+class SpriteBank:
+    """Sprites (one per concept, in concept order), resized on demand to a longer side of ``size`` pixels (cached)."""
+
+    def __init__(self, sprites: Sequence[Any]) -> None:
+        self.base = list(sprites)
         self._cache: dict[tuple[int, int], Any] = {}
 
     def shape(self, concept: int, size: int) -> tuple[int, int]:
@@ -431,7 +451,8 @@ def write_world(out: PathLike, config: WorldConfig | None = None, concepts: Sequ
                 overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
     """Write the world's three datasets into ``out`` and return its ``world.json`` record.
 
-    ``concepts`` and ``glyphs`` default to the installed sources (a :class:`DataError` names a missing package);
+    ``concepts`` (default: the installed sources, filtered by ``config.max_code_points`` and ``include_flags``) and
+    ``glyphs`` (default: the installed font) name a missing Debian package in a :class:`DataError`;
     ``sources`` names the source files recorded with their sha256. ``world.json`` is written last: a folder that
     has it with the same settings is complete and is returned as it is; one with other settings needs
     ``overwrite``."""
@@ -446,11 +467,17 @@ def write_world(out: PathLike, config: WorldConfig | None = None, concepts: Sequ
             raise DataError(f"{marker}: a world with other settings is already there (pass overwrite)")
     if sources is None and concepts is None:
         sources = {"emoji_test": EMOJI_TEST_PATH, "cldr": CLDR_PATH, "font": FONT_PATH}
-    concepts = choose_concepts(concepts if concepts is not None else load_concepts(), config)
+    if concepts is None:
+        concepts = load_concepts(max_code_points=config.max_code_points, include_flags=config.include_flags)
+    concepts = choose_concepts(concepts, config)
+    sprites = render_sprites(concepts, glyphs if glyphs is not None else FontGlyphs(), progress)
+    keep = first_distinct(sprites)
+    kept = set(keep)
+    duplicates = [c.name for i, c in enumerate(concepts) if i not in kept]
+    concepts = [concepts[i] for i in keep]
     if len(concepts) <= config.max_emoji:
         raise ConfigError(f"{len(concepts)} concepts cannot fill scenes of {config.max_emoji} distinct emoji")
-    bank = SpriteBank(concepts, glyphs if glyphs is not None else FontGlyphs(), progress)
-    writer = _Writer(out, concepts, bank, config)
+    writer = _Writer(out, concepts, SpriteBank([sprites[i] for i in keep]), config)
     writer.retrieval(progress)
     writer.nlvr2(progress)
     writer.vqav2(progress)
@@ -458,6 +485,7 @@ def write_world(out: PathLike, config: WorldConfig | None = None, concepts: Sequ
     record = {"format": WORLD_FORMAT, "config": asdict(config),
               "sources": {k: {"path": str(p), "sha256": file_digest(p)} for k, p in (sources or {}).items()},
               **writer.stats.summary(), "vocabulary": caption_vocabulary(writer.texts),
+              "dropped_duplicate_pictures": duplicates,
               "concepts": [{"key": c.key, "emoji": c.char, "name": c.name, "keywords": list(c.keywords),
                             "group": c.group, "subgroup": c.subgroup} for c in concepts]}
     write_json(marker, record)
@@ -481,17 +509,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every split size (e.g. 0.01 to try)")
     parser.add_argument("--overwrite", action="store_true", help="replace a world written with other settings")
+    parser.add_argument("--all-emoji", action="store_true",
+                        help="every base emoji (about 1,870: flags and multi-code-point sequences too), not the 1,372 "
+                             "with at most two code points and no flags")
     parser.add_argument("--emoji-test", default=str(EMOJI_TEST_PATH))
     parser.add_argument("--cldr", default=str(CLDR_PATH))
     parser.add_argument("--font", default=str(FONT_PATH))
     parser.add_argument("--sprites", default=None, help="a folder of <code points>.png sprites instead of the font")
     args = parser.parse_args(argv)
-    config = WorldConfig(seed=args.seed).scaled(args.scale)
+    config = WorldConfig(seed=args.seed, **({"max_code_points": None, "include_flags": True} if args.all_emoji
+                                            else {})).scaled(args.scale)
     sources = {"emoji_test": args.emoji_test, "cldr": args.cldr} | ({} if args.sprites else {"font": args.font})
     try:
         glyphs: GlyphSource = SpriteFolder(args.sprites) if args.sprites else FontGlyphs(args.font)
-        record = write_world(args.out, config, load_concepts(args.emoji_test, args.cldr), glyphs, sources,
-                             overwrite=args.overwrite)
+        concepts = load_concepts(args.emoji_test, args.cldr, config.max_code_points, config.include_flags)
+        record = write_world(args.out, config, concepts, glyphs, sources, overwrite=args.overwrite)
     except DataError as exc:
         parser.exit(2, f"error: {exc}\n")
     bg = record["patch_background"]
@@ -504,6 +536,26 @@ if __name__ == "__main__":
     raise SystemExit(main())
 
 
-__all__ = ["WORLD_FORMAT", "Placement", "Scene", "SpriteBank", "WorldConfig", "caption", "choose_concepts",
-           "mask_path", "mention", "neighbours", "patch_foreground", "questions", "read_mask", "read_world",
-           "render_scene", "sample_scene", "statement", "substitute", "write_world"]
+__all__ = [
+    "WORLD_FORMAT",
+    "Placement",
+    "Scene",
+    "SpriteBank",
+    "WorldConfig",
+    "caption",
+    "choose_concepts",
+    "first_distinct",
+    "mask_path",
+    "mention",
+    "neighbours",
+    "patch_foreground",
+    "questions",
+    "read_mask",
+    "read_world",
+    "render_scene",
+    "render_sprites",
+    "sample_scene",
+    "statement",
+    "substitute",
+    "write_world",
+]
