@@ -82,6 +82,15 @@ def test_karpathy_writer_reproduces_the_fixture_file(folder, tmp_path):
     assert read_karpathy(out, check_images=False) == read_karpathy(folder, check_images=False)
 
 
+def test_written_files_get_the_usual_permissions(tmp_path):
+    import os
+
+    write_karpathy(tmp_path / "dataset_x.json", [CaptionedImage("a.png", "test", ("a cat",), 0)], "x")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "dataset_x.json").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
 def test_karpathy_tokens_and_vocabulary():
     assert caption_tokens("Yellow ground, green sky ") == ["yellow", "ground", "green", "sky"]
     assert caption_vocabulary(["A t-rex, and Mrs. Claus"]) == [",", "-", ".", "a", "and", "claus", "mrs", "rex", "t"]
