@@ -39,9 +39,9 @@ from comp_vlm.data.emoji_world import (
     statement,
     write_world,
 )
-from comp_vlm.data.karpathy import caption_vocabulary, read_karpathy
-from comp_vlm.data.nlvr2 import read_nlvr2_split
-from comp_vlm.data.vqav2 import read_vqav2_split
+from comp_vlm.data.karpathy import caption_vocabulary, read_karpathy, write_karpathy
+from comp_vlm.data.nlvr2 import read_nlvr2, read_nlvr2_split, write_nlvr2
+from comp_vlm.data.vqav2 import find_vqav2_files, read_vqav2_split, write_vqav2
 from comp_vlm.errors import ConfigError, DataError
 
 EMOJI = Path(__file__).parent / "fixtures" / "emoji"
@@ -325,6 +325,24 @@ def test_world_vqav2_reads_back(world):
         assert all(mask_path(out / "vqav2", q.image).is_file() for q in qs)
         image_ids |= {q.image_id for q in qs}
     assert len(image_ids) == sum(SMALL.vqav2.values())  # ids unique across subtypes
+
+
+def test_world_files_are_exactly_what_the_readers_read(world, tmp_path):
+    # read each dataset back and write it again through the format's writer: the same bytes / documents
+    out, _ = world
+    source = out / "karpathy" / "dataset_emoji.json"
+    write_karpathy(tmp_path / "k.json", read_karpathy(source, check_images=False), "emoji")
+    assert (tmp_path / "k.json").read_bytes() == source.read_bytes()
+    for split in SMALL.nlvr2:
+        source = out / "nlvr2" / "data" / f"{split}.json"
+        write_nlvr2(tmp_path / f"{split}.json", read_nlvr2(source, check_images=False))
+        assert (tmp_path / f"{split}.json").read_bytes() == source.read_bytes()
+    for subtype in SMALL.vqav2:
+        info = json.loads(find_vqav2_files(out / "vqav2", subtype)[0].read_text())["info"]
+        questions = read_vqav2_split(out / "vqav2", subtype, check_images=False)
+        for again, original in zip(write_vqav2(tmp_path, subtype, questions, "emoji", info),
+                                   find_vqav2_files(out / "vqav2", subtype)):
+            assert again.name == original.name and again.read_bytes() == original.read_bytes()
 
 
 def test_world_record(world, concepts):
