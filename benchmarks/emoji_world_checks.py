@@ -18,6 +18,7 @@ and dense models are cached in ``cache/``, so the script resumes where it stoppe
     make emoji-world                                 # the default world in data/emoji-world (Debian packages)
     python benchmarks/emoji_world_checks.py          # attempts in order until one passes (~30 min each, 2 cores)
     python benchmarks/emoji_world_checks.py --smoke  # about a minute: a tiny world from the test fixtures, in /tmp
+    python benchmarks/emoji_world_checks.py --attempts probe-k30 --settings-set stage_steps=30   # other settings
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import hashlib
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -261,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--world-set", nargs="*", default=[], help="WorldConfig overrides for a new attempt")
     parser.add_argument("--model-set", nargs="*", default=[], help="Attempt field overrides for a new attempt")
     parser.add_argument("--note", default="", help="why the new attempt (recorded)")
+    parser.add_argument("--settings-set", nargs="*", default=[],
+                        help="Settings overrides, e.g. finetune_steps=100 (prune run, galleries; part of the key)")
     parser.add_argument("--redo", action="store_true", help="rerun attempts already recorded")
     parser.add_argument("--no-prune-timing", action="store_true", help="skip the timed prune run")
     parser.add_argument("--threads", type=int, default=1)
@@ -269,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     out = Path(args.out or ("/tmp/emoji_world_checks_smoke" if args.smoke else "benchmarks/results"))
     cache = Path("/tmp/emoji_world_checks_smoke/cache" if args.smoke else "cache")
-    settings = SMOKE if args.smoke else Settings()
+    settings = replace(SMOKE if args.smoke else Settings(), **parse_overrides(args.settings_set))
     attempts = {a.name: a for a in ((SMOKE_ATTEMPT,) if args.smoke else ATTEMPTS)}
     names = args.attempts.split(",") if args.attempts else list(attempts)
     for name in names:
