@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install clean lint
+.PHONY: demo test install clean lint emoji-sources emoji-world
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -18,6 +18,18 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# The emoji world (README "Datasets"): three Debian packages, then the Karpathy, NLVR2 and VQAv2 datasets.
+EMOJI_WORLD ?= data/emoji-world
+EMOJI_PACKAGES := fonts-noto-color-emoji unicode-cldr-core unicode-data
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+emoji-sources:
+	dpkg -s $(EMOJI_PACKAGES) >/dev/null 2>&1 || \
+		($(SUDO) apt-get update && $(SUDO) apt-get install -y $(EMOJI_PACKAGES))
+
+emoji-world: $(STAMP) emoji-sources
+	$(BIN)/python -m comp_vlm.data.emoji_world $(EMOJI_WORLD)
 
 lint: $(STAMP)
 	$(BIN)/ruff check comp_vlm tests benchmarks

@@ -25,3 +25,8 @@ class ConfigError(CompVLMError, ValueError):
 
 class NonFiniteError(CompVLMError, ValueError):
     """A loss or an importance statistic became NaN/inf (the message names which)."""
+
+
+class DataError(CompVLMError, ValueError):
+    """A dataset file or folder is missing, malformed or inconsistent, or a source package is not installed (the
+    message names the file and the entry, or the package)."""
