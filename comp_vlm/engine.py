@@ -32,6 +32,7 @@ from .flops import LayerStructure, attention_flops, model_flops, tower_flops
 from .recipe import Recipe
 from .schedule import MPSConfig, MultiModeScheduler, NoModeLeftError, mode_kind, stage_cost
 from .structure import TowerStructure
+from .validation import validate_prune_config
 
 log = logging.getLogger("comp_vlm")
 
@@ -84,6 +85,7 @@ class PruneConfig:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items() if k not in skip}
 
     def __post_init__(self) -> None:
+        validate_prune_config(self)  # types of every field, ranges from validation.RANGES
         if not (0.0 < self.ratio < 1.0):
             raise ConfigError(f"ratio must lie in (0, 1) (fraction of FLOPs removed), got {self.ratio}")
         for s in self.snapshots:
