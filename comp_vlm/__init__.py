@@ -12,6 +12,7 @@ from .errors import (
     CompVLMError,
     ConfigError,
     NonFiniteError,
+    OutputError,
     RecipeError,
     UnsupportedModelError,
 )
@@ -44,6 +45,7 @@ __all__ = [
     "ConfigError",
     "ModelAdapter",
     "NonFiniteError",
+    "OutputError",
     "PruneConfig",
     "PruneResult",
     "Pruner",

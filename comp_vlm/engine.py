@@ -189,6 +189,7 @@ class Pruner:
         self.stage_index = 0
         self.done = False
         self._stage_t0 = time.perf_counter()
+        self._t_start, self.elapsed_before = time.perf_counter(), 0.0  # seconds of the run(s) a resume continues
         self._b_last: tuple[float, list[float]] | None = None
         self._check_floors()
 
@@ -262,6 +263,11 @@ class Pruner:
 
     def flops_kept(self) -> float:
         return model_flops(self.structural_towers()) / self.dense_flops
+
+    @property
+    def elapsed_s(self) -> float:
+        """Seconds since the search started, the interrupted runs it resumed included."""
+        return self.elapsed_before + time.perf_counter() - self._t_start
 
     # ---- evaluation ----------------------------------------------------------------------------------------------
     def _badness(self) -> tuple[float, list[float]]:
@@ -556,7 +562,7 @@ class Pruner:
             "pending_targets": self.pending_targets, "not_reached": self.not_reached,
             "stage_index": self.stage_index, "stage_step": self.stage_step, "b_last": self._b_last, "plan": plan,
             "snapshots": [{"ratio": s.ratio, "stage": s.stage, "recipe": s.recipe.to_dict()} for s in self.snapshots],
-            "done": self.done,
+            "done": self.done, "elapsed_s": self.elapsed_s,
         }
         return meta, tensors
 
@@ -589,6 +595,7 @@ class Pruner:
             self.plan = StagePlan(heads=heads, neurons=neurons, **plan)
             self._apply_masks()
         self.done = bool(meta["done"])
+        self._t_start, self.elapsed_before = time.perf_counter(), float(meta.get("elapsed_s", 0.0))
         if self.done:
             self._finish()
 
@@ -615,6 +622,7 @@ class PruneResult:
     stage_log: list[dict]
     not_reached: list[float]
     metrics: dict[float, dict[str, float]]
+    seconds: float = 0.0  # search + fine-tuning, the interrupted runs a resumed search continues included
 
     def save(self, directory: str, **extras: Any) -> Path:
         from .io import save_pruned
@@ -748,8 +756,9 @@ def prune(model: nn.Module, task: Any, train_data: Iterable, val_batches: list, 
     if config.resume and not config.checkpoint_dir:
         raise ConfigError("resume needs a checkpoint directory")
     ckpt = Path(config.checkpoint_dir) if config.checkpoint_dir else None
-    if config.resume and ckpt is not None and (ckpt / checkpoint.STATE).is_file():
-        _load_search_checkpoint(ckpt, model, pruner, opt, train_data, config)
+    if config.resume and ckpt is not None and checkpoint.has_checkpoint(ckpt):
+        with checkpoint.reading(ckpt):
+            _load_search_checkpoint(ckpt, model, pruner, opt, train_data, config)
         log.info("resumed the search from %s at stage %d", ckpt, pruner.stage_index)
     else:
         pruner.calibrate(cycle_batches(train_data))
@@ -791,7 +800,8 @@ def prune(model: nn.Module, task: Any, train_data: Iterable, val_batches: list, 
     else:
         final_ratio = config.ratio
     final_model, final_recipe = results[final_ratio]
-    return PruneResult(final_model, final_recipe, results, pruner.stage_log, sorted(pruner.not_reached), metrics)
+    return PruneResult(final_model, final_recipe, results, pruner.stage_log, sorted(pruner.not_reached), metrics,
+                       pruner.elapsed_s)
 
 
 __all__ = ["STRATEGIES", "PruneConfig", "PruneResult", "Pruner", "Snapshot", "prune"]

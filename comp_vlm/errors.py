@@ -25,3 +25,8 @@ class ConfigError(CompVLMError, ValueError):
 
 class NonFiniteError(CompVLMError, ValueError):
     """A loss or an importance statistic became NaN/inf (the message names which)."""
+
+
+class OutputError(CompVLMError, OSError):
+    """An output directory that comp-vlm must not or cannot write (foreign files, the model or current directory,
+    an earlier output without overwrite, no write permission)."""
