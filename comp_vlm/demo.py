@@ -84,11 +84,12 @@ BUILTINS: dict[str, DemoSpec] = {
     ),
     "demo-clip-quick": DemoSpec(
         "demo-clip-quick",
-        "a much smaller CLIP for tests: 16 px images, patch 4, 32-d, 3+3 layers, 4 heads; a few training steps",
+        "a much smaller CLIP for tests: 16 px images of one shape, patch 4, 32-d, 3+3 layers, 4 heads; 200 "
+        "training steps (seconds), R@1 about 60 in galleries of 32",
         image_size=16, patch_size=4, vision_hidden=32, text_hidden=32, layers=3, heads=4, mlp_ratio=4,
-        projection_dim=16, max_positions=24, n_train=512, n_val=64, n_test=64, batch_size=32, eval_batch_size=64,
-        dense_steps=40, dense_lr=2e-3, warmup_steps=5, snapshots=(0.5,), stage_steps=4, flops_step=0.2,
-        finetune_steps=4, prune_lr=5e-4, calibration_batches=2, latency_repeats=7, gallery_size=32,
+        projection_dim=16, max_positions=24, max_objects=1, n_train=512, n_val=64, n_test=64, batch_size=32,
+        eval_batch_size=64, dense_steps=200, dense_lr=2e-3, warmup_steps=5, snapshots=(0.5,), stage_steps=6,
+        flops_step=0.2, finetune_steps=30, prune_lr=5e-4, calibration_batches=2, latency_repeats=7, gallery_size=32,
     ),
 }
 

@@ -64,7 +64,7 @@ def train_dense(model: nn.Module, task: Any, train_data: Any, training: DenseTra
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if step % 50 == 0:
+        if step % 10 == 0 or step == training.steps - 1:  # the bar ends on the last step's loss
             bar.set_postfix(loss=f"{loss.item():.3f}")
     return model.eval()
 
