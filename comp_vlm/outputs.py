@@ -124,8 +124,9 @@ def check_target(path: str | os.PathLike, *, overwrite: bool, what: str = "outpu
         marker = read_marker(target)
         foreign = _foreign_entries(target, marker)
         if marker is None:
-            raise OutputError(f"{label} is not empty and was not written by comp-vlm (it holds no {MARKER}): "
-                              "comp-vlm never replaces files it did not write; choose a new or empty directory")
+            raise OutputError(f"{label} is not empty and was not written by comp-vlm (it holds no {MARKER}; "
+                              "outputs of versions before these markers count too: remove them yourself): comp-vlm "
+                              "never replaces files it did not write; choose a new or empty directory")
         if replace_kinds is not None and marker["kind"] not in replace_kinds:
             raise OutputError(f"{label} holds a comp-vlm {marker['kind']} output, which this command does not "
                               "replace: choose another directory")
