@@ -1,22 +1,26 @@
 """Search checkpoints at stage boundaries: tensors in safetensors, everything else in JSON (no pickle), written
-into a temporary directory and renamed into place, so a crash never leaves a half-written checkpoint."""
+into a temporary directory and renamed into place (:func:`comp_vlm.outputs.staged`), so a crash never leaves a
+half-written checkpoint, and a crash between the two renames of a replacement leaves the previous one, which
+:func:`has_checkpoint` puts back."""
 
 from __future__ import annotations
 
 import json
 import random
-import shutil
-import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from .errors import CheckpointError
+from . import outputs
+from .errors import CheckpointError, CompVLMError
 
 TENSORS = "tensors.safetensors"
 STATE = "state.json"
+KIND = "checkpoint"
 
 
 def rng_state() -> tuple[dict, dict[str, torch.Tensor]]:
@@ -62,24 +66,35 @@ def load_optimizer_state(opt: torch.optim.Optimizer, meta: dict, tensors: dict[s
 
 
 def write_checkpoint(directory: str | Path, state: dict, tensors: dict[str, torch.Tensor]) -> Path:
+    """Write a checkpoint, replacing an earlier one (never a directory comp-vlm did not write)."""
     from safetensors.torch import save_file
 
     target = Path(directory)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+    with outputs.staged(target, KIND, overwrite=True, what="checkpoint directory", replace_kinds=(KIND,)) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / TENSORS))
         (tmp / STATE).write_text(json.dumps(state))
-        old = target.parent / f".{target.name}.old"
-        if target.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            target.rename(old)
-        tmp.rename(target)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
+
+
+def has_checkpoint(directory: str | Path) -> bool:
+    """Whether ``directory`` holds a checkpoint, after putting back one that a writer killed in the middle of
+    replacing it had moved aside (``.NAME.old-*``)."""
+    path = Path(directory)
+    outputs.recover(path)
+    return (path / STATE).is_file() and (path / TENSORS).is_file()
+
+
+@contextmanager
+def reading(directory: str | Path) -> Iterator[None]:
+    """Turn what a checkpoint with missing or mistyped entries raises while it is applied into a
+    :class:`CheckpointError` naming it."""
+    try:
+        yield
+    except CompVLMError:
+        raise
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as exc:
+        raise CheckpointError(f"search checkpoint {directory} is incomplete or corrupt ({type(exc).__name__}: "
+                              f"{exc}); start over without resuming") from None
 
 
 def read_checkpoint(directory: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:

@@ -1,7 +1,9 @@
 """comp-vlm command line: ``demo``, ``prune``, ``eval``, ``bench``.
 
-Usage errors exit 2 (argparse); errors from the library (``CompVLMError``: bad option values, missing or corrupt
-models and recipes, unreadable data) print one line ``comp-vlm: error: ...`` on stderr and exit 1.
+Every failure prints one line ``comp-vlm: error: ...`` on stderr: usage errors (argparse) exit 2; errors from the
+library (``CompVLMError``: bad option values, missing or corrupt models and recipes, output directories comp-vlm
+must not write) and from the system (``OSError``: a full disk, no permission) exit 1. Outputs follow
+:mod:`comp_vlm.outputs`: written complete or not at all, never over files comp-vlm did not write.
 """
 
 from __future__ import annotations
@@ -9,15 +11,17 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shutil
+import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
-from .errors import CompVLMError, ConfigError
+from . import outputs
+from .errors import CompVLMError, ConfigError, OutputError
 
 TASKS = ("retrieval",)
+PRUNE_REPLACES = ("prune-run", "pruned")  # the outputs `prune --overwrite` may replace
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -42,6 +46,9 @@ def _setup(args: argparse.Namespace) -> str:
         logger.addHandler(_TqdmHandler())
     logger.setLevel(logging.WARNING if getattr(args, "quiet", False) else logging.INFO)
     logger.propagate = False
+    from .demo import set_progress_lines
+
+    set_progress_lines(not getattr(args, "quiet", False))
     try:
         from transformers.utils import logging as hf_logging
 
@@ -66,6 +73,26 @@ def _ratios(text: str) -> tuple[float, ...]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
     return values
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    return _int_at_least(text, 1)
+
+
+def _count(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    return _int_at_least(text, 0)
+
+
+def _int_at_least(text: str, low: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = low - 1
+    if value < low:
+        raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
+    return value
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -114,9 +141,39 @@ def _check_data(data: str) -> None:
 
 
 def _say(message: str) -> None:
+    """A progress line (none with -q)."""
     from .demo import say
 
     say(message)
+
+
+def _result(message: str) -> None:
+    """A result line: printed with -q too."""
+    from tqdm.auto import tqdm
+
+    tqdm.write(message)
+
+
+def _check_json_path(option: str, path: str | None) -> None:
+    """Refuse a ``--json`` file that cannot be written, before any work is done."""
+    if path is None:
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise OutputError(f"{option} {path} is a directory: give a file name")
+    outputs.check_writable(target.parent, f"{option} {path}")
+
+
+def _write_json(path: str, data: dict) -> None:
+    """Write ``data`` to ``path`` through a temporary file and one rename (complete or absent)."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(data, indent=1, default=str))
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -126,8 +183,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     device = _setup(args)
-    run_demo(args.out, ratio=args.ratio, seed=args.seed, device=device, quick=args.quick,
-             cache_dir=None if args.no_cache else args.cache, progress=not args.quiet)
+    report = run_demo(args.out, ratio=args.ratio, seed=args.seed, device=device, quick=args.quick,
+                      cache_dir=None if args.no_cache else args.cache, progress=not args.quiet)
+    if args.quiet:
+        dense, final = report["rows"][0], report["rows"][-1]
+        _result(f"{final['name']}: R@1 {final['metrics']['r1_mean']:.1f} (dense {dense['metrics']['r1_mean']:.1f}), "
+                f"{final['flops_kept']:.1%} of dense FLOPs; outputs in {Path(args.out).resolve()}")
     return 0
 
 
@@ -172,8 +233,67 @@ def _resolve_model(args: argparse.Namespace, task: Any, device: str) -> dict:
             "source": str(path)}
 
 
+def _check_out(args: argparse.Namespace, out: Path) -> None:
+    """Refuse an ``--out`` that comp-vlm must not or cannot write, before any work (:func:`outputs.check_target`:
+    the model or current directory or a parent of one, foreign files, an earlier output without --overwrite, a
+    place that cannot be written)."""
+    outputs.recover(out)
+    outputs.check_target(out, overwrite=args.overwrite, what="--out", protected=_model_dirs(args),
+                         replace_kinds=PRUNE_REPLACES, hint="--overwrite")
+
+
+def _check_checkpoint_dir(args: argparse.Namespace, out: Path, ckpt: Path) -> None:
+    """The same for the checkpoint directory, which must not hold or lie in ``out`` either; an earlier search's
+    checkpoint there needs --resume (continue it) or --overwrite (start over)."""
+    from . import checkpoint
+
+    found = checkpoint.has_checkpoint(ckpt)
+    outputs.check_target(ckpt, overwrite=True, what="--checkpoint-dir", protected=[*_model_dirs(args), out],
+                         replace_kinds=(checkpoint.KIND,))
+    if out.resolve() in ckpt.resolve().parents:
+        raise OutputError(f"--checkpoint-dir {ckpt} lies in --out {out}: choose a directory outside it")
+    if found and not (args.resume or args.overwrite):
+        raise OutputError(f"--checkpoint-dir {ckpt} holds the checkpoint of an earlier search: pass --resume to "
+                          "continue it, or --overwrite to start over")
+    if args.resume and not found:
+        _say(f"--resume: no search checkpoint in {ckpt}; starting a new search")
+
+
+def _model_dirs(args: argparse.Namespace) -> list[str]:
+    """The model directory as a list (empty for a built-in model)."""
+    from . import demo
+
+    return [] if args.model in demo.BUILTINS else [args.model]
+
+
+def _write_run(out: Path, args: argparse.Namespace, result: Any, src: dict, report: dict) -> dict[float, Path]:
+    """The pruned model, its snapshots, the stage log and the report in ``out``, complete or not at all. Returns
+    the final directory of every snapshot."""
+    import comp_vlm
+
+    from . import demo
+    from .io import write_pruned_files
+
+    final = max(result.snapshots)
+    dirs = {r: out if r == final else out / "snapshots" / f"r{r:.2f}" for r in result.snapshots}
+    extras = {"tokenizer": src["tokenizer"], "image_processor": src["image_processor"]}
+    with outputs.staged(out, "prune-run", overwrite=args.overwrite, what="--out", protected=_model_dirs(args),
+                        replace_kinds=PRUNE_REPLACES, hint="--overwrite") as tmp:
+        write_pruned_files(result.model, tmp, recipe=result.recipe, **extras)
+        for r, (m, recipe) in sorted(result.snapshots.items()):
+            if r != final:
+                comp_vlm.save_pruned(m, tmp / dirs[r].relative_to(out), recipe=recipe, **extras)
+        demo.write_jsonl(tmp / "stages.jsonl", result.stage_log)
+        for r, entry in report["snapshots"].items():
+            entry["dir"] = str(dirs[float(r)])
+        (tmp / "report.json").write_text(json.dumps(report, indent=1, default=str))
+    return dirs
+
+
 def cmd_prune(args: argparse.Namespace) -> int:
     import comp_vlm
+
+    from . import checkpoint
 
     device = _setup(args)
     _check_data(args.data)
@@ -183,7 +303,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
     task = _check_task(args.task, args.gallery_size, min(args.n_val or spec.n_val, args.n_test or spec.n_test))
     snapshots = tuple(s for s in (args.snapshots or ()) if s != args.ratio)
     out = Path(args.out)
+    _check_out(args, out)
     ckpt = Path(args.checkpoint_dir) if args.checkpoint_dir else out.with_name(out.name + ".ckpt")
+    _check_checkpoint_dir(args, out, ckpt)
     settings = {
         "ratio": args.ratio, "snapshots": snapshots, "strategy": args.strategy,
         "flops_step": args.flops_step if args.flops_step is not None else spec.flops_step,
@@ -196,8 +318,6 @@ def cmd_prune(args: argparse.Namespace) -> int:
         "checkpoint_dir": str(ckpt), "resume": args.resume, "progress": not args.quiet,
     }
     comp_vlm.PruneConfig(**settings)  # validate the options before loading or training anything
-    if args.resume and not (ckpt / "state.json").is_file():
-        _say(f"--resume: no search checkpoint in {ckpt}; starting a new search")
     src = _resolve_model(args, task, device)
     model, data = src["model"], src["data"]
     length = args.text_length or round(data.mean_text_length)
@@ -210,49 +330,38 @@ def cmd_prune(args: argparse.Namespace) -> int:
     _say(f"dense test {task.primary_metric}: {dense_metrics[task.primary_metric]:.2f}")
     _say(f"CoMP search ({args.strategy}) to ratio {args.ratio}; FLOPs reference {reference}; "
          f"search checkpoints in {ckpt}" + (" (resuming)" if args.resume else ""))
-    t0 = time.perf_counter()
     result = comp_vlm.prune(model, task, data.loaders.train, data.loaders.val, config, test_data=data.loaders.test)
-    seconds = time.perf_counter() - t0
     extra = {"data": {**data.settings, "gallery_size": task.gallery_size or 0}, "dense_model": src["source"]}
-    final = max(result.snapshots)
     for r, (_, recipe) in result.snapshots.items():
         recipe.extra.update(extra)
-    saved = comp_vlm.save_pruned(result.model, out, recipe=result.recipe, tokenizer=src["tokenizer"],
-                                 image_processor=src["image_processor"])
-    snap_dirs = {}
-    for r, (m, recipe) in sorted(result.snapshots.items()):
-        if r != final:
-            snap_dirs[r] = comp_vlm.save_pruned(m, out / "snapshots" / f"r{r:.2f}", recipe=recipe,
-                                                tokenizer=src["tokenizer"], image_processor=src["image_processor"])
-    demo.write_jsonl(out / "stages.jsonl", result.stage_log)
     dense_flops = result.recipe.dense_flops
     report = {
         "model": src["source"], "task": args.task, "data": data.settings, "config": config.fingerprint(),
         "reference": reference, "dense": {"metrics": dense_metrics, "flops": dense_flops, "params": dense_params},
         "snapshots": {f"{r:.2f}": {"metrics": result.metrics.get(r), "flops": rec.pruned_flops,
-                                   "flops_kept": rec.flops_kept, "params": comp_vlm.count_params(m),
-                                   "dir": str(out if r == final else snap_dirs[r])}
+                                   "flops_kept": rec.flops_kept, "params": comp_vlm.count_params(m)}
                       for r, (m, rec) in sorted(result.snapshots.items())},
-        "not_reached": result.not_reached, "stages": len(result.stage_log), "seconds": seconds,
+        "not_reached": result.not_reached, "stages": len(result.stage_log), "seconds": result.seconds,
     }
-    (out / "report.json").write_text(json.dumps(report, indent=1, default=str))
-    if not args.keep_checkpoint and ckpt.is_dir():
-        shutil.rmtree(ckpt, ignore_errors=True)
+    dirs = _write_run(out, args, result, src, report)
+    if not args.keep_checkpoint:
+        outputs.remove(ckpt, checkpoint.KIND)
     key = task.primary_metric
-    _say("")
-    _say(f"{'':24s}{key:>10s}{'GFLOPs':>10s}{'kept':>8s}{'params':>11s}")
-    _say(f"{'dense':24s}{dense_metrics[key]:10.2f}{dense_flops / 1e9:10.4f}{1:8.1%}{dense_params:11,d}")
+    _result("")
+    _result(f"{'':24s}{key:>10s}{'GFLOPs':>10s}{'kept':>8s}{'params':>11s}")
+    _result(f"{'dense':24s}{dense_metrics[key]:10.2f}{dense_flops / 1e9:10.4f}{1:8.1%}{dense_params:11,d}")
     for r, (m, rec) in sorted(result.snapshots.items()):
         met = result.metrics.get(r, {}).get(key, float("nan"))
-        _say(f"{'CoMP ' + format(r, '.0%') + ' removed':24s}{met:10.2f}{rec.pruned_flops / 1e9:10.4f}"
-             f"{rec.flops_kept:8.1%}{comp_vlm.count_params(m):11,d}")
+        _result(f"{'CoMP ' + format(r, '.0%') + ' removed':24s}{met:10.2f}{rec.pruned_flops / 1e9:10.4f}"
+                f"{rec.flops_kept:8.1%}{comp_vlm.count_params(m):11,d}")
     if result.not_reached:
-        _say(f"not reached: {', '.join(map(str, result.not_reached))}")
-    _say(f"search + fine-tuning: {seconds:.0f} s, {len(result.stage_log)} stages")
-    _say(f"pruned model: {saved.resolve()}")
-    for r, d in snap_dirs.items():
-        _say(f"snapshot {r:.2f}: {d.resolve()}")
-    _say(f"stage log: {(out / 'stages.jsonl').resolve()}; report: {(out / 'report.json').resolve()}")
+        _result(f"not reached: {', '.join(map(str, result.not_reached))}")
+    _result(f"search + fine-tuning: {result.seconds:.0f} s, {len(result.stage_log)} stages")
+    _result(f"pruned model: {out.resolve()}")
+    for r, d in sorted(dirs.items()):
+        if d != out:
+            _result(f"snapshot {r:.2f}: {d.resolve()}")
+    _result(f"stage log: {(out / 'stages.jsonl').resolve()}; report: {(out / 'report.json').resolve()}")
     return 0
 
 
@@ -268,6 +377,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     device = _setup(args)
     _check_task(args.task)
     _check_data(args.data)
+    _check_json_path("--json", args.json)
     path = Path(args.model_dir)
     model = demo.load_clip_dir(path, device)
     recipe = comp_vlm.read_recipe(path) if (path / RECIPE_FILE).is_file() else None
@@ -278,7 +388,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     settings = {
         "image_size": int(model.config.vision_config.image_size), "max_objects": spec.max_objects,
         "seed": args.seed if args.seed is not None else recorded.get("seed", 0),
-        "n_test": args.n_test or recorded.get("n_test", spec.n_test),
+        "n_test": args.n_test if args.n_test is not None else recorded.get("n_test", spec.n_test),
         "eval_batch_size": recorded.get("eval_batch_size", spec.eval_batch_size),
         "image_mean": mean or recorded.get("image_mean"), "image_std": std or recorded.get("image_std"),
     }
@@ -312,8 +422,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for k in [task.primary_metric] + [k for k in metrics if k != task.primary_metric]:
         print(f"  {k:10s} {metrics[k]:8.2f}")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=1))
+        _write_json(args.json, result)
         print(f"wrote {args.json}")
     return 0
 
@@ -344,6 +453,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .adapters.base import get_adapter, options_from_recipe
 
     device = _setup(args)
+    _check_json_path("--json", args.json)
     path = Path(args.model_dir)
     pruned = demo.load_clip_dir(path, device)
     recipe = comp_vlm.read_recipe(path)
@@ -401,8 +511,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.json:
         out = {"pruned": str(path), "dense": dense_source, "device": device, "threads": torch.get_num_threads(),
                "repeats": args.repeats, "warmup": args.warmup, "image_size": image_size, "results": results}
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(out, indent=1))
+        _write_json(args.json, out)
         print(f"wrote {args.json}")
     return 0
 
@@ -413,12 +522,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def _common(parser: argparse.ArgumentParser, seed_default: int | None = 0) -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="where to run (default: cpu)")
-    parser.add_argument("--threads", type=int, default=1, metavar="N",
+    parser.add_argument("--threads", type=_positive_int, default=1, metavar="N",
                         help="torch CPU threads (default: 1; 2 threads are ~1.5x faster on an idle 2-core machine "
                              "but slow down badly when another process keeps a core busy)")
     parser.add_argument("--seed", type=int, default=seed_default, metavar="N",
                         help="random seed" + (f" (default: {seed_default})" if seed_default is not None else ""))
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or info log lines")
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="no progress bars, progress lines or info log lines: results and errors only")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with usage errors on one line, like every other error: ``comp-vlm: error: ...``, exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"comp-vlm: error: {message} (see '{self.prog} --help')\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -427,7 +544,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = BUILTINS["demo-clip"]
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="comp-vlm",
         description="CoMP (Collaborative Multi-Mode Pruning) for Hugging Face vision-language models: removes "
                     "attention heads, MLP neurons and vision/text tokens together, to a FLOPs target.",
@@ -445,7 +562,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "FLOPs, parameters and measured latency for dense vs pruned; writes the pruned model (with "
                     "tokenizer and image processor), the stage log, a plot and a report under --out.")
     demo.add_argument("--out", default="runs/demo", metavar="DIR",
-                      help="output directory (default: runs/demo)")
+                      help="output directory: new, empty, or an earlier demo output, which it replaces "
+                           "(default: runs/demo)")
     demo.add_argument("--ratio", type=float, default=None, metavar="R",
                       help="fraction of dense FLOPs to remove, in (0, 1) (default: 0.8)")
     demo.add_argument("--quick", action="store_true",
@@ -472,16 +590,21 @@ def build_parser() -> argparse.ArgumentParser:
                        help="fraction of dense FLOPs to remove, in (0, 1) (default: 0.8, i.e. keep 20%%)")
     prune.add_argument("--strategy", default="comp", choices=STRATEGIES, metavar="NAME",
                        help=f"search strategy: {', '.join(STRATEGIES)} (default: comp)")
-    prune.add_argument("--out", required=True, metavar="OUT", help="output directory for the pruned model")
+    prune.add_argument("--out", required=True, metavar="OUT",
+                       help="output directory for the pruned model: new or empty (an earlier comp-vlm output "
+                            "with --overwrite); written complete or not at all")
+    prune.add_argument("--overwrite", action="store_true",
+                       help="replace an earlier comp-vlm output in OUT (never a directory holding other files), "
+                            "or start over from an earlier search's checkpoint")
     prune.add_argument("--snapshots", type=_ratios, default=(), metavar="R1,R2",
                        help="also save models at these ratios reached on the way, e.g. 0.5,0.7")
     prune.add_argument("--flops-step", type=float, default=None, metavar="F",
                        help=f"FLOPs fraction removed per stage (default: {d.flops_step})")
-    prune.add_argument("--stage-steps", type=int, default=None, metavar="N",
+    prune.add_argument("--stage-steps", type=_positive_int, default=None, metavar="N",
                        help=f"training steps per stage (default: {d.stage_steps})")
-    prune.add_argument("--finetune-steps", type=int, default=None, metavar="N",
+    prune.add_argument("--finetune-steps", type=_count, default=None, metavar="N",
                        help=f"fine-tuning steps per saved model (default: {d.finetune_steps})")
-    prune.add_argument("--calibration-batches", type=int, default=None, metavar="N",
+    prune.add_argument("--calibration-batches", type=_positive_int, default=None, metavar="N",
                        help=f"statistics batches before stage 1 (default: {d.calibration_batches})")
     prune.add_argument("--lr", type=float, default=None, metavar="LR",
                        help=f"learning rate of search and fine-tuning (default: {d.prune_lr})")
@@ -490,16 +613,16 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--cost-measure", default="recovered", choices=COST_MEASURES,
                        help="MPS stage cost: validation loss after the stage's recovery training ('recovered', "
                             "default) or right after the removal, before training ('immediate')")
-    prune.add_argument("--batch-size", type=int, default=None, metavar="N",
+    prune.add_argument("--batch-size", type=_positive_int, default=None, metavar="N",
                        help=f"training batch size (model directories; default: {d.batch_size})")
-    prune.add_argument("--n-train", type=int, default=None, metavar="N",
+    prune.add_argument("--n-train", type=_positive_int, default=None, metavar="N",
                        help=f"synthetic training pairs (default: {d.n_train})")
-    prune.add_argument("--n-val", type=int, default=None, metavar="N",
+    prune.add_argument("--n-val", type=_positive_int, default=None, metavar="N",
                        help=f"synthetic validation pairs (default: {d.n_val})")
-    prune.add_argument("--n-test", type=int, default=None, metavar="N",
+    prune.add_argument("--n-test", type=_positive_int, default=None, metavar="N",
                        help=f"synthetic test pairs (default: {d.n_test})")
     _gallery_argument(prune, "100, or the whole split when smaller")
-    prune.add_argument("--text-length", type=int, default=None, metavar="N",
+    prune.add_argument("--text-length", type=_positive_int, default=None, metavar="N",
                        help="text length of the FLOPs reference (default: mean caption length of the training data)")
     prune.add_argument("--resume", action="store_true",
                        help="continue an interrupted search from its checkpoint (same arguments)")
@@ -522,7 +645,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--task", default="retrieval", choices=TASKS, help="task (default: retrieval)")
     ev.add_argument("--data", default="synthetic", metavar="synthetic|DIR",
                     help="evaluation data (default: synthetic)")
-    ev.add_argument("--n-test", type=int, default=None, metavar="N",
+    ev.add_argument("--n-test", type=_positive_int, default=None, metavar="N",
                     help=f"test pairs (default: as recorded in the recipe, else {d.n_test})")
     _gallery_argument(ev, "as recorded with a pruned model, else 100, or the whole split when smaller")
     ev.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
@@ -540,9 +663,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--batch-sizes", type=_ints, default=(1, 8), metavar="B1,B2", help="default: 1,8")
     bench.add_argument("--text-lengths", type=_ints, default=None, metavar="L1,L2",
                        help="text lengths in tokens (default: the recipe's reference length and twice it)")
-    bench.add_argument("--repeats", type=int, default=9, metavar="N",
+    bench.add_argument("--repeats", type=_positive_int, default=9, metavar="N",
                        help="timed runs per measurement (median; default: 9)")
-    bench.add_argument("--warmup", type=int, default=2, metavar="N", help="untimed warm-up runs (default: 2)")
+    bench.add_argument("--warmup", type=_count, default=2, metavar="N", help="untimed warm-up runs (default: 2)")
     bench.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
     _common(bench)
     bench.set_defaults(func=cmd_bench)
@@ -550,11 +673,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class _GlobalState:
-    """Logging and thread settings a command changes, restored afterwards (``main`` may be called in-process)."""
+    """Logging, progress-line and thread settings a command changes, restored afterwards (``main`` may be called
+    in-process)."""
 
     def __enter__(self):
         import torch
 
+        from .demo import set_progress_lines
+
+        self.progress_lines = set_progress_lines(True)
         logger = logging.getLogger("comp_vlm")
         self.logger = (logger.handlers[:], logger.level, logger.propagate)
         self.threads = torch.get_num_threads()
@@ -569,6 +696,9 @@ class _GlobalState:
     def __exit__(self, *exc: object) -> None:
         import torch
 
+        from .demo import set_progress_lines
+
+        set_progress_lines(self.progress_lines)
         logger = logging.getLogger("comp_vlm")
         logger.handlers[:], logger.level, logger.propagate = self.logger
         if torch.get_num_threads() != self.threads:
@@ -586,7 +716,7 @@ def main(argv: list[str] | None = None) -> int:
     with _GlobalState():
         try:
             return args.func(args)
-        except CompVLMError as exc:
+        except (CompVLMError, OSError) as exc:
             message = " ".join(str(exc).split()) or type(exc).__name__
             print(f"comp-vlm: error: {message}", file=sys.stderr)
             return 1

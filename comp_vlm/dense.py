@@ -20,6 +20,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .outputs import ordinary_mode
+
 log = logging.getLogger("comp_vlm")
 
 
@@ -62,7 +64,7 @@ def train_dense(model: nn.Module, task: Any, train_data: Any, training: DenseTra
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if step % 50 == 0:
+        if step % 10 == 0 or step == training.steps - 1:  # the bar ends on the last step's loss
             bar.set_postfix(loss=f"{loss.item():.3f}")
     return model.eval()
 
@@ -97,6 +99,7 @@ def save_cached_weights(path: Path, model: nn.Module, meta: dict) -> None:
     os.close(fd)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, tmp, metadata={"comp_vlm": "dense-cache"})
+    os.chmod(tmp, ordinary_mode(directory=False))  # mkstemp creates 0600: the cache is an ordinary file
     os.replace(tmp, path)
     path.with_suffix(".json").write_text(json.dumps(meta, indent=1, default=str))
 

@@ -32,6 +32,7 @@ from .flops import LayerStructure, attention_flops, model_flops, tower_flops
 from .recipe import Recipe
 from .schedule import MPSConfig, MultiModeScheduler, NoModeLeftError, mode_kind, stage_cost
 from .structure import TowerStructure
+from .validation import validate_prune_config
 
 log = logging.getLogger("comp_vlm")
 
@@ -98,6 +99,7 @@ class PruneConfig:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items() if k not in skip}
 
     def __post_init__(self) -> None:
+        validate_prune_config(self)  # types of every field, ranges from validation.RANGES
         if not (0.0 < self.ratio < 1.0):
             raise ConfigError(f"ratio must lie in (0, 1) (fraction of FLOPs removed), got {self.ratio}")
         for s in self.snapshots:
@@ -120,11 +122,6 @@ class PruneConfig:
                               ("finetune_schedule", LR_SCHEDULES), ("finetune_budget", FINETUNE_BUDGETS)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
-        for name in ("token_max_cut", "token_floor"):
-            if not 0.0 < getattr(self, name) <= 1.0:
-                raise ConfigError(f"{name} must lie in (0, 1], got {getattr(self, name)}")
-        if not 0.0 <= self.sliver_fraction < 1.0 or not 0.0 <= self.finetune_warmup < 1.0:
-            raise ConfigError("sliver_fraction and finetune_warmup must lie in [0, 1)")
 
     @property
     def targets(self) -> list[float]:
@@ -213,6 +210,7 @@ class Pruner:
         self.stage_index = 0
         self.done = False
         self._stage_t0 = time.perf_counter()
+        self._t_start, self.elapsed_before = time.perf_counter(), 0.0  # seconds of the run(s) a resume continues
         self._b_last: tuple[float, list[float]] | None = None
         self._check_floors()
 
@@ -298,6 +296,11 @@ class Pruner:
 
     def flops_kept(self) -> float:
         return model_flops(self.structural_towers()) / self.dense_flops
+
+    @property
+    def elapsed_s(self) -> float:
+        """Seconds since the search started, the interrupted runs it resumed included."""
+        return self.elapsed_before + time.perf_counter() - self._t_start
 
     # ---- evaluation ----------------------------------------------------------------------------------------------
     def _badness(self) -> tuple[float, list[float]]:
@@ -654,7 +657,7 @@ class Pruner:
             "pending_targets": self.pending_targets, "not_reached": self.not_reached,
             "stage_index": self.stage_index, "stage_step": self.stage_step, "b_last": self._b_last, "plan": plan,
             "snapshots": [{"ratio": s.ratio, "stage": s.stage, "recipe": s.recipe.to_dict()} for s in self.snapshots],
-            "done": self.done,
+            "done": self.done, "elapsed_s": self.elapsed_s,
         }
         return meta, tensors
 
@@ -687,6 +690,7 @@ class Pruner:
             self.plan = StagePlan(heads=heads, neurons=neurons, **plan)
             self._apply_masks()
         self.done = bool(meta["done"])
+        self._t_start, self.elapsed_before = time.perf_counter(), float(meta.get("elapsed_s", 0.0))
         if self.done:
             self._finish()
 
@@ -713,6 +717,7 @@ class PruneResult:
     stage_log: list[dict]
     not_reached: list[float]
     metrics: dict[float, dict[str, float]]
+    seconds: float = 0.0  # search + fine-tuning, the interrupted runs a resumed search continues included
 
     def save(self, directory: str, **extras: Any) -> Path:
         from .io import save_pruned
@@ -888,8 +893,9 @@ def prune(model: nn.Module, task: Any, train_data: Iterable, val_batches: list, 
     if config.resume and not config.checkpoint_dir:
         raise ConfigError("resume needs a checkpoint directory")
     ckpt = Path(config.checkpoint_dir) if config.checkpoint_dir else None
-    if config.resume and ckpt is not None and (ckpt / checkpoint.STATE).is_file():
-        _load_search_checkpoint(ckpt, model, pruner, opt, train_data, config)
+    if config.resume and ckpt is not None and checkpoint.has_checkpoint(ckpt):
+        with checkpoint.reading(ckpt):
+            _load_search_checkpoint(ckpt, model, pruner, opt, train_data, config)
         log.info("resumed the search from %s at stage %d", ckpt, pruner.stage_index)
     else:
         pruner.calibrate(cycle_batches(train_data))
@@ -934,7 +940,8 @@ def prune(model: nn.Module, task: Any, train_data: Iterable, val_batches: list, 
     else:
         final_ratio = config.ratio
     final_model, final_recipe = results[final_ratio]
-    return PruneResult(final_model, final_recipe, results, pruner.stage_log, sorted(pruner.not_reached), metrics)
+    return PruneResult(final_model, final_recipe, results, pruner.stage_log, sorted(pruner.not_reached), metrics,
+                       pruner.elapsed_s)
 
 
 __all__ = ["STRATEGIES", "PruneConfig", "PruneResult", "Pruner", "Snapshot", "prune"]

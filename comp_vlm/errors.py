@@ -30,3 +30,8 @@ class NonFiniteError(CompVLMError, ValueError):
 class DataError(CompVLMError, ValueError):
     """A dataset file or folder is missing, malformed or inconsistent, or a source package is not installed (the
     message names the file and the entry, or the package)."""
+
+
+class OutputError(CompVLMError, OSError):
+    """An output directory that comp-vlm must not or cannot write (foreign files, the model or current directory,
+    an earlier output without overwrite, no write permission)."""

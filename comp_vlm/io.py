@@ -1,27 +1,52 @@
 """Saving and loading pruned models: ``model.safetensors`` + ``config.json`` + ``comp_recipe.json`` (no pickle).
 
 Saving writes into a temporary sibling directory and renames it into place, so a crash never leaves a
-half-written model. Loading builds the model from its (dense) config, slices it to the recipe's structure,
-loads the weights strictly and installs the recipe's token sites.
+half-written model, and it never replaces a directory comp-vlm did not write (:mod:`comp_vlm.outputs`). Loading
+builds the model from its (dense) config, slices it to the recipe's structure, loads the weights strictly and
+installs the recipe's token sites.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from . import outputs
 from .adapters.base import adapter_class_for, get_adapter
 from .errors import CheckpointError, RecipeError
 from .recipe import RECIPE_FILE, Recipe
 
 WEIGHTS_FILE = "model.safetensors"
+
+
+def _check_sliced(model: nn.Module) -> None:
+    adapter = get_adapter(model)
+    for spec in adapter.tower_specs():
+        for i in range(len(adapter.layers(spec))):
+            if adapter.head_mask(spec.name, i) is not None or adapter.neuron_mask(spec.name, i) is not None:
+                raise CheckpointError("model still has soft masks: call get_adapter(model).slice() before saving")
+
+
+def write_pruned_files(model: nn.Module, directory: Path, *, recipe: Recipe | None = None, tokenizer: Any = None,
+                       image_processor: Any = None, processor: Any = None) -> None:
+    """Write a sliced model's files into the existing ``directory`` (no staging: :func:`save_pruned` stages, and
+    ``comp-vlm prune`` writes them into its own staged run directory)."""
+    from safetensors.torch import save_file
+
+    _check_sliced(model)
+    recipe = recipe or get_adapter(model).recipe()
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": "pt", "comp_vlm": "1"})
+    model.config.save_pretrained(directory)
+    (directory / RECIPE_FILE).write_text(recipe.to_json())
+    for extra in (tokenizer, image_processor, processor):
+        if extra is not None:
+            extra.save_pretrained(directory)
 
 
 def save_pruned(
@@ -34,40 +59,26 @@ def save_pruned(
     processor: Any = None,
     overwrite: bool = True,
 ) -> Path:
-    """Save a (sliced) model with its recipe, atomically. Extra ``tokenizer``/``image_processor``/``processor``
-    objects are saved with their own ``save_pretrained`` so the directory also works in transformers pipelines."""
-    from safetensors.torch import save_file
+    """Save a (sliced) model with its recipe, complete or not at all (see :mod:`comp_vlm.outputs`). Extra
+    ``tokenizer``/``image_processor``/``processor`` objects are saved with their own ``save_pretrained`` so the
+    directory also works in transformers pipelines. ``overwrite`` lets it replace a model it saved earlier; any
+    other non-empty directory (another comp-vlm output, or one comp-vlm did not write) is refused either way."""
+    _check_sliced(model)
+    with outputs.staged(directory, "pruned", overwrite=overwrite, replace_kinds=("pruned",)) as tmp:
+        write_pruned_files(model, tmp, recipe=recipe, tokenizer=tokenizer, image_processor=image_processor,
+                           processor=processor)
+    return Path(directory)
 
-    adapter = get_adapter(model)
-    for spec in adapter.tower_specs():
-        for i in range(len(adapter.layers(spec))):
-            if adapter.head_mask(spec.name, i) is not None or adapter.neuron_mask(spec.name, i) is not None:
-                raise CheckpointError("model still has soft masks: call get_adapter(model).slice() before saving")
-    recipe = recipe or adapter.recipe()
-    target = Path(directory)
-    if target.exists() and not overwrite:
-        raise CheckpointError(f"{target} exists (pass overwrite=True to replace it)")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "comp_vlm": "1"})
-        model.config.save_pretrained(tmp)
-        (tmp / RECIPE_FILE).write_text(recipe.to_json())
-        for extra in (tokenizer, image_processor, processor):
-            if extra is not None:
-                extra.save_pretrained(tmp)
-        if target.exists():
-            old = target.parent / f".{target.name}.old-{os.getpid()}"
-            target.rename(old)
-            tmp.rename(target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
+
+def first_mismatch(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> str | None:
+    """The first tensor (in the model's order) that ``state`` lacks, holds in another shape, or has extra."""
+    for key, value in expected.items():
+        if key not in state:
+            return f"it lacks {key}"
+        if tuple(state[key].shape) != tuple(value.shape):
+            return f"{key} has shape {tuple(state[key].shape)}, the recipe gives {tuple(value.shape)}"
+    extra = sorted(set(state) - set(expected))
+    return f"it has {extra[0]}, which the model does not" if extra else None
 
 
 def read_recipe(directory: str | os.PathLike) -> Recipe:
@@ -110,9 +121,8 @@ def load_pruned(
         state = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{weights} is corrupt or truncated: {exc}") from None
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0:3]
-        raise CheckpointError(f"{weights} does not match the recipe's shapes: {' '.join(first)}") from None
+    mismatch = first_mismatch(state, model.state_dict())
+    if mismatch:
+        raise CheckpointError(f"{weights} does not match the recipe's shapes: {mismatch}")
+    model.load_state_dict(state, strict=True)
     return model.to(device).eval()

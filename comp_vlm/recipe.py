@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import RecipeError
+from .validation import reference_problem
 
 RECIPE_FORMAT_VERSION = 1
 RECIPE_FILE = "comp_recipe.json"
@@ -82,6 +83,9 @@ class Recipe:
                                     keep_ratio=None if keep is None else float(keep))
                     )
             flops = data["flops"]
+            problem = reference_problem(data["reference"])
+            if problem:
+                raise RecipeError(f"recipe reference {problem}")
             return Recipe(
                 format_version=version,
                 family=str(data["family"]),
@@ -96,7 +100,7 @@ class Recipe:
             )
         except RecipeError:
             raise
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
             raise RecipeError(f"malformed recipe: {type(exc).__name__}: {exc}") from None
 
     @staticmethod

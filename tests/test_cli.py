@@ -33,7 +33,7 @@ def one_error_line(stderr: str) -> str:
 @pytest.fixture(scope="module")
 def demo_out(tmp_path_factory):
     out = tmp_path_factory.mktemp("cli") / "demo"
-    assert main(["demo", "--quick", "--out", str(out), "--no-cache", "--quiet"]) == 0
+    assert main(["demo", "--quick", "--out", str(out), "--cache", str(out.parent / "cache"), "--quiet"]) == 0
     return out
 
 
@@ -192,3 +192,204 @@ def test_prune_a_model_directory(demo_out, tmp_path, capsys):
     assert not out.with_name("p.ckpt").exists()  # the search checkpoint is removed after success
     assert main(["eval", str(out), "--quiet"]) == 0
     assert "r1_mean" in capsys.readouterr().out
+
+
+# ---- reliability: outputs, one-line errors on every path (issue 14) ---------------------------------------------
+FAST = ["--ratio", "0.5", "--n-train", "64", "--n-val", "32", "--n-test", "32", "--batch-size", "16",
+        "--stage-steps", "2", "--flops-step", "0.1", "--finetune-steps", "1", "--calibration-batches", "1"]
+
+
+@pytest.fixture(scope="module")
+def dense_dir(tmp_path_factory):
+    """A dense model directory with the quick built-in's architecture, tokenizer and processor (random weights)."""
+    from transformers import CLIPModel
+
+    from comp_vlm import demo
+
+    spec = demo.BUILTINS["demo-clip-quick"]
+    world = demo.make_world(spec.image_size, spec.max_objects, 0)
+    tokenizer = demo.build_tokenizer(world, spec)
+    torch.manual_seed(0)
+    model = CLIPModel._from_config(demo.build_config(spec, tokenizer))
+    return demo.save_dense_dir(model, tmp_path_factory.mktemp("dense") / "dense", tokenizer,
+                               world.image_processor())
+
+
+def test_usage_errors_are_one_line(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["prune", "--ratio", "0.5"])
+    assert exc.value.code == 2
+    assert "--model" in one_error_line(capsys.readouterr().err)
+
+
+def test_out_never_replaces_a_foreign_directory(tmp_path, capsys):
+    out = tmp_path / "x"
+    (out / "sub").mkdir(parents=True)
+    (out / "precious.txt").write_text("keep\n")
+    assert main(["prune", "--model", "demo-clip-quick", "--ratio", "0.5", "--out", str(out),
+                 "--cache", str(tmp_path / "cache")]) == 1
+    assert "not written by comp-vlm" in one_error_line(capsys.readouterr().err)
+    assert (out / "precious.txt").read_text() == "keep\n" and (out / "sub").is_dir()
+    assert not (tmp_path / "cache").exists()  # refused before any training
+
+
+@pytest.mark.parametrize("where", ["model", "model-parent", "cwd", "dot", "dotdot"])
+def test_out_refuses_the_model_and_current_directories_and_their_parents(dense_dir, tmp_path, monkeypatch, capsys,
+                                                                          where):
+    model = tmp_path / "models" / "clip"
+    shutil.copytree(dense_dir, model)
+    work = tmp_path / "work"
+    (work / "cache").mkdir(parents=True)
+    (work / "cache" / "weights.safetensors").write_text("cached")
+    monkeypatch.chdir(work)
+    out = {"model": str(model), "model-parent": str(model.parent), "cwd": str(work), "dot": ".", "dotdot": ".."}[where]
+    before = sorted(p.name for p in model.iterdir())
+    assert main(["prune", "--model", str(model), "--out", out, "--overwrite", *FAST]) == 1
+    line = one_error_line(capsys.readouterr().err)
+    assert ("current directory" if where in ("cwd", "dot", "dotdot") else str(model)) in line
+    assert sorted(p.name for p in model.iterdir()) == before
+    assert (work / "cache" / "weights.safetensors").read_text() == "cached"
+
+
+def test_out_needs_overwrite_to_replace_an_earlier_output(dense_dir, tmp_path, capsys):
+    out = tmp_path / "p"
+    assert main(["prune", "--model", str(dense_dir), "--out", str(out), "--quiet", *FAST]) == 0
+    first = (out / "model.safetensors").read_bytes()
+    capsys.readouterr()
+    assert main(["prune", "--model", str(dense_dir), "--out", str(out), "--quiet", *FAST]) == 1
+    assert "--overwrite" in one_error_line(capsys.readouterr().err)
+    assert (out / "model.safetensors").read_bytes() == first
+    assert main(["prune", "--model", str(dense_dir), "--out", str(out), "--quiet", "--overwrite", "--seed", "1",
+                 *FAST]) == 0
+    assert (out / "model.safetensors").read_bytes() != first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p"]  # no temporary directories, checkpoint removed
+
+
+def test_earlier_search_checkpoint_needs_resume_or_overwrite(dense_dir, tmp_path, capsys):
+    from comp_vlm import checkpoint
+
+    checkpoint.write_checkpoint(tmp_path / "p.ckpt", {"config": {}}, {"t": torch.zeros(1)})
+    assert main(["prune", "--model", str(dense_dir), "--out", str(tmp_path / "p"), *FAST]) == 1
+    assert "--resume" in one_error_line(capsys.readouterr().err)
+    (tmp_path / "own").mkdir()
+    (tmp_path / "own" / "notes.txt").write_text("mine")
+    assert main(["prune", "--model", str(dense_dir), "--out", str(tmp_path / "q"), "--checkpoint-dir",
+                 str(tmp_path / "own"), *FAST]) == 1
+    assert "not written by comp-vlm" in one_error_line(capsys.readouterr().err)
+    assert (tmp_path / "own" / "notes.txt").read_text() == "mine"
+
+
+def test_resume_from_an_empty_state_is_one_line(dense_dir, tmp_path, capsys):
+    from comp_vlm import checkpoint
+
+    checkpoint.write_checkpoint(tmp_path / "p.ckpt", {}, {"t": torch.zeros(1)})
+    assert main(["prune", "--model", str(dense_dir), "--out", str(tmp_path / "p"), "--resume", "--quiet",
+                 *FAST]) == 1
+    assert "incomplete or corrupt" in one_error_line(capsys.readouterr().err)
+    assert not (tmp_path / "p").exists()
+
+
+def test_unwritable_out_is_refused_before_the_search(dense_dir, tmp_path, capsys):
+    (tmp_path / "file").write_text("not a directory")
+    assert main(["prune", "--model", str(dense_dir), "--out", str(tmp_path / "file" / "out"), *FAST]) == 1
+    captured = capsys.readouterr()
+    assert "not a directory" in one_error_line(captured.err)
+    assert captured.out == ""  # nothing loaded, nothing searched
+    assert main(["prune", "--model", str(dense_dir), "--out", str(tmp_path / "o"), "--checkpoint-dir",
+                 str(tmp_path / "file" / "ck"), *FAST]) == 1
+    assert "--checkpoint-dir" in one_error_line(capsys.readouterr().err)
+
+
+def test_read_only_out_is_refused_before_the_search(dense_dir, tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        try:
+            (locked / "probe").mkdir()
+        except PermissionError:
+            pass
+        else:
+            pytest.skip("this user writes into read-only directories (root)")
+        assert main(["prune", "--model", str(dense_dir), "--out", str(locked / "out"), *FAST]) == 1
+        captured = capsys.readouterr()
+        assert "cannot write" in one_error_line(captured.err) and captured.out == ""
+    finally:
+        locked.chmod(0o755)
+
+
+def test_quiet_prints_results_only(dense_dir, tmp_path, capsys):
+    assert main(["prune", "--model", str(dense_dir), "--out", str(tmp_path / "p"), "-q", *FAST]) == 0
+    captured = capsys.readouterr()
+    assert "pruned model:" in captured.out and "r1_mean" in captured.out
+    for line in captured.out.splitlines():
+        assert not line.startswith(("model: ", "dense test", "CoMP search", "--resume")), line
+    assert captured.err == ""
+
+
+def test_eval_json_directory_is_refused_before_evaluating(demo_out, tmp_path, capsys):
+    (tmp_path / "j").mkdir()
+    assert main(["eval", str(demo_out / "pruned"), "--json", str(tmp_path / "j")]) == 1
+    captured = capsys.readouterr()
+    assert "--json" in one_error_line(captured.err)
+    assert captured.out == ""  # refused before the evaluation
+    assert main(["bench", str(demo_out / "pruned"), "--json", str(tmp_path / "j")]) == 1
+    assert "--json" in one_error_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize(
+    ("args", "option"),
+    [(["eval", "{pruned}", "--n-test", "0"], "--n-test"),
+     (["eval", "{pruned}", "--n-test", "-5", "--gallery-size", "0"], "--n-test"),
+     (["bench", "{pruned}", "--repeats", "0"], "--repeats"),
+     (["bench", "{pruned}", "--warmup", "-1"], "--warmup"),
+     (["prune", "--model", "{dense}", "--out", "{tmp}/o", "--n-train", "0"], "--n-train")],
+)
+def test_bad_counts_are_one_line(demo_out, tmp_path, capsys, args, option):
+    args = [a.format(pruned=demo_out / "pruned", dense=demo_out / "dense", tmp=tmp_path) for a in args]
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 2
+    assert option in one_error_line(capsys.readouterr().err)
+
+
+def test_broken_dense_directories_are_one_line(dense_dir, tmp_path, capsys):
+    truncated = tmp_path / "truncated"
+    shutil.copytree(dense_dir, truncated)
+    weights = truncated / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    pickled = tmp_path / "pickled"
+    shutil.copytree(dense_dir, pickled)
+    from safetensors.torch import load_file
+
+    torch.save(load_file(str(pickled / "model.safetensors")), pickled / "pytorch_model.bin")
+    (pickled / "model.safetensors").unlink()
+    for directory, message in ((truncated, "cannot load"), (pickled, "never a pickle")):
+        assert main(["eval", str(directory)]) == 1
+        assert message in one_error_line(capsys.readouterr().err)
+        assert main(["prune", "--model", str(directory), "--out", str(tmp_path / "o"), *FAST]) == 1
+        assert message in one_error_line(capsys.readouterr().err)
+    assert not (tmp_path / "o").exists()
+
+
+def test_demo_refuses_a_foreign_directory(tmp_path, capsys):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "precious.txt").write_text("keep")
+    assert main(["demo", "--quick", "--out", str(tmp_path / "d"), "--no-cache"]) == 1
+    assert "not written by comp-vlm" in one_error_line(capsys.readouterr().err)
+    assert [p.name for p in (tmp_path / "d").iterdir()] == ["precious.txt"]
+
+
+def test_demo_replaces_its_own_output_and_quiet_prints_one_line(demo_out, capsys):
+    stale = demo_out / "snapshots" / "r0.99"
+    stale.mkdir()  # something the earlier run left (in its own output): replaced with the rest
+    assert main(["demo", "--quick", "--out", str(demo_out), "--cache", str(demo_out.parent / "cache"), "-q"]) == 0
+    captured = capsys.readouterr()
+    assert len(captured.out.strip().splitlines()) == 1 and "R@1" in captured.out
+    assert not stale.exists() and (demo_out / "pruned" / "model.safetensors").is_file()
+
+
+def test_quick_builtin_learns(demo_out):
+    rows = {r["name"]: r["metrics"]["r1_mean"] for r in json.loads((demo_out / "report.json").read_text())["rows"]}
+    assert rows["dense"] > 30  # chance is about 5 in galleries of 32 (24 distinct captions)
+    assert min(rows.values()) > 15

@@ -84,3 +84,32 @@ def test_cache_entry_that_does_not_fit_leaves_the_model_untouched(tmp_path, capl
     for k, v in model.state_dict().items():  # nothing was copied, not even the tensors that fit
         assert torch.equal(v, before[k]), k
     assert load_cached_weights(tmp_path / "w.safetensors", other)  # the same file fits its own model
+
+
+def test_progress_bar_ends_on_the_last_steps_loss(monkeypatch):
+    from comp_vlm import dense, engine
+
+    losses, shown = [], []
+    real = engine.training_loss
+
+    def recording(*args, **kwargs):
+        loss = real(*args, **kwargs)
+        losses.append(loss.item())
+        return loss
+
+    class Bar:
+        def __init__(self, iterable, **kwargs):
+            self.iterable = iterable
+
+        def __iter__(self):
+            return iter(self.iterable)
+
+        def set_postfix(self, **kwargs):
+            shown.append(kwargs["loss"])
+
+    monkeypatch.setattr(engine, "training_loss", recording)
+    monkeypatch.setattr(dense, "tqdm", Bar)
+    cfg, data = tiny_setup()
+    torch.manual_seed(0)
+    dense.train_dense(CLIPModel._from_config(cfg), RetrievalTask(), data.train, DenseTraining(steps=3, warmup=1))
+    assert len(losses) == 3 and shown[-1] == f"{losses[-1]:.3f}"

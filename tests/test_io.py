@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -27,7 +28,8 @@ def test_save_load_identical_outputs(tmp_path, pixels, text_batch, tokenizer):
     model = pruned_model()
     out = save_pruned(model, tmp_path / "m", tokenizer=tokenizer)
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["model.safetensors", "config.json", "comp_recipe.json", "tokenizer.json", "tokenizer_config.json"])
+        ["model.safetensors", "config.json", "comp_recipe.json", "tokenizer.json", "tokenizer_config.json",
+         ".comp-vlm-output.json"])
     loaded = load_pruned(out)
     assert type(loaded) is CLIPModel
     assert_close(embeds(model, pixels, text_batch), embeds(loaded, pixels, text_batch), atol=1e-6)
@@ -155,3 +157,14 @@ def test_overwrite_replaces_atomically(tmp_path, pixels):
                               second_model.get_image_features(pixel_values=pixels).pooler_output, atol=1e-6)
     assert json.loads((first / "comp_recipe.json").read_text())["format_version"] == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def test_weights_mismatch_names_the_first_tensor_only(tmp_path):
+    a = save_pruned(pruned_model(0), tmp_path / "a")
+    b = save_pruned(pruned_model(5), tmp_path / "b")
+    (a / "model.safetensors").write_bytes((b / "model.safetensors").read_bytes())
+    with pytest.raises(CheckpointError) as exc:
+        load_pruned(a)
+    message = str(exc.value)
+    assert re.search(r"shapes: [\w.]+\.weight has shape \([\d, ]+\), the recipe gives \([\d, ]+\)$", message), message
+    assert len(message) < 250

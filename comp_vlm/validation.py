@@ -1,0 +1,172 @@
+"""Type and range checks of configuration dataclasses, driven by their fields' annotations plus a small table.
+
+:func:`validate_prune_config` checks every field of a :class:`~comp_vlm.engine.PruneConfig` against its type
+annotation (so a new field is type-checked without touching this module), then the numeric ranges in
+:data:`RANGES` and the content checks in :data:`CONTENT`. Every failure is a :class:`ConfigError` naming the
+field. Rules that need the engine's own tables (strategy names, cost measures) stay in ``PruneConfig``.
+
+Type rules: ``bool`` is not an ``int``; an ``int`` is a ``float``; a float must be finite; ``tuple[X, ...]``
+accepts a tuple or list of X; a ``str`` field named ``*_path`` or ``*_dir`` also accepts an ``os.PathLike``;
+annotations it does not know (``Any``, protocols) are not checked.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import types
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal, Union, get_args, get_origin
+
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Range:
+    """A closed or half-open interval; ``None`` is unbounded."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def contains(self, value: float) -> bool:
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+    def describe(self) -> str:
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {self.low}"
+        if self.low is None:
+            return f"{'<' if self.high_open else '<='} {self.high}"
+        return f"in {'(' if self.low_open else '['}{self.low}, {self.high}{')' if self.high_open else ']'}"
+
+
+#: PruneConfig fields whose values (or elements) must lie in a range. ratio, snapshots, flops_step, stage_steps
+#: and min_stage_fraction are checked by PruneConfig itself.
+RANGES: dict[str, Range] = {
+    "calibration_batches": Range(1),
+    "finetune_steps": Range(0),
+    "lr": Range(0),  # 0 freezes the weights (tests measure costs without training)
+    "weight_decay": Range(0),
+    "seed": Range(0, 2**32 - 1),  # numpy's seed range
+    "head_floor": Range(1),
+    "neuron_floor": Range(0, 1),
+    "sjp_token_share": Range(0, 1),
+    "distill": Range(0),
+    "bootstrap": Range(0),
+    "rho": Range(0, 1),
+    "tau": Range(0, low_open=True),
+    "lambda0": Range(0, 1),
+    "i_max": Range(1),
+    "site_start": Range(0),
+    "site_every": Range(1),
+    "token_max_cut": Range(0, 1, low_open=True),
+    "token_floor": Range(0, 1, low_open=True),
+    "sliver_fraction": Range(0, 1, high_open=True),
+    "finetune_warmup": Range(0, 1, high_open=True),
+}
+
+
+def reference_problem(value: Any) -> str | None:
+    """A FLOPs reference shape maps names (image_size, text_length, ...) to positive integers."""
+    if value is None:
+        return None
+    for key, size in value.items():
+        if not isinstance(key, str) or isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            return f"must map names to positive integers (e.g. {{'image_size': 224, 'text_length': 16}}), got {value!r}"
+    return None
+
+
+#: PruneConfig fields with a content check: a function returning what is wrong, or None.
+CONTENT: dict[str, Callable[[Any], str | None]] = {"reference": reference_problem}
+
+
+# ---- types ----------------------------------------------------------------------------------------------------
+def _is_union(hint: Any) -> bool:
+    return get_origin(hint) is Union or isinstance(hint, types.UnionType)
+
+
+def matches(value: Any, hint: Any, path_like: bool = False) -> bool:
+    """Whether ``value`` is of the annotated type (see the module docstring for the rules)."""
+    origin, args = get_origin(hint), get_args(hint)
+    if hint is Any:
+        return True
+    if _is_union(hint):
+        return any(matches(value, a, path_like) for a in args)
+    if hint is None or hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str) or (path_like and isinstance(value, os.PathLike))
+    if origin is Literal:
+        return value in args
+    if origin in (tuple, list) or hint in (tuple, list):
+        if not isinstance(value, (tuple, list)):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis or origin is list:
+            return all(matches(v, args[0]) for v in value) if args else True
+        return not args or (len(value) == len(args) and all(matches(v, a) for v, a in zip(value, args)))
+    if origin is dict or hint is dict:
+        if not isinstance(value, dict):
+            return False
+        return not args or all(matches(k, args[0]) and matches(v, args[1]) for k, v in value.items())
+    if isinstance(hint, type):
+        return isinstance(value, hint)
+    return True  # an annotation these rules do not cover
+
+
+def describe(hint: Any) -> str:
+    """A readable name of an annotation: ``a float``, ``a tuple of floats``, ``a str or None``."""
+    if _is_union(hint):
+        return " or ".join(describe(a) for a in get_args(hint))
+    if hint is None or hint is type(None):
+        return "None"
+    origin, args = get_origin(hint), get_args(hint)
+    if origin in (tuple, list) and args:
+        return f"a {origin.__name__} of {describe(args[0]).split(' ', 1)[-1]}s"
+    if origin is Literal:
+        return "one of " + ", ".join(map(repr, args))
+    name = getattr(origin or hint, "__name__", str(hint))
+    return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
+
+
+def _numbers(value: Any) -> list[float]:
+    """The numbers in a value (itself, or the elements of a tuple/list), booleans excluded."""
+    items = value if isinstance(value, (tuple, list)) else [value]
+    return [v for v in items if isinstance(v, (int, float)) and not isinstance(v, bool)]
+
+
+def check_field(name: str, value: Any, hint: Any) -> None:
+    """Type, finiteness, range and content checks of one field."""
+    if not matches(value, hint, path_like=name.endswith(("_path", "_dir"))):
+        raise ConfigError(f"{name} must be {describe(hint)}, got {type(value).__name__} {value!r}")
+    for number in _numbers(value):
+        if isinstance(number, float) and not math.isfinite(number):
+            raise ConfigError(f"{name} must be finite, got {value!r}")
+        if name in RANGES and not RANGES[name].contains(number):
+            raise ConfigError(f"{name} must be {RANGES[name].describe()}, got {value!r}")
+    problem = CONTENT[name](value) if name in CONTENT else None
+    if problem:
+        raise ConfigError(f"{name} {problem}")
+
+
+def validate_dataclass(obj: Any) -> None:
+    """Check every field of the dataclass instance ``obj`` (see :func:`check_field`)."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        check_field(f.name, getattr(obj, f.name), hints.get(f.name, Any))
+
+
+def validate_prune_config(config: Any) -> None:
+    """Raise :class:`ConfigError` on the first field of a ``PruneConfig`` with a wrong type or value."""
+    validate_dataclass(config)
