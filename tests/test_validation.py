@@ -55,15 +55,15 @@ def test_bad_fields_raise_config_error_naming_the_field(kwargs, message):
 def test_types_come_from_the_annotations():
     @dataclasses.dataclass
     class Extended(PruneConfig):  # a field added later is checked without a new rule
-        token_max_cut: float = 0.5
-        selection: str = "knapsack"
+        future_share: float = 0.5
+        future_rule: str = "knapsack"
 
-    with pytest.raises(ConfigError, match="token_max_cut must be a float"):
-        Extended(token_max_cut="0.5")
-    with pytest.raises(ConfigError, match="selection must be a str"):
-        Extended(selection=None)
+    with pytest.raises(ConfigError, match="future_share must be a float"):
+        Extended(future_share="0.5")
+    with pytest.raises(ConfigError, match="future_rule must be a str"):
+        Extended(future_rule=None)
     # what the annotations allow: an int for a float, a list for a tuple, a path for a *_path field
-    config = Extended(ratio=1 / 2, snapshots=[0.3], token_max_cut=1, lr=0, log_path=Path("s.jsonl"), seed=2**32 - 1)
+    config = Extended(ratio=1 / 2, snapshots=[0.3], future_share=1, lr=0, log_path=Path("s.jsonl"), seed=2**32 - 1)
     assert config.ratio == 0.5 and config.snapshots == [0.3]
 
 
