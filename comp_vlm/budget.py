@@ -95,13 +95,16 @@ def nominal_search_steps(ratio: float, step: float, stage_steps: int) -> int:
 
 
 def finetune_steps_for(ratio: float, search_steps: int, finetune_steps: int, budget: str, step: float,
-                       stage_steps: int) -> int:
+                       stage_steps: int, slack_stages: int = 0) -> int:
     """Fine-tuning steps of a snapshot at ``ratio`` reached after ``search_steps``: ``fixed`` gives every snapshot
     ``finetune_steps``; ``equal-total`` tops it up so that search + fine-tuning equals the nominal search plus
-    ``finetune_steps`` (an arm that needed fewer stages trains as long as one that needed more; never below 0)."""
+    ``slack_stages`` stages plus ``finetune_steps``: every arm trains as long, an arm that needed fewer stages
+    fine-tunes longer, and one needing up to ``slack_stages`` extra stages still gets ``finetune_steps`` (never
+    below 0)."""
     if budget == "fixed":
         return finetune_steps
-    return max(0, nominal_search_steps(ratio, step, stage_steps) + finetune_steps - search_steps)
+    total = nominal_search_steps(ratio, step, stage_steps) + slack_stages * stage_steps + finetune_steps
+    return max(0, total - search_steps)
 
 
 __all__ = ["TOKEN_PLANS", "cumulative_keep", "finetune_steps_for", "is_sliver", "lr_factor", "next_step",

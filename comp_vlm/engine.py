@@ -63,6 +63,7 @@ class PruneConfig:
     finetune_schedule: str = "cosine"  # fine-tuning: warm-up then cosine decay to 0, or constant
     finetune_warmup: float = 0.1  # share of the fine-tuning steps spent warming up
     finetune_budget: str = "fixed"  # or "equal-total": fine-tuning tops every snapshot up to the same total steps
+    budget_slack_stages: int = 4  # equal-total: the total allows this many stages beyond the nominal search
     seed: int = 0
     badness: str = "val_loss"  # or "metric" (B = -metric, the paper's choice)
     cost_measure: str = "recovered"  # or "immediate": B with the stage's units/tokens removed, before any training
@@ -76,7 +77,7 @@ class PruneConfig:
     head_floor: int = 1
     neuron_floor: float = 0.05
     sjp_token_share: float = 0.5
-    min_stage_fraction: float = 0.0  # a mode at its floors that can remove less than this share is exhausted
+    min_stage_fraction: float = 0.25  # a mode at its floors that can remove less than this share is exhausted
     distill: float = 0.0  # weight of the distillation loss towards the dense model (search and fine-tuning)
     stage_metric: bool = True  # also log the task metric on the validation batches after every stage
     bootstrap: int = 200
@@ -780,7 +781,7 @@ def search_lr_factor(config: PruneConfig, step: int) -> float:
 
 def snapshot_finetune_steps(config: PruneConfig, ratio: float, search_steps: int) -> int:
     return budget.finetune_steps_for(ratio, search_steps, config.finetune_steps, config.finetune_budget,
-                                     config.flops_step, config.stage_steps)
+                                     config.flops_step, config.stage_steps, config.budget_slack_stages)
 
 
 def train_dense_control(model: nn.Module, task: Any, train_data: Iterable, config: PruneConfig,

@@ -69,6 +69,7 @@ RANGES: dict[str, Range] = {
     "token_floor": Range(0, 1, low_open=True),
     "sliver_fraction": Range(0, 1, high_open=True),
     "finetune_warmup": Range(0, 1, high_open=True),
+    "budget_slack_stages": Range(0),
 }
 
 

@@ -246,7 +246,7 @@ def test_sliver_stages_do_not_update_history(setup):
     run, are marked, and leave R_m as it was."""
     cfg, _, loaders = setup
     tight = quick(ratio=0.3, strategy="cycle", finetune_steps=0, head_floor=4, neuron_floor=0.97,
-                  token_floor=0.01, sliver_fraction=0.25)
+                  token_floor=0.01, sliver_fraction=0.25, min_stage_fraction=0.0)  # let the slivers run
     loaders.train.load_state_dict({"epoch": 0, "position": 0})
     res = prune(fresh(cfg), RetrievalTask(), loaders.train, loaders.val, tight)
     slivers = [r for r in res.stage_log if r["sliver"]]
@@ -305,3 +305,6 @@ def test_equal_total_budget_tops_up_fine_tuning():
     assert budget.finetune_steps_for(0.5, 600, 150, "equal-total", 0.05, 50) == 50
     assert budget.finetune_steps_for(0.5, 450, 150, "equal-total", 0.05, 50) == 200
     assert budget.finetune_steps_for(0.5, 450, 150, "fixed", 0.05, 50) == 150
+    # with two slack stages, a run that needed 12 stages still fine-tunes 150 steps, one of 10 fine-tunes 250
+    assert budget.finetune_steps_for(0.5, 600, 150, "equal-total", 0.05, 50, 2) == 150
+    assert budget.finetune_steps_for(0.5, 500, 150, "equal-total", 0.05, 50, 2) == 250

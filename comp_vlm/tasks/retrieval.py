@@ -259,18 +259,33 @@ class RetrievalTask(Task):
         metrics["loss"] = e["loss"]
         return metrics
 
+    def evaluate_galleries(self, model: nn.Module, loader: Iterable[Batch]) -> list[dict[str, float]]:
+        """The metrics of every gallery apart (one entry when ``gallery_size`` is None): for paired comparisons
+        and bootstrap spreads over galleries."""
+        e = self.embed(model, loader)
+        return per_gallery_metrics(e["image_emb"], e["text_emb"], e["image_keys"], e["text_keys"], self.ks,
+                                   self.gallery_size)
+
 
 def gallery_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, image_keys: Sequence[Hashable],
                     text_keys: Sequence[Hashable], ks: Sequence[int] = DEFAULT_KS,
                     gallery_size: int | None = None) -> dict[str, float]:
     """:func:`retrieval_metrics` over all pairs (``gallery_size=None``) or averaged over consecutive galleries of
     exactly ``gallery_size`` pairs (the remainder is left out; fewer pairs than one gallery is an error)."""
+    parts = per_gallery_metrics(image_emb, text_emb, image_keys, text_keys, ks, gallery_size)
+    return {k: sum(p[k] for p in parts) / len(parts) for k in parts[0]}
+
+
+def per_gallery_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, image_keys: Sequence[Hashable],
+                        text_keys: Sequence[Hashable], ks: Sequence[int] = DEFAULT_KS,
+                        gallery_size: int | None = None) -> list[dict[str, float]]:
+    """:func:`retrieval_metrics` of each consecutive gallery of exactly ``gallery_size`` pairs (all pairs as one
+    gallery when None; the remainder is left out; fewer pairs than one gallery is an error)."""
     n = image_emb.shape[0]
     if gallery_size is None:
-        return retrieval_metrics(image_emb, text_emb, image_keys, text_keys, ks)
+        return [retrieval_metrics(image_emb, text_emb, image_keys, text_keys, ks)]
     if n < gallery_size:
         raise ValueError(f"{n} evaluation pairs cannot fill one gallery of {gallery_size}")
-    parts = [retrieval_metrics(image_emb[i:i + gallery_size], text_emb[i:i + gallery_size],
-                               image_keys[i:i + gallery_size], text_keys[i:i + gallery_size], ks)
-             for i in range(0, n - gallery_size + 1, gallery_size)]
-    return {k: sum(p[k] for p in parts) / len(parts) for k in parts[0]}
+    return [retrieval_metrics(image_emb[i:i + gallery_size], text_emb[i:i + gallery_size],
+                              image_keys[i:i + gallery_size], text_keys[i:i + gallery_size], ks)
+            for i in range(0, n - gallery_size + 1, gallery_size)]
