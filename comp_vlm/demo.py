@@ -14,7 +14,7 @@ import logging
 import os
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -80,7 +80,7 @@ class DemoSpec:
     stage_steps: int = 20
     flops_step: float = 0.04
     finetune_steps: int = 300
-    prune_lr: float = 5e-4
+    prune_lr: float = 2e-4  # one under which the dense model plus the same training stays within noise
     calibration_batches: int = 8
     latency_repeats: int = 9
     latency_batch: int = 8
@@ -498,7 +498,7 @@ def run_demo(out: str, ratio: float | None = None, seed: int = 0, device: str = 
              cache_dir: str | None = "cache", progress: bool = True) -> dict:
     """The offline demo end to end; returns the report dict (also written to ``out/report.json``)."""
     import comp_vlm
-    from comp_vlm.engine import cycle_batches, seed_everything, train_steps
+    from comp_vlm.engine import bootstrap_se, train_dense_control
     from comp_vlm.tasks.retrieval import RetrievalTask
 
     t_start = time.perf_counter()
@@ -547,7 +547,7 @@ def run_demo(out: str, ratio: float | None = None, seed: int = 0, device: str = 
     config = comp_vlm.PruneConfig(
         ratio=ratio, snapshots=snapshots, strategy="comp", flops_step=spec.flops_step, stage_steps=spec.stage_steps,
         finetune_steps=spec.finetune_steps, calibration_batches=spec.calibration_batches, lr=spec.prune_lr,
-        seed=seed, reference=reference, progress=progress,
+        seed=seed, reference=reference, progress=progress, finetune_budget="equal-total",
     )
     t0 = time.perf_counter()
     result = comp_vlm.prune(copy.deepcopy(dense.model), task, data.loaders.train, data.loaders.val, config,
@@ -559,13 +559,28 @@ def run_demo(out: str, ratio: float | None = None, seed: int = 0, device: str = 
         log.warning("ratio(s) %s not reached; reporting the highest reached (%s)",
                     ", ".join(map(str, result.not_reached)), max(result.snapshots))
 
-    say(f"-- 3/5 control: dense + the same {spec.finetune_steps} fine-tuning steps")
+    final_ratio = max(result.snapshots)
+    total_steps = result.snapshots[final_ratio][1].extra.get("stage", 0) * spec.stage_steps + \
+        result.snapshots[final_ratio][1].extra.get("finetune_steps", spec.finetune_steps)
+    say(f"-- 3/5 baselines at {final_ratio:.0%} removed, each trained as long ({total_steps} steps): param-only "
+        "(parameters only, UPop-like) and the dense model itself")
+    baseline = None
+    try:
+        baseline = comp_vlm.prune(copy.deepcopy(dense.model), task, data.loaders.train, data.loaders.val,
+                                  replace(config, strategy="param-only", ratio=final_ratio, snapshots=()),
+                                  test_data=data.loaders.test)
+    except CompVLMError as exc:  # its floors keep more FLOPs than the target
+        say(f"   param-only cannot reach {final_ratio:.0%}: {exc}")
     control = copy.deepcopy(dense.model)
-    seed_everything(seed)
-    if spec.finetune_steps > 0:
-        train_steps(control, task, cycle_batches(data.loaders.train), spec.finetune_steps, config,
-                    desc="control fine-tune")
+    search_steps = result.snapshots[final_ratio][1].extra.get("stage", 0) * spec.stage_steps
+    train_dense_control(control, task, data.loaders.train, replace(config, ratio=final_ratio), search_steps)
     control_metrics = task.evaluate(control.eval(), data.loaders.test)
+    # noise of the control's difference: paired bootstrap over the test galleries
+    gaps = [c["r1_mean"] - d["r1_mean"] for c, d in zip(task.evaluate_galleries(control, data.loaders.test),
+                                                         task.evaluate_galleries(dense.model, data.loaders.test))]
+    control_se = bootstrap_se(gaps, 1000, seed)
+    say(f"   dense + the same training − dense: {control_metrics['r1_mean'] - dense_metrics['r1_mean']:+.1f} R@1 "
+        f"(bootstrap SE over the {len(gaps)} test galleries: {control_se:.1f})")
 
     say("-- 4/5 save, reload, evaluate and time")
     extra = {"data": {**data.settings, "gallery_size": task.gallery_size or 0}, "dense_model": spec.name}
@@ -575,7 +590,6 @@ def run_demo(out: str, ratio: float | None = None, seed: int = 0, device: str = 
         target = out_dir / "pruned" if r == max(result.snapshots) else out_dir / "snapshots" / f"r{r:.2f}"
         saved[r] = comp_vlm.save_pruned(model, target, recipe=recipe, tokenizer=dense.tokenizer,
                                         image_processor=dense.image_processor)
-    final_ratio = max(result.snapshots)
     write_jsonl(log_path, result.stage_log)
     check_saved_processor(saved[final_ratio], data.world)
     batch = data.loaders.test[0]
@@ -587,7 +601,7 @@ def run_demo(out: str, ratio: float | None = None, seed: int = 0, device: str = 
     dense_ref = dense_reference_model(dense.model, result.recipe)
     dense_flops = comp_vlm.count_flops(dense_ref, reference)
     rows = [Row("dense", dense_metrics, dense_flops, comp_vlm.count_params(dense.model), None),
-            Row(f"dense + {spec.finetune_steps} ft steps", control_metrics, dense_flops,
+            Row(f"dense + same {total_steps} steps", control_metrics, dense_flops,
                 comp_vlm.count_params(control), None)]
     reload_gap = 0.0
     loaded_models = []
@@ -602,6 +616,11 @@ def run_demo(out: str, ratio: float | None = None, seed: int = 0, device: str = 
         rows.append(Row(name, metrics, comp_vlm.count_flops(loaded, reference), comp_vlm.count_params(loaded),
                         None, {"ratio": r, "dir": str(saved[r])}))
         loaded_models.append(loaded)
+    if baseline is not None:
+        rows.append(Row(f"param-only {final_ratio:.0%} removed", baseline.metrics[final_ratio],
+                        comp_vlm.count_flops(baseline.model, reference), comp_vlm.count_params(baseline.model), None,
+                        {"ratio": final_ratio, "strategy": "param-only"}))
+        loaded_models.append(baseline.model.eval())
     latencies = interleaved_latency_ms([dense_ref, *loaded_models], inputs, spec.latency_repeats)
     dense_ms = latencies[0]
     rows[0].latency_ms = dense_ms
@@ -613,7 +632,7 @@ def run_demo(out: str, ratio: float | None = None, seed: int = 0, device: str = 
 
     say("-- 5/5 report")
     points = [("dense (test)", 1.0, dense_metrics["r1_mean"], "dense"),
-              (f"dense + {spec.finetune_steps} ft (test)", 1.0, control_metrics["r1_mean"], "control")]
+              (f"dense + same {total_steps} steps (test)", 1.0, control_metrics["r1_mean"], "control")]
     points += [(f"{row.name} (test)", row.flops / dense_flops, row.metrics["r1_mean"], "pruned")
                for row in rows[2:]]
     plot = write_plot(out_dir / "plot.png", result.stage_log, points, "R@1 mean (%)", dense_val_metric)
@@ -625,7 +644,8 @@ def run_demo(out: str, ratio: float | None = None, seed: int = 0, device: str = 
         "flops_share": {n: v / total for n, v in shares.items()},
         "rows": [{"name": r.name, "metrics": r.metrics, "flops": r.flops, "flops_kept": r.flops / dense_flops,
                   "params": r.params, "latency_ms_batch8": r.latency_ms, **r.extra} for r in rows],
-        "stages": len(result.stage_log), "not_reached": result.not_reached,
+        "stages": len(result.stage_log), "not_reached": result.not_reached, "total_steps": total_steps,
+        "control_minus_dense": control_metrics["r1_mean"] - dense_metrics["r1_mean"], "control_se": control_se,
         "dense_train_seconds": dense.train_seconds, "dense_cached": dense.cached, "prune_seconds": prune_seconds,
         "wall_seconds": wall, "processor_gap": gap, "reload_gap": reload_gap,
         "zero_shot_example": {"truth": zs_truth, "top": zs[:3]},
