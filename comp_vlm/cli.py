@@ -314,7 +314,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         "calibration_batches": (args.calibration_batches if args.calibration_batches is not None
                              else spec.calibration_batches),
         "lr": args.lr if args.lr is not None else spec.prune_lr, "distill": args.distill, "seed": args.seed,
-        "cost_measure": args.cost_measure,
+        **{name: getattr(args, name) for name in SEARCH_OPTIONS},
         "checkpoint_dir": str(ckpt), "resume": args.resume, "progress": not args.quiet,
     }
     comp_vlm.PruneConfig(**settings)  # validate the options before loading or training anything
@@ -538,9 +538,56 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"comp-vlm: error: {message} (see '{self.prog} --help')\n")
 
 
+#: PruneConfig fields that ``prune`` takes as they are, one flag each (``--cost-measure`` for ``cost_measure``)
+SEARCH_OPTIONS = ("cost_measure", "selection", "token_plan", "token_max_cut", "token_floor", "warmup_order",
+                  "sliver_fraction", "lr_schedule", "finetune_schedule", "finetune_budget")
+
+
+def _search_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of :data:`SEARCH_OPTIONS`: defaults from ``PruneConfig()``, choices from the engine's tables
+    (ranges are checked by ``PruneConfig``)."""
+    from . import budget, engine, importance
+
+    default = engine.PruneConfig()
+    specs: dict[str, tuple[Any, str]] = {
+        "cost_measure": (engine.COST_MEASURES,
+                         "MPS stage cost: validation loss after the stage's recovery training ('recovered'), right "
+                         "after the removal, before training ('immediate'), or 'probe': measure every live mode's "
+                         "immediate cost at every stage start, then choose"),
+        "selection": (importance.SELECTIONS,
+                      "how heads and neurons are ranked for removal: importance per FLOP ('per-flop'), or "
+                      "importance density ranked per layer ('layer-rank'), per tower and unit kind ('kind-rank'), "
+                      "or standardised per tower and unit kind ('kind-zscore')"),
+        "token_plan": (budget.TOKEN_PLANS,
+                       "how a token mode's level spreads over its sites: cumulative keep falling linearly or "
+                       "geometrically with depth, or 'legacy' (every site keeps the same share, no bounds)"),
+        "token_max_cut": (float, "a stage removes at most this share of the tokens left at any site, in (0, 1]"),
+        "token_floor": (float, "every site keeps at least this share of the prunable tokens entering its tower, "
+                               "in (0, 1]"),
+        "warmup_order": (engine.WARMUP_ORDERS,
+                         "order in which MPS first tries each mode: a seeded permutation or the adapter's order"),
+        "sliver_fraction": (float, "a stage is enlarged rather than leave a remainder below this share of "
+                                   "--flops-step before a snapshot; such a sliver's cost does not steer MPS, in [0, 1)"),
+        "lr_schedule": (engine.LR_SCHEDULES, "search learning rate: constant, or cosine decay to 0 over the search"),
+        "finetune_schedule": (engine.LR_SCHEDULES,
+                              "fine-tuning learning rate: warm-up then cosine decay to 0, or constant"),
+        "finetune_budget": (engine.FINETUNE_BUDGETS,
+                            "fine-tuning steps per saved model: --finetune-steps each ('fixed'), or topped up so "
+                            "every saved model gets the same total of search and fine-tuning steps ('equal-total')"),
+    }
+    for name in SEARCH_OPTIONS:
+        kind, text = specs[name]
+        value = getattr(default, name)
+        flag = "--" + name.replace("_", "-")
+        if kind is float:
+            parser.add_argument(flag, type=float, default=value, metavar="F", help=f"{text} (default: {value})")
+        else:
+            parser.add_argument(flag, default=value, choices=kind, help=f"{text} (default: {value})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .demo import BUILTINS
-    from .engine import COST_MEASURES, STRATEGIES
+    from .engine import STRATEGIES
 
     d = BUILTINS["demo-clip"]
 
@@ -610,9 +657,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"learning rate of search and fine-tuning (default: {d.prune_lr})")
     prune.add_argument("--distill", type=float, default=0.0, metavar="W",
                        help="weight of distillation towards the dense model (default: 0)")
-    prune.add_argument("--cost-measure", default="recovered", choices=COST_MEASURES,
-                       help="MPS stage cost: validation loss after the stage's recovery training ('recovered', "
-                            "default) or right after the removal, before training ('immediate')")
+    _search_arguments(prune)
     prune.add_argument("--batch-size", type=_positive_int, default=None, metavar="N",
                        help=f"training batch size (model directories; default: {d.batch_size})")
     prune.add_argument("--n-train", type=_positive_int, default=None, metavar="N",
