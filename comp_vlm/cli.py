@@ -544,43 +544,45 @@ SEARCH_OPTIONS = ("cost_measure", "selection", "token_plan", "token_max_cut", "t
 
 
 def _search_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags of :data:`SEARCH_OPTIONS`: defaults from ``PruneConfig()``, choices from the engine's tables
-    (ranges are checked by ``PruneConfig``)."""
+    """The flags of :data:`SEARCH_OPTIONS`: defaults from ``PruneConfig()``, choices from the engine's tables,
+    ranges from :data:`comp_vlm.validation.RANGES` (checked by ``PruneConfig``)."""
     from . import budget, engine, importance
+    from .validation import RANGES
 
     default = engine.PruneConfig()
     specs: dict[str, tuple[Any, str]] = {
-        "cost_measure": (engine.COST_MEASURES,
-                         "MPS stage cost: validation loss after the stage's recovery training ('recovered'), right "
-                         "after the removal, before training ('immediate'), or 'probe': measure every live mode's "
-                         "immediate cost at every stage start, then choose"),
-        "selection": (importance.SELECTIONS,
-                      "how heads and neurons are ranked for removal: importance per FLOP ('per-flop'), or "
-                      "importance density ranked per layer ('layer-rank'), per tower and unit kind ('kind-rank'), "
-                      "or standardised per tower and unit kind ('kind-zscore')"),
-        "token_plan": (budget.TOKEN_PLANS,
-                       "how a token mode's level spreads over its sites: cumulative keep falling linearly or "
-                       "geometrically with depth, or 'legacy' (every site keeps the same share, no bounds)"),
-        "token_max_cut": (float, "a stage removes at most this share of the tokens left at any site, in (0, 1]"),
-        "token_floor": (float, "every site keeps at least this share of the prunable tokens entering its tower, "
-                               "in (0, 1]"),
+        "cost_measure": (engine.COST_MEASURES, (
+            "MPS stage cost: validation loss after the stage's recovery training ('recovered'), right after the "
+            "removal, before training ('immediate'), or 'probe': measure every live mode's immediate cost at every "
+            "stage start, then choose")),
+        "selection": (importance.SELECTIONS, (
+            "how heads and neurons are ranked for removal: importance per FLOP ('per-flop'), or importance density "
+            "ranked per layer ('layer-rank'), per tower and unit kind ('kind-rank'), or standardised per tower and "
+            "unit kind ('kind-zscore')")),
+        "token_plan": (budget.TOKEN_PLANS, (
+            "how a token mode's level spreads over its sites: cumulative keep falling linearly or geometrically "
+            "with depth, or 'legacy' (every site keeps the same share, no bounds)")),
+        "token_max_cut": (float, "a stage removes at most this share of the tokens left at any site"),
+        "token_floor": (float, "every site keeps at least this share of the prunable tokens entering its tower"),
         "warmup_order": (engine.WARMUP_ORDERS,
                          "order in which MPS first tries each mode: a seeded permutation or the adapter's order"),
-        "sliver_fraction": (float, "a stage is enlarged rather than leave a remainder below this share of "
-                                   "--flops-step before a snapshot; such a sliver's cost does not steer MPS, in [0, 1)"),
+        "sliver_fraction": (float, (
+            "a stage is enlarged rather than leave a remainder below this share of --flops-step before a snapshot; "
+            "such a sliver's cost does not steer MPS")),
         "lr_schedule": (engine.LR_SCHEDULES, "search learning rate: constant, or cosine decay to 0 over the search"),
         "finetune_schedule": (engine.LR_SCHEDULES,
                               "fine-tuning learning rate: warm-up then cosine decay to 0, or constant"),
-        "finetune_budget": (engine.FINETUNE_BUDGETS,
-                            "fine-tuning steps per saved model: --finetune-steps each ('fixed'), or topped up so "
-                            "every saved model gets the same total of search and fine-tuning steps ('equal-total')"),
+        "finetune_budget": (engine.FINETUNE_BUDGETS, (
+            "fine-tuning steps per saved model: --finetune-steps each ('fixed'), or topped up so every saved model "
+            "gets the same total of search and fine-tuning steps ('equal-total')")),
     }
     for name in SEARCH_OPTIONS:
         kind, text = specs[name]
         value = getattr(default, name)
         flag = "--" + name.replace("_", "-")
         if kind is float:
-            parser.add_argument(flag, type=float, default=value, metavar="F", help=f"{text} (default: {value})")
+            parser.add_argument(flag, type=float, default=value, metavar="F",
+                                help=f"{text}, {RANGES[name].describe()} (default: {value})")
         else:
             parser.add_argument(flag, default=value, choices=kind, help=f"{text} (default: {value})")
 
