@@ -106,13 +106,6 @@ def test_corrupt_recipe(demo_out, tmp_path, capsys):
     assert "recipe" in one_error_line(capsys.readouterr().err)
 
 
-def test_data_directory_not_supported_yet(demo_out, tmp_path, capsys):
-    data = tmp_path / "data"
-    data.mkdir()
-    assert main(["prune", "--model", str(demo_out / "dense"), "--data", str(data), "--out", str(tmp_path / "o")]) == 1
-    assert "not supported" in one_error_line(capsys.readouterr().err)
-
-
 # ---- the quick demo -------------------------------------------------------------------------------------------
 def test_demo_writes_everything(demo_out):
     pruned = demo_out / "pruned"
