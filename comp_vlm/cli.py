@@ -610,7 +610,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(f"synthetic test split: {settings['n_test']} pairs ({galleries}), seed {settings['seed']}")
     else:
         images = len({i for b in test for i in b["image_ids"]})
-        print(f"{settings['json']} test split: {settings['n_test']} captions of {images} images ({galleries})")
+        print(f"{settings['json']} test split: {settings['n_test']} captions of {images} image{'s' * (images != 1)} ({galleries})")
     for k in [task.primary_metric] + [k for k in metrics if k != task.primary_metric]:
         print(f"  {k:10s} {metrics[k]:8.2f}")
     if args.json:
