@@ -14,11 +14,12 @@ import logging
 import os
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NamedTuple, NoReturn
 
 from . import outputs
-from .errors import CompVLMError, ConfigError, OutputError
+from .errors import CheckpointError, CompVLMError, ConfigError, OutputError
 
 TASKS = ("retrieval",)
 PRUNE_REPLACES = ("prune-run", "pruned")  # the outputs `prune --overwrite` may replace
@@ -131,15 +132,6 @@ def _gallery_argument(parser: argparse.ArgumentParser, default: str) -> None:
                              f"(0: the whole split is one gallery; default: {default})")
 
 
-def _check_data(data: str) -> None:
-    if data == "synthetic":
-        return
-    path = Path(data)
-    if not path.exists():
-        raise ConfigError(f"--data {data}: no such directory (use --data synthetic for the built-in shapes world)")
-    raise ConfigError(f"--data {data}: reading a data directory is not supported yet; use --data synthetic")
-
-
 def _say(message: str) -> None:
     """A progress line (none with -q)."""
     from .demo import say
@@ -177,6 +169,120 @@ def _write_json(path: str, data: dict) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# data: the synthetic world or a Karpathy-format directory
+# ---------------------------------------------------------------------------------------------------------------
+#: the Karpathy splits each role reads: COCO's restval joins train for the search and fine-tuning
+KARPATHY_ROLES = {"train": ("train", "restval"), "val": ("val",), "test": ("test",)}
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """What ``--data`` names: the built-in synthetic world, or a Karpathy-format directory (COCO, Flickr30K): its
+    JSON file and the caption pairs of each role it was checked for (see :data:`KARPATHY_ROLES`)."""
+
+    kind: str  # "synthetic" or "karpathy"
+    dir: Path | None = None
+    json: Path | None = None
+    pairs: dict[str, int] = field(default_factory=dict)
+
+    def record(self) -> dict[str, Any]:
+        """How reports and recipes name the data."""
+        if self.kind == "synthetic":
+            return {"kind": "synthetic"}
+        return {"kind": "karpathy", "dir": str(self.dir), "json": str(self.json)}
+
+
+class LoadedData(NamedTuple):
+    """Retrieval loaders (``train``, ``val``, ``test``) and how they were made (recorded in the report and recipe);
+    :class:`comp_vlm.demo.SyntheticData` has the same two fields."""
+
+    loaders: Any
+    settings: dict[str, Any]
+
+
+def _check_data(data: str, roles: tuple[str, ...] = tuple(KARPATHY_ROLES), what: str = "--data") -> DataSource:
+    """The data ``data`` names. A directory (or file) must hold a Karpathy JSON whose ``roles`` all have captions;
+    the JSON is read here (not the images), so bad data is refused before any model is loaded."""
+    if data == "synthetic":
+        return DataSource("synthetic")
+    path = Path(data)
+    if not path.exists():
+        raise ConfigError(f"{what} {data}: no such directory (use --data synthetic for the built-in shapes world, "
+                          "or a directory holding a Karpathy-format dataset_*.json)")
+    from .data.files import require_nonempty
+    from .data.karpathy import find_karpathy_json, read_karpathy
+
+    found = find_karpathy_json(path).resolve()
+    images = read_karpathy(found, check_images=False)
+    pairs = {}
+    for role in roles:
+        chosen = [im for im in images if im.split in KARPATHY_ROLES[role]]
+        require_nonempty(chosen, found, "+".join(KARPATHY_ROLES[role]), "images")
+        pairs[role] = sum(len(im.captions) for im in chosen)
+    return DataSource("karpathy", found.parent, found, pairs)
+
+
+def _karpathy_data(source: DataSource, tokenizer: Any, processor: Any, batch_size: int, eval_batch_size: int,
+                   seed: int, progress: bool) -> LoadedData:
+    """The retrieval loaders of a Karpathy directory, its images through ``processor``, its captions through
+    ``tokenizer``; the training batches are reshuffled every epoch from ``seed``."""
+    from .data.karpathy import karpathy_loaders
+
+    roles = KARPATHY_ROLES
+    loaders = karpathy_loaders(source.json, tokenizer, processor, batch_size, eval_batch_size=eval_batch_size,
+                               seed=seed, train_splits=roles["train"], val_split=roles["val"][0],
+                               test_split=roles["test"][0], progress=progress)
+    settings = {**source.record(), "splits": {r: list(s) for r, s in roles.items()},
+                **{f"n_{r}": source.pairs[r] for r in roles}, "batch_size": batch_size,
+                "eval_batch_size": eval_batch_size, "seed": seed}
+    return LoadedData(loaders, settings)
+
+
+def _mean_text_length(loaders: Any) -> float:
+    """Mean unpadded caption length (tokens, BOS/EOS included) of the training texts: the FLOPs reference length."""
+    return float(loaders.train.data.attention_mask.sum(1).float().mean())
+
+
+def _check_fit(model: Any, batch: dict, text_length: int, data: str) -> None:
+    """Refuse inputs ``model`` cannot take: images (``batch``'s) of another size than its own (the image
+    processor's crop), captions (up to ``text_length`` tokens) longer than its text positions."""
+    size = int(model.config.vision_config.image_size)
+    positions = int(model.config.text_config.max_position_embeddings)
+    shape = tuple(batch["pixel_values"].shape[-2:])
+    if shape != (size, size):
+        raise ConfigError(f"the image processor makes {shape[0]}x{shape[1]} images of {data}, but the model takes "
+                          f"{size}x{size}: save the model with its own image processor")
+    if text_length > positions:
+        raise ConfigError(f"the tokenizer makes captions of {text_length} tokens from {data}, but the model has "
+                          f"{positions} text positions: save the tokenizer with model_max_length={positions}")
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
+
+
+def _load_tokenizer(path: Path, model: Any) -> Any:
+    """The tokenizer saved with the model in ``path``. Refused when there is none (transformers would build an
+    empty one) or when its ids run past the model's vocabulary."""
+    from . import demo
+
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise CheckpointError(f"{path} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}), needed to "
+                              "tokenize captions: save the model's tokenizer with it")
+    tokenizer = demo.load_tokenizer(path)
+    vocab = int(model.config.text_config.vocab_size)
+    if len(tokenizer) > vocab:
+        raise ConfigError(f"the tokenizer in {path} has {len(tokenizer)} tokens, more than the model's vocabulary "
+                          f"({vocab}): not the model's tokenizer")
+    return tokenizer
+
+
+def _describe_data(settings: dict) -> str:
+    """One line on the data of a search: where from, pairs per split."""
+    where = "synthetic world" if settings["kind"] == "synthetic" else settings["json"]
+    return f"{where}, {settings['n_train']} train / {settings['n_val']} val / {settings['n_test']} test pairs"
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # demo
 # ---------------------------------------------------------------------------------------------------------------
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -195,8 +301,30 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------------------------
 # prune
 # ---------------------------------------------------------------------------------------------------------------
-def _resolve_model(args: argparse.Namespace, task: Any, device: str) -> dict:
-    """The dense model, its tokenizer and image processor, and the synthetic data made for it."""
+def _check_prune_data(args: argparse.Namespace, source: DataSource, spec: Any) -> int:
+    """Refuse options that do not fit the data, before any work; returns the pairs of the smaller evaluation split
+    (validation or test), which must fill a gallery."""
+    from . import demo
+
+    if source.kind == "synthetic":
+        return min(args.n_val or spec.n_val, args.n_test or spec.n_test)
+    if args.model in demo.BUILTINS:
+        raise ConfigError(f"--data {args.data} needs --model DIR, a CLIP model directory with the tokenizer and image "
+                          f"processor for its captions and images (built-in {args.model} knows only the synthetic "
+                          "world's words)")
+    if any(v is not None for v in (args.n_train, args.n_val, args.n_test)):
+        raise ConfigError("--n-train/--n-val/--n-test size the synthetic world's splits; the splits of a data "
+                          "directory are used whole")
+    batch = args.batch_size or spec.batch_size
+    if batch > source.pairs["train"]:
+        raise ConfigError(f"the training batch size {batch} (--batch-size) exceeds the {source.pairs['train']} "
+                          f"training pairs of {source.json}")
+    return min(source.pairs["val"], source.pairs["test"])
+
+
+def _resolve_model(args: argparse.Namespace, task: Any, device: str, source: DataSource) -> dict:
+    """The dense model, its tokenizer and image processor, and the data: the Karpathy directory ``source`` read
+    through them, or the synthetic world made for the model."""
     from . import demo
 
     if args.model in demo.BUILTINS:
@@ -217,18 +345,29 @@ def _resolve_model(args: argparse.Namespace, task: Any, device: str) -> dict:
     if (path / RECIPE_FILE).is_file():
         raise ConfigError(f"{path} is already pruned (it holds {RECIPE_FILE}); prune its dense model instead")
     model = demo.load_dense_dir(path, device)
-    tokenizer = demo.load_tokenizer(path)
+    tokenizer = _load_tokenizer(path, model)
     processor = demo.load_image_processor(path)
-    mean, std = demo.processor_stats(processor)
     spec = demo.BUILTINS["demo-clip"]
-    image_size = int(model.config.vision_config.image_size)
-    data = demo.synthetic_data(
-        tokenizer, image_size, spec.max_objects, args.seed, args.n_train or spec.n_train, args.n_val or spec.n_val,
-        args.n_test or spec.n_test, args.batch_size or spec.batch_size, spec.eval_batch_size, mean, std)
-    if processor is None:
-        processor = data.world.image_processor()
-        _say(f"{path} has no image processor: using the synthetic world's normalisation "
-             f"(mean {data.world.image_mean}, std {data.world.image_std}) and saving it with the pruned model")
+    batch = args.batch_size or spec.batch_size
+    if source.kind == "karpathy":
+        if processor is None:
+            raise ConfigError(f"{path} holds no image processor (preprocessor_config.json), needed to read the "
+                              f"images of --data {args.data}")
+        data = _karpathy_data(source, tokenizer, processor, batch, spec.eval_batch_size, args.seed, not args.quiet)
+        loaders = data.loaders
+        longest = max([loaders.train.data.input_ids.shape[1]]
+                      + [b["input_ids"].shape[1] for b in loaders.val + loaders.test])
+        _check_fit(model, loaders.val[0], longest, str(source.json))
+    else:
+        mean, std = demo.processor_stats(processor)
+        image_size = int(model.config.vision_config.image_size)
+        data = demo.synthetic_data(
+            tokenizer, image_size, spec.max_objects, args.seed, args.n_train or spec.n_train,
+            args.n_val or spec.n_val, args.n_test or spec.n_test, batch, spec.eval_batch_size, mean, std)
+        if processor is None:
+            processor = data.world.image_processor()
+            _say(f"{path} has no image processor: using the synthetic world's normalisation "
+                 f"(mean {data.world.image_mean}, std {data.world.image_std}) and saving it with the pruned model")
     return {"model": model, "tokenizer": tokenizer, "image_processor": processor, "data": data, "spec": spec,
             "source": str(path)}
 
@@ -296,11 +435,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from . import checkpoint
 
     device = _setup(args)
-    _check_data(args.data)
+    source = _check_data(args.data)
     from . import demo
 
     spec = demo.BUILTINS.get(args.model, demo.BUILTINS["demo-clip"])
-    task = _check_task(args.task, args.gallery_size, min(args.n_val or spec.n_val, args.n_test or spec.n_test))
+    task = _check_task(args.task, args.gallery_size, _check_prune_data(args, source, spec))
     snapshots = tuple(s for s in (args.snapshots or ()) if s != args.ratio)
     out = Path(args.out)
     _check_out(args, out)
@@ -314,17 +453,16 @@ def cmd_prune(args: argparse.Namespace) -> int:
         "calibration_batches": (args.calibration_batches if args.calibration_batches is not None
                              else spec.calibration_batches),
         "lr": args.lr if args.lr is not None else spec.prune_lr, "distill": args.distill, "seed": args.seed,
-        "cost_measure": args.cost_measure,
+        **{name: getattr(args, name) for name in SEARCH_OPTIONS},
         "checkpoint_dir": str(ckpt), "resume": args.resume, "progress": not args.quiet,
     }
     comp_vlm.PruneConfig(**settings)  # validate the options before loading or training anything
-    src = _resolve_model(args, task, device)
+    src = _resolve_model(args, task, device, source)
     model, data = src["model"], src["data"]
-    length = args.text_length or round(data.mean_text_length)
+    length = args.text_length or round(_mean_text_length(data.loaders))
     reference = {"image_size": int(model.config.vision_config.image_size), "text_length": length}
     config = comp_vlm.PruneConfig(**settings, reference=reference)
-    _say(f"model: {src['source']} ({comp_vlm.count_params(model):,} params); data: synthetic world, "
-         f"{data.settings['n_train']} train / {data.settings['n_val']} val / {data.settings['n_test']} test pairs")
+    _say(f"model: {src['source']} ({comp_vlm.count_params(model):,} params); data: {_describe_data(data.settings)}")
     dense_params = comp_vlm.count_params(model)
     dense_metrics = task.evaluate(model, data.loaders.test)
     _say(f"dense test {task.primary_metric}: {dense_metrics[task.primary_metric]:.2f}")
@@ -368,6 +506,61 @@ def cmd_prune(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------------------------
 # eval
 # ---------------------------------------------------------------------------------------------------------------
+def _recorded_data(recorded: dict) -> DataSource:
+    """Without ``--data``: the data directory a pruned model was pruned on (recorded in its recipe), else the
+    synthetic world."""
+    if recorded.get("kind") == "karpathy":
+        _say(f"data: {recorded['json']}, as recorded with the model (--data to choose other data)")
+        return _check_data(recorded["json"], roles=("test",), what="the recorded data")
+    return DataSource("synthetic")
+
+
+def _eval_settings(args: argparse.Namespace, source: DataSource, model: Any, processor: Any,
+                   recorded: dict) -> dict:
+    """How the test split is made: a data directory's test split whole, or the synthetic test split of the
+    settings ``recorded`` with a pruned model (``--seed`` and ``--n-test`` override them)."""
+    from . import demo
+
+    spec = demo.BUILTINS["demo-clip"]
+    eval_batch_size = recorded.get("eval_batch_size", spec.eval_batch_size)
+    if source.kind == "karpathy":
+        if args.n_test is not None:
+            raise ConfigError("--n-test sizes the synthetic test split; the test split of a data directory is "
+                              "used whole")
+        if processor is None:
+            raise ConfigError(f"{args.model_dir} holds no image processor (preprocessor_config.json), needed to "
+                              f"read the images of {source.json}")
+        return {**source.record(), "n_test": source.pairs["test"], "eval_batch_size": eval_batch_size}
+    mean, std = demo.processor_stats(processor)
+    return {
+        "kind": "synthetic", "image_size": int(model.config.vision_config.image_size),
+        "max_objects": int(recorded.get("max_objects") or spec.max_objects),
+        "seed": args.seed if args.seed is not None else recorded.get("seed", 0),
+        "n_test": args.n_test if args.n_test is not None else recorded.get("n_test", spec.n_test),
+        "eval_batch_size": eval_batch_size,
+        "image_mean": mean or recorded.get("image_mean"), "image_std": std or recorded.get("image_std"),
+    }
+
+
+def _same_data(recorded: dict, source: DataSource) -> bool:
+    """Whether a model is evaluated on the data it was pruned on (so the settings recorded with it apply)."""
+    return recorded.get("kind", "synthetic") == source.kind and recorded.get("json") == source.record().get("json")
+
+
+def _eval_batches(settings: dict, model: Any, tokenizer: Any, processor: Any, progress: bool) -> list[dict]:
+    """The test batches ``settings`` describe."""
+    from . import demo
+
+    if settings["kind"] == "synthetic":
+        return demo.synthetic_test_split(tokenizer, settings)
+    from .data.karpathy import karpathy_batches
+
+    test = karpathy_batches(settings["json"], KARPATHY_ROLES["test"][0], tokenizer, processor,
+                            settings["eval_batch_size"], progress=progress)
+    _check_fit(model, test[0], max(b["input_ids"].shape[1] for b in test), settings["json"])
+    return test
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     import comp_vlm
 
@@ -376,27 +569,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     device = _setup(args)
     _check_task(args.task)
-    _check_data(args.data)
+    source = _check_data(args.data, roles=("test",)) if args.data is not None else None
     _check_json_path("--json", args.json)
     path = Path(args.model_dir)
     model = demo.load_clip_dir(path, device)
     recipe = comp_vlm.read_recipe(path) if (path / RECIPE_FILE).is_file() else None
-    tokenizer = demo.load_tokenizer(path)
-    mean, std = demo.processor_stats(demo.load_image_processor(path))
+    tokenizer = _load_tokenizer(path, model)
+    processor = demo.load_image_processor(path)
     recorded = dict((recipe.extra.get("data") or {}) if recipe else {})
-    spec = demo.BUILTINS["demo-clip"]
-    settings = {
-        "image_size": int(model.config.vision_config.image_size), "max_objects": spec.max_objects,
-        "seed": args.seed if args.seed is not None else recorded.get("seed", 0),
-        "n_test": args.n_test if args.n_test is not None else recorded.get("n_test", spec.n_test),
-        "eval_batch_size": recorded.get("eval_batch_size", spec.eval_batch_size),
-        "image_mean": mean or recorded.get("image_mean"), "image_std": std or recorded.get("image_std"),
-    }
-    if recorded.get("max_objects"):
-        settings["max_objects"] = int(recorded["max_objects"])
+    source = source or _recorded_data(recorded)
+    if not _same_data(recorded, source):
+        recorded = {}
+    settings = _eval_settings(args, source, model, processor, recorded)
     gallery = args.gallery_size if args.gallery_size is not None else recorded.get("gallery_size")
     task = _check_task(args.task, gallery, settings["n_test"])
-    test = demo.synthetic_test_split(tokenizer, settings)
+    test = _eval_batches(settings, model, tokenizer, processor, progress=not args.quiet)
     t0 = time.perf_counter()
     metrics = task.evaluate(model, test)
     seconds = time.perf_counter() - t0
@@ -407,18 +594,23 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         comp_vlm.get_adapter(model).install(AdapterOptions(dead_compute=False))
         lengths = [int(b["attention_mask"].sum()) / len(b["attention_mask"]) for b in test]
-        reference = {"image_size": settings["image_size"], "text_length": round(sum(lengths) / len(lengths))}
+        reference = {"image_size": int(model.config.vision_config.image_size),
+                     "text_length": round(sum(lengths) / len(lengths))}
     flops = comp_vlm.count_flops(model, reference)
     dense_flops = recipe.dense_flops if recipe else flops
-    result = {"model": str(path), "task": args.task, "data": "synthetic", "split": "test", "n": settings["n_test"],
+    result = {"model": str(path), "task": args.task, "data": settings, "split": "test", "n": settings["n_test"],
               "gallery_size": task.gallery_size or settings["n_test"],
-              "seed": settings["seed"], "metrics": metrics, "flops": flops, "dense_flops": dense_flops,
+              "seed": settings.get("seed"), "metrics": metrics, "flops": flops, "dense_flops": dense_flops,
               "flops_kept": flops / dense_flops, "params": comp_vlm.count_params(model), "reference": reference,
               "eval_seconds": seconds}
     print(f"{path}: {'pruned (' + format(1 - flops / dense_flops, '.0%') + ' FLOPs removed)' if recipe else 'dense'}, "
           f"{result['params']:,} params, {flops / 1e9:.4f} GFLOPs per sample at {reference}")
     galleries = f"galleries of {task.gallery_size}" if task.gallery_size else "one gallery"
-    print(f"synthetic test split: {settings['n_test']} pairs ({galleries}), seed {settings['seed']}")
+    if settings["kind"] == "synthetic":
+        print(f"synthetic test split: {settings['n_test']} pairs ({galleries}), seed {settings['seed']}")
+    else:
+        images = len({i for b in test for i in b["image_ids"]})
+        print(f"{settings['json']} test split: {settings['n_test']} captions of {images} image{'s' * (images != 1)} ({galleries})")
     for k in [task.primary_metric] + [k for k in metrics if k != task.primary_metric]:
         print(f"  {k:10s} {metrics[k]:8.2f}")
     if args.json:
@@ -538,9 +730,58 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"comp-vlm: error: {message} (see '{self.prog} --help')\n")
 
 
+#: PruneConfig fields that ``prune`` takes as they are, one flag each (``--cost-measure`` for ``cost_measure``)
+SEARCH_OPTIONS = ("cost_measure", "selection", "token_plan", "token_max_cut", "token_floor", "warmup_order",
+                  "sliver_fraction", "lr_schedule", "finetune_schedule", "finetune_budget")
+
+
+def _search_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of :data:`SEARCH_OPTIONS`: defaults from ``PruneConfig()``, choices from the engine's tables,
+    ranges from :data:`comp_vlm.validation.RANGES` (checked by ``PruneConfig``)."""
+    from . import budget, engine, importance
+    from .validation import RANGES
+
+    default = engine.PruneConfig()
+    specs: dict[str, tuple[Any, str]] = {
+        "cost_measure": (engine.COST_MEASURES, (
+            "MPS stage cost: validation loss after the stage's recovery training ('recovered'), right after the "
+            "removal, before training ('immediate'), or 'probe': measure every live mode's immediate cost at every "
+            "stage start, then choose")),
+        "selection": (importance.SELECTIONS, (
+            "how heads and neurons are ranked for removal: importance per FLOP ('per-flop'), or importance density "
+            "ranked per layer ('layer-rank'), per tower and unit kind ('kind-rank'), or standardised per tower and "
+            "unit kind ('kind-zscore')")),
+        "token_plan": (budget.TOKEN_PLANS, (
+            "how a token mode's level spreads over its sites: cumulative keep falling linearly or geometrically "
+            "with depth, or 'legacy' (every site keeps the same share, no bounds)")),
+        "token_max_cut": (float, "a stage removes at most this share of the tokens left at any site"),
+        "token_floor": (float, "every site keeps at least this share of the prunable tokens entering its tower"),
+        "warmup_order": (engine.WARMUP_ORDERS,
+                         "order in which MPS first tries each mode: a seeded permutation or the adapter's order"),
+        "sliver_fraction": (float, (
+            "a stage is enlarged rather than leave a remainder below this share of --flops-step before a snapshot; "
+            "such a sliver's cost does not steer MPS")),
+        "lr_schedule": (engine.LR_SCHEDULES, "search learning rate: constant, or cosine decay to 0 over the search"),
+        "finetune_schedule": (engine.LR_SCHEDULES,
+                              "fine-tuning learning rate: warm-up then cosine decay to 0, or constant"),
+        "finetune_budget": (engine.FINETUNE_BUDGETS, (
+            "fine-tuning steps per saved model: --finetune-steps each ('fixed'), or topped up so every saved model "
+            "gets the same total of search and fine-tuning steps ('equal-total')")),
+    }
+    for name in SEARCH_OPTIONS:
+        kind, text = specs[name]
+        value = getattr(default, name)
+        flag = "--" + name.replace("_", "-")
+        if kind is float:
+            parser.add_argument(flag, type=float, default=value, metavar="F",
+                                help=f"{text}, {RANGES[name].describe()} (default: {value})")
+        else:
+            parser.add_argument(flag, default=value, choices=kind, help=f"{text} (default: {value})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .demo import BUILTINS
-    from .engine import COST_MEASURES, STRATEGIES
+    from .engine import STRATEGIES
 
     d = BUILTINS["demo-clip"]
 
@@ -585,7 +826,10 @@ def build_parser() -> argparse.ArgumentParser:
                             f"({', '.join(BUILTINS)}: trained on the synthetic world, cached)")
     prune.add_argument("--task", default="retrieval", choices=TASKS, help="task (default: retrieval)")
     prune.add_argument("--data", default="synthetic", metavar="synthetic|DIR",
-                       help="training/validation/test data: 'synthetic' (the built-in shapes world; default)")
+                       help="training/validation/test data: 'synthetic' (the built-in shapes world; default), or a "
+                            "COCO/Flickr30K directory in Karpathy's format (dataset_*.json and the images; needs "
+                            "--model DIR with a tokenizer and image processor): train+restval for the search and "
+                            "fine-tuning, val for the stage costs, test for the reported metrics")
     prune.add_argument("--ratio", type=float, default=0.8, metavar="R",
                        help="fraction of dense FLOPs to remove, in (0, 1) (default: 0.8, i.e. keep 20%%)")
     prune.add_argument("--strategy", default="comp", choices=STRATEGIES, metavar="NAME",
@@ -610,9 +854,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"learning rate of search and fine-tuning (default: {d.prune_lr})")
     prune.add_argument("--distill", type=float, default=0.0, metavar="W",
                        help="weight of distillation towards the dense model (default: 0)")
-    prune.add_argument("--cost-measure", default="recovered", choices=COST_MEASURES,
-                       help="MPS stage cost: validation loss after the stage's recovery training ('recovered', "
-                            "default) or right after the removal, before training ('immediate')")
+    _search_arguments(prune)
     prune.add_argument("--batch-size", type=_positive_int, default=None, metavar="N",
                        help=f"training batch size (model directories; default: {d.batch_size})")
     prune.add_argument("--n-train", type=_positive_int, default=None, metavar="N",
@@ -640,13 +882,15 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser(
         "eval", help="evaluate a pruned (or dense) model directory",
         description="Evaluate a model directory written by 'comp-vlm prune'/'demo' (or a dense CLIPModel "
-                    "directory): task metrics on the synthetic test split, plus analytic FLOPs and parameters.")
+                    "directory): task metrics on the test split of the synthetic world or of a Karpathy-format "
+                    "data directory, plus analytic FLOPs and parameters.")
     ev.add_argument("model_dir", metavar="OUT", help="model directory")
     ev.add_argument("--task", default="retrieval", choices=TASKS, help="task (default: retrieval)")
-    ev.add_argument("--data", default="synthetic", metavar="synthetic|DIR",
-                    help="evaluation data (default: synthetic)")
+    ev.add_argument("--data", default=None, metavar="synthetic|DIR",
+                    help="evaluation data: 'synthetic', or a Karpathy-format directory (its test split) "
+                         "(default: the data directory recorded with a pruned model, else synthetic)")
     ev.add_argument("--n-test", type=_positive_int, default=None, metavar="N",
-                    help=f"test pairs (default: as recorded in the recipe, else {d.n_test})")
+                    help=f"synthetic test pairs (default: as recorded in the recipe, else {d.n_test})")
     _gallery_argument(ev, "as recorded with a pruned model, else 100, or the whole split when smaller")
     ev.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
     _common(ev, seed_default=None)

@@ -106,13 +106,6 @@ def test_corrupt_recipe(demo_out, tmp_path, capsys):
     assert "recipe" in one_error_line(capsys.readouterr().err)
 
 
-def test_data_directory_not_supported_yet(demo_out, tmp_path, capsys):
-    data = tmp_path / "data"
-    data.mkdir()
-    assert main(["prune", "--model", str(demo_out / "dense"), "--data", str(data), "--out", str(tmp_path / "o")]) == 1
-    assert "not supported" in one_error_line(capsys.readouterr().err)
-
-
 # ---- the quick demo -------------------------------------------------------------------------------------------
 def test_demo_writes_everything(demo_out):
     pruned = demo_out / "pruned"
@@ -393,3 +386,58 @@ def test_quick_builtin_learns(demo_out):
     rows = {r["name"]: r["metrics"]["r1_mean"] for r in json.loads((demo_out / "report.json").read_text())["rows"]}
     assert rows["dense"] > 30  # chance is about 5 in galleries of 32 (24 distinct captions)
     assert min(rows.values()) > 15
+
+
+# ---- the revised search options reach the engine --------------------------------------------------------------
+SEARCH_FLAGS = {"cost_measure": "probe", "selection": "per-flop", "token_plan": "geometric", "token_max_cut": 0.3,
+                "token_floor": 0.2, "warmup_order": "fixed", "sliver_fraction": 0.1, "lr_schedule": "cosine",
+                "finetune_schedule": "constant", "finetune_budget": "equal-total"}
+
+
+class _Captured(Exception):
+    pass
+
+
+def _prune_config(monkeypatch, argv: list[str]) -> comp_vlm.PruneConfig:
+    """The PruneConfig ``comp-vlm prune argv`` hands to the engine (the search itself is not run)."""
+    seen = []
+
+    def fake_prune(model, task, train, val, config, **kwargs):
+        seen.append(config)
+        raise _Captured
+
+    monkeypatch.setattr(comp_vlm, "prune", fake_prune)
+    with pytest.raises(_Captured):
+        main(argv)
+    return seen[0]
+
+
+def test_search_flags_reach_the_prune_config(dense_dir, tmp_path, monkeypatch):
+    base = ["prune", "--model", str(dense_dir), "--out", str(tmp_path / "o"), "-q", *FAST]
+    defaults = comp_vlm.PruneConfig()
+    config = _prune_config(monkeypatch, base)
+    assert {k: getattr(config, k) for k in SEARCH_FLAGS} == {k: getattr(defaults, k) for k in SEARCH_FLAGS}
+    flags = [a for k, v in SEARCH_FLAGS.items() for a in ("--" + k.replace("_", "-"), str(v))]
+    config = _prune_config(monkeypatch, base + flags)
+    assert {k: getattr(config, k) for k in SEARCH_FLAGS} == SEARCH_FLAGS
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("flag", ["--selection", "--token-plan", "--warmup-order", "--lr-schedule",
+                                  "--finetune-schedule", "--finetune-budget"])
+def test_bad_search_choice_is_one_line_exit_2(tmp_path, capsys, flag):
+    with pytest.raises(SystemExit) as exc:
+        main(["prune", "--model", "demo-clip-quick", "--out", str(tmp_path / "o"), flag, "bogus"])
+    assert exc.value.code == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert flag in line and "invalid choice: 'bogus'" in line
+
+
+@pytest.mark.parametrize(("flag", "value", "field"), [("--token-max-cut", "0", "token_max_cut"),
+                                                      ("--token-floor", "1.5", "token_floor"),
+                                                      ("--sliver-fraction", "1", "sliver_fraction")])
+def test_search_value_out_of_range_is_one_line(tmp_path, capsys, flag, value, field):
+    assert main(["prune", "--model", "demo-clip-quick", "--out", str(tmp_path / "o"), flag, value,
+                 "--cache", str(tmp_path / "cache")]) == 1
+    assert field in one_error_line(capsys.readouterr().err)
+    assert not (tmp_path / "cache").exists()  # refused before any training
