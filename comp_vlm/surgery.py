@@ -51,6 +51,3 @@ def get_submodule_parent(root: nn.Module, path: str) -> tuple[nn.Module, str]:
 def replace_submodule(root: nn.Module, path: str, new: nn.Module) -> None:
     parent, name = get_submodule_parent(root, path)
     setattr(parent, name, new)
-
-
-head_channels = block_channels  # removed once the adapter slices through adapters.units
