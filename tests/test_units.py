@@ -49,9 +49,10 @@ def test_a_new_kind_masks_and_slices_through_the_generic_path(masked):
     for m in block.modules():
         for registry in (m._forward_hooks, m._forward_pre_hooks):
             registry.clear()
-    units.slice_units(block, spec, [0, 2, 3], list(range(4)))
+    assert units.kept(block, spec) == [0, 2, 3] and units.dense_index(block, spec) == [0, 1, 2, 3]
+    units.slice_units(block, spec, [0, 2, 3])
     assert block.inner.fused.out_features == 2 * 3 * 3 and block.down.in_features == 3 * 3
-    assert block.inner.comp_widget_index == [0, 2, 3] and block.inner.n_widgets == 3
+    assert units.dense_index(block, spec) == [0, 2, 3] and block.inner.n_widgets == 3
     assert torch.allclose(block(x), masked_out, atol=1e-6)
 
 

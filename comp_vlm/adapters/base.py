@@ -196,9 +196,9 @@ class ModelAdapter(ABC):
     def unit_groups(self, mode: str | None = None) -> list[UnitGroup]:
         """Every layer's groups of prunable units (tower by tower, layer by layer, kinds in tower order)."""
         return [
-            UnitGroup(unit, spec.name, spec.param_mode, i, len(self._dense_index(spec.name, unit, i)))
+            UnitGroup(unit, spec.name, spec.param_mode, i, len(units.dense_index(layer, unit)))
             for spec in self.tower_specs() if mode is None or spec.param_mode == mode
-            for i in range(len(self.layers(spec)))
+            for i, layer in enumerate(self.layers(spec))
             for unit in spec.units
         ]
 
@@ -211,22 +211,15 @@ class ModelAdapter(ABC):
         kind, tower, layer = key
         spec = self.tower(tower)
         unit = spec.unit(kind)
-        return UnitGroup(unit, tower, spec.param_mode, layer, len(self._dense_index(tower, unit, layer)))
+        return UnitGroup(unit, tower, spec.param_mode, layer, len(units.dense_index(self.layers(spec)[layer], unit)))
 
     def _layer(self, group: UnitGroup) -> nn.Module:
         return self.layers(self.tower(group.tower))[group.layer]
 
-    def _owner(self, tower: str, unit: UnitSpec, layer: int) -> nn.Module:
-        return self.layers(self.tower(tower))[layer].get_submodule(unit.owner)
-
-    def _dense_index(self, tower: str, unit: UnitSpec, layer: int) -> list[int]:
-        idx = getattr(self._owner(tower, unit, layer), unit.index_attr, None)
-        return list(range(unit.dense)) if idx is None else list(idx)
-
     def dense_index(self, key: UnitGroup | UnitKey) -> list[int]:
         """Original (dense) indices of the units the layer still has."""
         group = self.unit_group(key)
-        return self._dense_index(group.tower, group.spec, group.layer)
+        return units.dense_index(self._layer(group), group.spec)
 
     def unit_flops(self, group: UnitGroup, layer: LayerStructure, tokens_in: int, tokens_mlp: int) -> int:
         """FLOPs of one unit of ``group`` (:func:`comp_vlm.flops.unit_flops`) at the given token counts."""
@@ -277,7 +270,7 @@ class ModelAdapter(ABC):
 
     def unit_mask(self, key: UnitGroup | UnitKey) -> torch.Tensor | None:
         group = self.unit_group(key)
-        return getattr(self._owner(group.tower, group.spec, group.layer), group.spec.mask_buffer, None)
+        return units.mask_of(self._layer(group), group.spec)
 
     def set_head_mask(self, tower: str, layer: int, values: torch.Tensor | list) -> None:
         """Protocol v1: ``set_unit_mask(("head", tower, layer), values)``."""
@@ -289,17 +282,16 @@ class ModelAdapter(ABC):
 
     def clear_masks(self) -> None:
         for spec in self.tower_specs():
-            for i, module in enumerate(self.layers(spec)):
+            for module in self.layers(spec):
                 for unit in spec.units:
-                    masks.clear_mask_buffer(self._owner(spec.name, unit, i), unit.mask_buffer)
+                    masks.clear_mask_buffer(module.get_submodule(unit.owner), unit.mask_buffer)
                 for sub in module.modules():
                     masks.remove_hooks(sub, units.MASK_HOOK_TYPES)
 
     def kept_units(self, key: UnitGroup | UnitKey) -> list[int]:
         """Current-local indices of the group's units whose mask is non-zero (all when unmasked)."""
         group = self.unit_group(key)
-        mask = self.unit_mask(group)
-        return list(range(group.size)) if mask is None else torch.nonzero(mask > 0).flatten().tolist()
+        return units.kept(self._layer(group), group.spec)
 
     # ---- statistics collection (CIM) -----------------------------------------------------------------------
     def attach_collector(self, collector: Any) -> None:
@@ -344,8 +336,7 @@ class ModelAdapter(ABC):
         self.layers(spec)[layer].comp_site_keep = float(ratio)
 
     def keep_ratio(self, tower: str, layer: int) -> float:
-        spec = self.tower(tower)
-        return float(getattr(self.layers(spec)[layer], "comp_site_keep", 1.0))
+        return site_keep(self.layers(self.tower(tower))[layer])
 
     # ---- structure and FLOPs -------------------------------------------------------------------------------------
     def reference(self, reference: dict | None = None) -> dict:
@@ -362,8 +353,8 @@ class ModelAdapter(ABC):
             sites = set(self.site_layers(spec))
             layers = []
             n_layers = len(self.layers(spec))
-            for i in range(n_layers):
-                keep = self.keep_ratio(spec.name, i) if i in sites else 1.0
+            for i, module in enumerate(self.layers(spec)):
+                keep = site_keep(module) if i in sites else 1.0
                 layer = LayerStructure(
                     hidden=spec.hidden,
                     heads=0,
@@ -373,7 +364,7 @@ class ModelAdapter(ABC):
                     site_keep=keep if keep < 1.0 else None,
                     mlp_tokens_pooled_only=pooled_only and i == n_layers - 1,
                 )
-                kept = {u.structure_field: len(self.kept_units((u.kind, spec.name, i))) for u in spec.units}
+                kept = {u.structure_field: len(units.kept(module, u)) for u in spec.units}
                 layers.append(replace(layer, **kept))
             tokens, always, extra = self.tower_io(spec, ref)
             towers.append(TowerStructure(spec.name, tokens, always, tuple(layers), extra))
@@ -405,7 +396,7 @@ class ModelAdapter(ABC):
     def slice_units(self, key: UnitGroup | UnitKey, keep: list[int]) -> None:
         """Keep the group's units ``keep`` (current local indices) and physically drop the others."""
         group = self.unit_group(key)
-        units.slice_units(self._layer(group), group.spec, keep, self.dense_index(group))
+        units.slice_units(self._layer(group), group.spec, keep)
 
     # ---- recipes ---------------------------------------------------------------------------------------------------
     def base_config_hash(self) -> str:
@@ -418,11 +409,11 @@ class ModelAdapter(ABC):
         for spec in self.tower_specs():
             sites = set(self.site_layers(spec))
             layers = []
-            for i in range(len(self.layers(spec))):
+            for i, module in enumerate(self.layers(spec)):
                 kept = {}
                 for unit in spec.units:
-                    dense = self.dense_index((unit.kind, spec.name, i))
-                    kept[unit.kind] = [dense[u] for u in self.kept_units((unit.kind, spec.name, i))]
+                    dense = units.dense_index(module, unit)
+                    kept[unit.kind] = [dense[u] for u in units.kept(module, unit)]
                 keep_ratio = self.keep_ratio(spec.name, i) if i in sites else None
                 layers.append(LayerRecipe.from_units(kept, keep_ratio))
             towers[spec.name] = layers
@@ -477,18 +468,23 @@ class ModelAdapter(ABC):
         object.__setattr__(self.model, "comp_vlm_reference", dict(recipe.reference))
         for name, layers in recipe.towers.items():
             spec = self.tower(name)
-            for i, lay in enumerate(layers):
+            for i, (lay, module) in enumerate(zip(layers, self.layers(spec))):
                 local = []
                 for unit in spec.units:
-                    pos = {d: k for k, d in enumerate(self.dense_index((unit.kind, name, i)))}
+                    pos = {d: k for k, d in enumerate(units.dense_index(module, unit))}
                     if any(d not in pos for d in lay.kept(unit.kind)):
                         raise RecipeError(f"{name} layer {i}: the recipe keeps units this (already pruned) model lacks")
                     local.append((unit, [pos[d] for d in lay.kept(unit.kind)]))
                 for unit, keep in local:
-                    self.slice_units((unit.kind, name, i), keep)
+                    units.slice_units(module, unit, keep)
                 if lay.keep_ratio is not None:
                     self.set_keep_ratio(name, i, lay.keep_ratio)
         return self
+
+
+def site_keep(layer: nn.Module) -> float:
+    """The keep ratio of the token site a layer module holds (1: none, or keeps all)."""
+    return float(getattr(layer, "comp_site_keep", 1.0))
 
 
 def dense_units(layer: LayerStructure, spec: TowerSpec) -> LayerStructure:

@@ -165,6 +165,25 @@ def install_mask_hooks(layer: nn.Module, spec: UnitSpec) -> None:
             linear.register_forward_pre_hook(hook, prepend=True)
 
 
+def dense_index(layer: nn.Module, spec: UnitSpec) -> list[int]:
+    """Original (dense) indices of the units of kind ``spec`` that ``layer`` still has."""
+    idx = getattr(layer.get_submodule(spec.owner), spec.index_attr, None)
+    return list(range(spec.dense)) if idx is None else list(idx)
+
+
+def mask_of(layer: nn.Module, spec: UnitSpec) -> torch.Tensor | None:
+    """The soft mask of ``layer``'s units of kind ``spec`` (None: unmasked)."""
+    return getattr(layer.get_submodule(spec.owner), spec.mask_buffer, None)
+
+
+def kept(layer: nn.Module, spec: UnitSpec) -> list[int]:
+    """Current-local indices of the units whose mask is non-zero (all when unmasked)."""
+    mask = mask_of(layer, spec)
+    if mask is None:
+        return list(range(len(dense_index(layer, spec))))
+    return torch.nonzero(mask > 0).flatten().tolist()
+
+
 def set_mask(layer: nn.Module, spec: UnitSpec, values: torch.Tensor) -> None:
     """Install the kind's hooks and store ``values`` (validated by the caller) on the owner's device."""
     owner = layer.get_submodule(spec.owner)
@@ -172,10 +191,11 @@ def set_mask(layer: nn.Module, spec: UnitSpec, values: torch.Tensor) -> None:
     masks.set_mask_buffer(owner, spec.mask_buffer, values.to(next(owner.parameters()).device))
 
 
-def slice_units(layer: nn.Module, spec: UnitSpec, keep: list[int], dense_index: list[int]) -> None:
+def slice_units(layer: nn.Module, spec: UnitSpec, keep: list[int]) -> None:
     """Physically keep units ``keep`` (local indices) of ``layer``'s group: every span's channels, the owner's
     original indices and count attributes. A no-op when every unit stays."""
-    count = len(dense_index)
+    dense = dense_index(layer, spec)
+    count = len(dense)
     if len(keep) == count:
         return
     units = torch.tensor(keep, dtype=torch.long)
@@ -184,6 +204,6 @@ def slice_units(layer: nn.Module, spec: UnitSpec, keep: list[int], dense_index: 
         cut = slice_linear_out if span.axis == "out" else slice_linear_in
         replace_submodule(layer, span.path, cut(layer.get_submodule(span.path), channels))
     owner = layer.get_submodule(spec.owner)
-    setattr(owner, spec.index_attr, [dense_index[u] for u in keep])
+    setattr(owner, spec.index_attr, [dense[u] for u in keep])
     for attr in spec.count_attrs:
         setattr(owner, attr, len(keep))
