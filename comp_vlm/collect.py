@@ -1,7 +1,7 @@
 """Collection of CIM statistics during ordinary training forwards (method.md §2, "Accumulate the sufficient
 statistic").
 
-Per unit the collector keeps Σ_batches Σ_n ω_n X²_{n,i}: for heads X is the context entering the attention
+Per unit group (kind, tower, layer) the collector keeps Σ_batches Σ_n ω_n X²_{n,i}: for heads X is the context entering the attention
 output projection, for neurons the activation entering the MLP output projection (both after the unit's own soft
 mask). The weights ω come from CIT token scores: a layer's attention uses that layer's scores, its MLP the next
 layer's (the last layer's MLP its own, gathered to the tokens its MLP saw). The MLP input of one layer waits in a
@@ -56,14 +56,12 @@ class StatsCollector:
             raise ValueError(f"unknown weighting {weighting!r}")
         self.weighting = weighting
         self.enabled = False
-        self.head_stats: dict[tuple[str, int], torch.Tensor] = {}
-        self.neuron_stats: dict[tuple[str, int], torch.Tensor] = {}
+        self.stats: dict[tuple[str, str, int], torch.Tensor] = {}  # (kind, tower, layer) -> per-channel statistic
         self.batches = 0
         self._pending: dict[str, _Pending] = {}
 
     def reset(self) -> None:
-        self.head_stats.clear()
-        self.neuron_stats.clear()
+        self.stats.clear()
         self._pending.clear()
         self.batches = 0
 
@@ -79,17 +77,19 @@ class StatsCollector:
     def _weights(self, scores: torch.Tensor | None, state: TokenState) -> torch.Tensor:
         return importance.token_weights(scores, state.valid, state.pooled_slot, self.weighting)
 
-    def _add(self, table: dict, key: tuple[str, int], x: torch.Tensor, weights: torch.Tensor) -> None:
+    def _add(self, key: tuple[str, str, int], x: torch.Tensor, weights: torch.Tensor) -> None:
         stat = importance.channel_stat(x.detach(), weights)
-        importance.check_finite(stat, f"{key[0]} layer {key[1]} {'head' if table is self.head_stats else 'neuron'} statistic")
-        table[key] = stat if key not in table else table[key] + stat
+        kind, tower, layer = key
+        importance.check_finite(stat, f"{tower} layer {layer} {kind} statistic")
+        self.stats[key] = stat if key not in self.stats else self.stats[key] + stat
 
     def on_attention(self, tower: str, layer: int, scores: torch.Tensor | None, state: TokenState,
-                     head_input: torch.Tensor | None) -> None:
-        """After layer ``layer``'s attention: scores (B, n) over the slots of ``state`` (None: no heads left)."""
+                     head_input: torch.Tensor | None, kind: str = "head") -> None:
+        """After layer ``layer``'s attention: scores (B, n) over the slots of ``state`` (None: no heads left);
+        ``head_input`` is the input of the attention's output projection, the statistic of its ``kind`` units."""
         self._flush(tower, scores)
         if head_input is not None and scores is not None:
-            self._add(self.head_stats, (tower, layer), head_input, self._weights(scores, state))
+            self._add((kind, tower, layer), head_input, self._weights(scores, state))
 
     def on_mlp(self, tower: str, layer: int, mlp_input: torch.Tensor | None, state: TokenState,
                fallback_scores: torch.Tensor | None) -> None:
@@ -105,19 +105,17 @@ class StatsCollector:
         pending = self._pending.pop(tower, None)
         if pending is not None:
             use = scores if scores is not None else pending.fallback_scores
-            self._add(self.neuron_stats, (tower, pending.layer), pending.x, self._weights(use, pending.state))
+            self._add(("neuron", tower, pending.layer), pending.x, self._weights(use, pending.state))
 
     def end_batch(self) -> None:
         self.batches += 1
 
     # ---- ranking -------------------------------------------------------------------------------------------------
-    def head_scores(self, tower: str, layer: int, out_proj: nn.Linear, head_dim: int) -> torch.Tensor | None:
-        stat = self.head_stats.get((tower, layer))
-        return None if stat is None else importance.head_scores(out_proj.weight.detach(), stat, head_dim)
-
-    def neuron_scores(self, tower: str, layer: int, fc_out: nn.Linear) -> torch.Tensor | None:
-        stat = self.neuron_stats.get((tower, layer))
-        return None if stat is None else importance.neuron_scores(fc_out.weight.detach(), stat)
+    def unit_scores(self, key: tuple[str, str, int], out_weight: torch.Tensor, width: int) -> torch.Tensor | None:
+        """Scores of a unit group's units from its statistic and the weight of the linear whose input it measures
+        (units of ``width`` input columns each); None before the group has a statistic."""
+        stat = self.stats.get(key)
+        return None if stat is None else importance.unit_scores(out_weight.detach(), stat, width)
 
     def all_reduce(self) -> None:
         """Sum the statistics over the processes of a ``torch.distributed`` group (no-op when not initialised);
@@ -126,17 +124,14 @@ class StatsCollector:
 
         if not (dist.is_available() and dist.is_initialized()):
             return
-        for table in (self.head_stats, self.neuron_stats):
-            for key in sorted(table):
-                dist.all_reduce(table[key])
+        for key in sorted(self.stats):
+            dist.all_reduce(self.stats[key])
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        out = {f"head/{t}/{i}": v for (t, i), v in self.head_stats.items()}
-        out.update({f"neuron/{t}/{i}": v for (t, i), v in self.neuron_stats.items()})
-        return out
+        return {f"{kind}/{t}/{i}": v for (kind, t, i), v in self.stats.items()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.reset()
         for key, value in state.items():
             kind, tower, layer = key.split("/")
-            (self.head_stats if kind == "head" else self.neuron_stats)[(tower, int(layer))] = value.clone()
+            self.stats[(kind, tower, int(layer))] = value.clone()

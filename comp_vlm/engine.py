@@ -25,10 +25,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import budget, checkpoint, importance
-from .adapters.base import AdapterOptions, ModelAdapter, Site, get_adapter
+from .adapters.base import AdapterOptions, ModelAdapter, Site, dense_units, get_adapter
+from .adapters.units import UnitGroup, UnitKey, UnitSpec
 from .collect import StatsCollector
 from .errors import ConfigError, NonFiniteError
-from .flops import LayerStructure, attention_flops, model_flops, tower_flops
+from .flops import model_flops, tower_flops
 from .recipe import Recipe
 from .schedule import MPSConfig, MultiModeScheduler, NoModeLeftError, mode_kind, stage_cost
 from .structure import TowerStructure
@@ -148,8 +149,7 @@ class StagePlan:
     """What one stage does: the mode, the units it newly selects, or the token level it moves to."""
 
     mode: str
-    heads: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)  # new (local) head indices per layer
-    neurons: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
+    units: dict[UnitKey, torch.Tensor] = field(default_factory=dict)  # new (local) unit indices per unit group
     token_level: float | None = None  # the token mode's new level q
     prev_level: float = 1.0  # its level before the stage (live until K/2)
     requested: float = 0.0  # FLOPs fraction the step asked for
@@ -193,10 +193,9 @@ class Pruner:
         self.collector.enabled = True  # collects in train-mode forwards until the search ends (also after resume)
         self.adapter.attach_collector(self.collector)
         self.specs = {s.name: s for s in self.adapter.tower_specs()}
-        self.selected_heads = {(s, i): torch.zeros(len(self.adapter.head_index(spec, i)), dtype=torch.bool)
-                               for s, spec in self.specs.items() for i in range(len(self.adapter.layers(spec)))}
-        self.selected_neurons = {(s, i): torch.zeros(len(self.adapter.neuron_index(spec, i)), dtype=torch.bool)
-                                 for s, spec in self.specs.items() for i in range(len(self.adapter.layers(spec)))}
+        self.groups: dict[UnitKey, UnitGroup] = {g.key: g for g in self.adapter.unit_groups()}
+        self.kinds = list(dict.fromkeys(key[0] for key in self.groups))  # the unit kinds, in adapter order
+        self.selected = {key: torch.zeros(g.size, dtype=torch.bool) for key, g in self.groups.items()}
         self.token_levels = {m: 1.0 for m in self.adapter.modes() if mode_kind(m) == "token"}
         modes = self._search_modes()
         self.scheduler = MultiModeScheduler(modes, MPSConfig(
@@ -240,8 +239,8 @@ class Pruner:
             layers = []
             for i, lay in enumerate(t.layers):
                 if params:
-                    lay = replace(lay, heads=min(lay.heads, self.config.head_floor),
-                                  neurons=min(lay.neurons, self._neuron_floor(spec.neurons)))
+                    lay = replace(lay, **{u.structure_field: min(getattr(lay, u.structure_field), self._unit_floor(u))
+                                          for u in spec.units})
                 if tokens and i in keeps:
                     lay = replace(lay, site_keep=keeps[i])
                 layers.append(lay)
@@ -255,8 +254,12 @@ class Pruner:
             return {}
         return dict(zip(sites, budget.pyramid_keep_ratios(level, len(sites), self.config.token_plan)))
 
-    def _neuron_floor(self, n: int) -> int:
-        return max(1, math.ceil(self.config.neuron_floor * n))
+    def _unit_floor(self, unit: UnitSpec) -> int:
+        """Units of a kind a layer keeps at least: ``neuron_floor`` of its dense neurons (>= 1), ``head_floor``
+        of any attention kind."""
+        if unit.kind == "neuron":
+            return max(1, math.ceil(self.config.neuron_floor * unit.dense))
+        return self.config.head_floor
 
     def _check_floors(self) -> None:
         floor = self.floor_flops()
@@ -283,10 +286,8 @@ class Pruner:
             keeps = self._site_keeps(t.name, level) if level < 1.0 else {}
             layers = []
             for i, lay in enumerate(t.layers):
-                heads = int((~self.selected_heads[(t.name, i)]).sum())
-                neurons = int((~self.selected_neurons[(t.name, i)]).sum())
-                keep = keeps.get(i)
-                layers.append(replace(lay, heads=heads, neurons=neurons, site_keep=keep))
+                kept = {u.structure_field: int((~self.selected[(u.kind, t.name, i)]).sum()) for u in spec.units}
+                layers.append(replace(lay, site_keep=keeps.get(i), **kept))
             towers.append(replace(t, layers=tuple(layers)))
         return towers
 
@@ -420,50 +421,45 @@ class Pruner:
     def _restore_plan(self, plan: StagePlan) -> None:
         if plan.token_level is not None:
             self.token_levels[plan.mode] = plan.prev_level
-        for key, idx in plan.heads.items():
-            self.selected_heads[key][idx] = False
-        for key, idx in plan.neurons.items():
-            self.selected_neurons[key][idx] = False
+        for key, idx in plan.units.items():
+            self.selected[key][idx] = False
+
+    def _group_scores(self, group: UnitGroup) -> torch.Tensor:
+        """The group's importance scores (finite), from the statistics collected since the stage began."""
+        scores = self.adapter.unit_scores(group, self.collector)
+        if scores is None:
+            raise ConfigError(
+                f"no importance statistics for {group.tower} layer {group.layer} {group.spec.plural}: the search "
+                "saw no training forward in train mode (calibration or stage training)")
+        return importance.check_finite(scores, f"{group.tower} layer {group.layer} {group.kind} score")
 
     def _plan_params(self, mode: str, target: float) -> StagePlan:
         """Greedy fill of the FLOPs step with the mode's unselected units in the order of the selection rule
         (method.md §2 "Selection": importance decides which units go, ΔF how many fill the step)."""
         towers = {t.name: t for t in self.structural_towers()}
         modes = self._param_modes(mode)
+        flops = {name: tower_flops(t) for name, t in towers.items() if self.specs[name].param_mode in modes}
         keys, scores, costs, groups, floors, kinds = [], [], [], [], [], []
         kind_ids: dict[tuple[str, str], int] = {}
-        for name, spec in self.specs.items():
-            if spec.param_mode not in modes:
+        for group in self.groups.values():
+            if group.mode not in modes:
                 continue
-            tf = tower_flops(towers[name])
-            for i, layer in enumerate(self.adapter.layers(spec)):
-                for kind in ("head", "neuron"):
-                    sel = (self.selected_heads if kind == "head" else self.selected_neurons)[(name, i)]
-                    free = torch.nonzero(~sel).flatten()
-                    if len(free) == 0:
-                        continue
-                    if kind == "head":
-                        s = self.collector.head_scores(name, i, layer.get_submodule(spec.parts.head_out), spec.head_dim)
-                        unit = attention_flops(tf.tokens_in[i], LayerStructure(spec.hidden, 1, spec.head_dim, 0))
-                        floor = self.config.head_floor
-                    else:
-                        s = self.collector.neuron_scores(name, i, layer.get_submodule(spec.parts.neuron_out))
-                        unit = 2 * tf.tokens_mlp[i] * spec.hidden * spec.mlp_matrices
-                        floor = self._neuron_floor(spec.neurons)
-                    if s is None:
-                        raise ConfigError(
-                            f"no importance statistics for {name} layer {i} {kind}s: the search saw no training "
-                            "forward in train mode (calibration or stage training)")
-                    importance.check_finite(s, f"{name} layer {i} {kind} score")
-                    g = len(floors)
-                    floors.append(floor)
-                    k = kind_ids.setdefault((name, kind), len(kind_ids))
-                    for u in free.tolist():
-                        keys.append((kind, name, i, u))
-                        scores.append(float(s[u]))
-                        costs.append(float(max(unit, 1)))
-                        groups.append(g)
-                        kinds.append(k)
+            free = torch.nonzero(~self.selected[group.key]).flatten()
+            if len(free) == 0:
+                continue
+            s = self._group_scores(group)
+            tf = flops[group.tower]
+            unit = self.adapter.unit_flops(group, towers[group.tower].layers[group.layer],
+                                           tf.tokens_in[group.layer], tf.tokens_mlp[group.layer])
+            g = len(floors)
+            floors.append(self._unit_floor(group.spec))
+            k = kind_ids.setdefault((group.tower, group.kind), len(kind_ids))
+            for u in free.tolist():
+                keys.append((group, u))
+                scores.append(float(s[u]))
+                costs.append(float(max(unit, 1)))
+                groups.append(g)
+                kinds.append(k)
         plan = StagePlan(mode)
         if not keys:
             plan.flops_after = self.flops_kept()
@@ -474,16 +470,15 @@ class Pruner:
                                           torch.tensor(kinds, dtype=torch.long), self.config.selection,
                                           self.config.normalization)
         new, _ = importance.greedy_fill(order, costs_t, target, torch.zeros(len(keys), dtype=torch.bool),
-                                              groups_t, torch.tensor(floors, dtype=torch.long))
+                                        groups_t, torch.tensor(floors, dtype=torch.long))
+        chosen: dict[UnitKey, list[int]] = {}
         for j in torch.nonzero(new).flatten().tolist():
-            kind, name, i, u = keys[j]
-            plan.removed_by[kind + "s"] = plan.removed_by.get(kind + "s", 0.0) + costs[j] / self.dense_flops
-            table, target_map = ((self.selected_heads, plan.heads) if kind == "head"
-                                 else (self.selected_neurons, plan.neurons))
-            table[(name, i)][u] = True
-            target_map.setdefault((name, i), []).append(u)
-        plan.heads = {k: torch.tensor(v) for k, v in plan.heads.items()}
-        plan.neurons = {k: torch.tensor(v) for k, v in plan.neurons.items()}
+            group, u = keys[j]
+            plural = group.spec.plural
+            plan.removed_by[plural] = plan.removed_by.get(plural, 0.0) + costs[j] / self.dense_flops
+            self.selected[group.key][u] = True
+            chosen.setdefault(group.key, []).append(u)
+        plan.units = {key: torch.tensor(v) for key, v in chosen.items()}
         plan.flops_after = self.flops_kept()
         return plan
 
@@ -532,15 +527,13 @@ class Pruner:
         plan = self.plan
         half = self.config.stage_steps // 2
         fade = max(0.0, 1.0 - self.stage_step / half)
-        for table, new, setter in ((self.selected_heads, plan.heads, self.adapter.set_head_mask),
-                                   (self.selected_neurons, plan.neurons, self.adapter.set_neuron_mask)):
-            for (name, i), sel in table.items():
-                if not sel.any():
-                    continue
-                values = (~sel).float()
-                if (name, i) in new and fade > 0:
-                    values[new[(name, i)]] = fade
-                setter(name, i, values)
+        for key, sel in self.selected.items():
+            if not sel.any():
+                continue
+            values = (~sel).float()
+            if key in plan.units and fade > 0:
+                values[plan.units[key]] = fade
+            self.adapter.set_unit_mask(self.groups[key], values)
         for mode, level in self.token_levels.items():
             live = level if (mode != plan.mode or self.stage_step >= half) else plan.prev_level
             for site, keep in self._mode_site_keeps(mode, live).items():
@@ -584,8 +577,7 @@ class Pruner:
             "flops_kept": f_after, "flops_removed_step": f_before - f_after, "b_before": plan.b_before,
             "b_after": b_after, "b_removed": plan.b_removed, "metric": metric, "cost": r, "cost_se": se, "R": R,
             "token_level": plan.token_level,
-            "heads_pruned": sum(len(v) for v in plan.heads.values()),
-            "neurons_pruned": sum(len(v) for v in plan.neurons.values()),
+            **{f"{kind}s_pruned": sum(len(v) for key, v in plan.units.items() if key[0] == kind) for kind in self.kinds},
             "removed_by": dict(plan.removed_by), "sliver": sliver,
             "wall_s": time.perf_counter() - self._stage_t0,
         }
@@ -606,8 +598,7 @@ class Pruner:
             self._start_stage()
 
     def _token_only_kept(self) -> float:
-        towers = [replace(t, layers=tuple(replace(lay, heads=self.specs[t.name].num_heads,
-                                                  neurons=self.specs[t.name].neurons) for lay in t.layers))
+        towers = [replace(t, layers=tuple(dense_units(lay, self.specs[t.name]) for lay in t.layers))
                   for t in self.structural_towers()]
         return model_flops(towers) / self.dense_flops
 
@@ -640,9 +631,8 @@ class Pruner:
     def state_dict(self) -> tuple[dict, dict[str, torch.Tensor]]:
         """JSON-able state and tensors of the search (the model and optimizer are saved by the caller)."""
         tensors: dict[str, torch.Tensor] = {}
-        for kind, table in (("head", self.selected_heads), ("neuron", self.selected_neurons)):
-            for (tower, i), sel in table.items():
-                tensors[f"sel/{kind}/{tower}/{i}"] = sel.to(torch.uint8)
+        for (kind, tower, i), sel in self.selected.items():
+            tensors[f"sel/{kind}/{tower}/{i}"] = sel.to(torch.uint8)
         for key, value in self.collector.state_dict().items():
             tensors[f"stats/{key}"] = value
         for n, snap in enumerate(self.snapshots):
@@ -650,9 +640,9 @@ class Pruner:
                 tensors[f"snap/{n}/{key}"] = value
         plan = None
         if self.plan is not None:
-            plan = {k: v for k, v in self.plan.__dict__.items() if k not in ("heads", "neurons")}
-            plan["heads"] = {f"{t}/{i}": v.tolist() for (t, i), v in self.plan.heads.items()}
-            plan["neurons"] = {f"{t}/{i}": v.tolist() for (t, i), v in self.plan.neurons.items()}
+            plan = {k: v for k, v in self.plan.__dict__.items() if k != "units"}
+            for kind in self.kinds:  # per kind, as {"tower/layer": indices} under "heads", "neurons", ...
+                plan[kind + "s"] = {f"{t}/{i}": v.tolist() for (k, t, i), v in self.plan.units.items() if k == kind}
         meta = {
             "token_levels": self.token_levels, "scheduler": self.scheduler.state_dict(), "stage_log": self.stage_log,
             "pending_targets": self.pending_targets, "not_reached": self.not_reached,
@@ -663,9 +653,8 @@ class Pruner:
         return meta, tensors
 
     def load_state_dict(self, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
-        for kind, table in (("head", self.selected_heads), ("neuron", self.selected_neurons)):
-            for (tower, i) in table:
-                table[(tower, i)] = tensors[f"sel/{kind}/{tower}/{i}"].bool().clone()
+        for kind, tower, i in self.selected:
+            self.selected[(kind, tower, i)] = tensors[f"sel/{kind}/{tower}/{i}"].bool().clone()
         self.collector.load_state_dict({k[len("stats/"):]: v for k, v in tensors.items() if k.startswith("stats/")})
         self.token_levels = {k: float(v) for k, v in meta["token_levels"].items()}
         self.scheduler.load_state_dict(meta["scheduler"])
@@ -683,12 +672,12 @@ class Pruner:
         if meta["plan"] is not None:
             plan = dict(meta["plan"])
 
-            def keyed(d: dict) -> dict:
-                return {(k.rsplit("/", 1)[0], int(k.rsplit("/", 1)[1])): torch.tensor(v, dtype=torch.long)
-                        for k, v in d.items()}
-
-            heads, neurons = keyed(plan.pop("heads")), keyed(plan.pop("neurons"))
-            self.plan = StagePlan(heads=heads, neurons=neurons, **plan)
+            units = {}
+            for kind in self.kinds:
+                for where, idx in plan.pop(kind + "s").items():
+                    tower, layer = where.rsplit("/", 1)
+                    units[(kind, tower, int(layer))] = torch.tensor(idx, dtype=torch.long)
+            self.plan = StagePlan(units=units, **plan)
             self._apply_masks()
         self.done = bool(meta["done"])
         self._t_start, self.elapsed_before = time.perf_counter(), float(meta.get("elapsed_s", 0.0))

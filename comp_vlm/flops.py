@@ -47,6 +47,25 @@ def mlp_flops(tokens: int, layer: LayerStructure) -> int:
     return 2 * tokens * layer.hidden * layer.neurons * layer.mlp_matrices
 
 
+def _head_flops(layer: LayerStructure, tokens_in: int, tokens_mlp: int) -> int:
+    return attention_flops(tokens_in, LayerStructure(layer.hidden, 1, layer.head_dim, 0))
+
+
+def _neuron_flops(layer: LayerStructure, tokens_in: int, tokens_mlp: int) -> int:
+    return mlp_flops(tokens_mlp, LayerStructure(layer.hidden, 0, layer.head_dim, 1, layer.mlp_matrices))
+
+
+_UNIT_FLOPS = {"head": _head_flops, "neuron": _neuron_flops}
+
+
+def unit_flops(kind: str, layer: LayerStructure, tokens_in: int, tokens_mlp: int) -> int:
+    """FLOPs one unit of ``kind`` costs in ``layer`` when ``tokens_in`` tokens enter its attention and
+    ``tokens_mlp`` its MLP (the :func:`tower_flops` counts): what removing it saves, to first order."""
+    if kind not in _UNIT_FLOPS:
+        raise ValueError(f"no FLOPs model for unit kind {kind!r} (known: {', '.join(_UNIT_FLOPS)})")
+    return _UNIT_FLOPS[kind](layer, tokens_in, tokens_mlp)
+
+
 @dataclass(frozen=True)
 class TowerFlops:
     total: int

@@ -177,6 +177,14 @@ def head_scores(out_proj_weight: torch.Tensor, stat_channels: torch.Tensor, head
     return w.view(-1, head_dim).mean(dim=1) * stat.sqrt()
 
 
+def unit_scores(out_proj_weight: torch.Tensor, stat_channels: torch.Tensor, width: int) -> torch.Tensor:
+    """Eq. 3/4 per unit of ``width`` input channels of an output projection: :func:`head_scores` for blocks
+    (heads), :func:`neuron_scores` for single channels (neurons)."""
+    if width > 1:
+        return head_scores(out_proj_weight, stat_channels, width)
+    return neuron_scores(out_proj_weight, stat_channels)
+
+
 def _is_constant(scores: torch.Tensor) -> bool:
     if scores.numel() <= 1:
         return True

@@ -26,10 +26,8 @@ WEIGHTS_FILE = "model.safetensors"
 
 def _check_sliced(model: nn.Module) -> None:
     adapter = get_adapter(model)
-    for spec in adapter.tower_specs():
-        for i in range(len(adapter.layers(spec))):
-            if adapter.head_mask(spec.name, i) is not None or adapter.neuron_mask(spec.name, i) is not None:
-                raise CheckpointError("model still has soft masks: call get_adapter(model).slice() before saving")
+    if any(adapter.unit_mask(group) is not None for group in adapter.unit_groups()):
+        raise CheckpointError("model still has soft masks: call get_adapter(model).slice() before saving")
 
 
 def write_pruned_files(model: nn.Module, directory: Path, *, recipe: Recipe | None = None, tokenizer: Any = None,

@@ -17,6 +17,7 @@ from .validation import reference_problem
 
 RECIPE_FORMAT_VERSION = 1
 RECIPE_FILE = "comp_recipe.json"
+RECIPE_UNIT_KINDS = ("head", "neuron")  # the unit kinds format 1 holds, as the layer fields "heads"/"neurons"
 
 
 @dataclass
@@ -24,6 +25,20 @@ class LayerRecipe:
     heads: list[int]
     neurons: list[int]
     keep_ratio: float | None = None  # None: no token site at this layer
+
+    @staticmethod
+    def from_units(kept: dict[str, list[int]], keep_ratio: float | None = None) -> LayerRecipe:
+        """A layer entry from the kept (dense) unit indices per kind."""
+        unknown = sorted(set(kept) - set(RECIPE_UNIT_KINDS))
+        if unknown:
+            raise RecipeError(f"recipe format {RECIPE_FORMAT_VERSION} cannot hold unit kinds {unknown}")
+        return LayerRecipe(**{kind + "s": list(idx) for kind, idx in kept.items()}, keep_ratio=keep_ratio)
+
+    def kept(self, kind: str) -> list[int]:
+        """The kept (dense) indices of one unit kind."""
+        if kind not in RECIPE_UNIT_KINDS:
+            raise RecipeError(f"recipe format {RECIPE_FORMAT_VERSION} holds no {kind!r} units")
+        return getattr(self, kind + "s")
 
     def to_dict(self) -> dict:
         return {"heads": list(self.heads), "neurons": list(self.neurons), "keep_ratio": self.keep_ratio}

@@ -35,10 +35,11 @@ def slice_linear_in(linear: nn.Linear, keep: torch.Tensor) -> nn.Linear:
     return _new_linear(linear.weight.detach()[:, keep], bias)
 
 
-def head_channels(heads: torch.Tensor, head_dim: int, repeats: int = 1, stride: int = 0) -> torch.Tensor:
-    """Channel indices of ``heads`` in a projection laid out head after head; ``repeats`` copies at offset
-    ``stride`` (a fused [q|k|v] projection has repeats=3, stride=H*head_dim)."""
-    base = (heads.long()[:, None] * head_dim + torch.arange(head_dim)[None, :]).reshape(-1)
+def block_channels(units: torch.Tensor, width: int, repeats: int = 1, stride: int = 0) -> torch.Tensor:
+    """Channel indices of ``units`` in a projection laid out unit after unit in blocks of ``width`` channels
+    (a head: head_dim; a neuron: 1); ``repeats`` copies at offset ``stride`` (a fused [q|k|v] projection has
+    repeats=3, stride=H*head_dim)."""
+    base = (units.long()[:, None] * width + torch.arange(width)[None, :]).reshape(-1)
     return torch.cat([base + r * stride for r in range(repeats)])
 
 

@@ -34,13 +34,13 @@ def test_every_unit_gets_statistics(text_batch):
     run(model, pixels, text_batch)
     for spec in adapter.tower_specs():
         for i in range(len(adapter.layers(spec))):
-            assert coll.head_stats[(spec.name, i)].shape == (spec.num_heads * spec.head_dim,)
-            assert coll.neuron_stats[(spec.name, i)].shape == (spec.neurons,)
-            assert (coll.neuron_stats[(spec.name, i)] >= 0).all()
+            assert coll.stats[("head", spec.name, i)].shape == (spec.num_heads * spec.head_dim,)
+            assert coll.stats[("neuron", spec.name, i)].shape == (spec.neurons,)
+            assert (coll.stats[("neuron", spec.name, i)] >= 0).all()
     # the masked head (vision layer 1, head 3) carries no activation, so no statistic
     hd = adapter.tower("vision").head_dim
-    assert coll.head_stats[("vision", 1)][3 * hd:4 * hd].abs().max() == 0
-    assert coll.head_stats[("vision", 1)][0:hd].abs().max() > 0
+    assert coll.stats[("head", "vision", 1)][3 * hd:4 * hd].abs().max() == 0
+    assert coll.stats[("head", "vision", 1)][0:hd].abs().max() > 0
 
 
 def test_eval_and_no_grad_collect_nothing(pixels, text_batch):
@@ -51,9 +51,9 @@ def test_eval_and_no_grad_collect_nothing(pixels, text_batch):
     model.train()
     with torch.no_grad():
         model(pixel_values=pixels, **text_batch)
-    assert coll.head_stats == {} and coll.neuron_stats == {}
+    assert coll.stats == {}
     model(pixel_values=pixels, **text_batch)
-    assert coll.head_stats != {}
+    assert any(kind == "head" for kind, _, _ in coll.stats)
 
 
 @pytest.mark.parametrize("reentrant", [False, True])
@@ -97,5 +97,5 @@ def test_masked_neurons_and_heads_have_zero_statistics(text_batch):
     adapter, coll = attach(model)
     adapter.set_neuron_mask("text", 0, [0.0] * 8 + [1.0] * 40)
     model(pixel_values=torch.randn(4, 3, 16, 16), **text_batch)
-    stat = coll.neuron_stats[("text", 0)]
+    stat = coll.stats[("neuron", "text", 0)]
     assert stat[:8].abs().max() == 0 and stat[8:].min() > 0

@@ -52,17 +52,12 @@ def random_scores(pruner: Pruner, seed: int) -> None:
     gen = torch.Generator().manual_seed(seed)
     table = {}
 
-    def draw(kind):
-        def scores(tower, layer, module, *args):
-            key = (kind, tower, layer)
-            if key not in table:
-                n = module.in_features // (args[0] if args else 1)
-                table[key] = torch.rand(n, generator=gen, dtype=torch.float64)
-            return table[key]
-        return scores
+    def scores(key, out_weight, width):
+        if key not in table:
+            table[key] = torch.rand(out_weight.shape[1] // width, generator=gen, dtype=torch.float64)
+        return table[key]
 
-    pruner.collector.head_scores = draw("head")
-    pruner.collector.neuron_scores = draw("neuron")
+    pruner.collector.unit_scores = scores
 
 
 # ---- selection: importance decides which units go, ΔF how many ---------------------------------------------------
@@ -99,17 +94,13 @@ def test_within_a_group_less_important_units_leave_first(setup, rule):
     pruner = Pruner(fresh(cfg), RetrievalTask(), loaders.val, quick(ratio=0.5, selection=rule))
     random_scores(pruner, 3)
     plan = pruner._plan_params("P_l", 0.15 * pruner.dense_flops)
-    for kind, chosen in (("head", plan.heads), ("neuron", plan.neurons)):
-        for (tower, layer), idx in chosen.items():
-            spec = pruner.specs[tower]
-            module = pruner.adapter.layers(spec)[layer].get_submodule(
-                spec.parts.head_out if kind == "head" else spec.parts.neuron_out)
-            args = (spec.head_dim,) if kind == "head" else ()
-            scores = getattr(pruner.collector, f"{kind}_scores")(tower, layer, module, *args)
-            taken = set(idx.tolist())
-            worst_taken = max(scores[i] for i in taken)
-            best_left = min(scores[i] for i in range(len(scores)) if i not in taken)
-            assert worst_taken <= best_left, (kind, tower, layer)
+    assert {kind for kind, _, _ in plan.units} == {"head", "neuron"}
+    for key, idx in plan.units.items():
+        scores = pruner.adapter.unit_scores(key, pruner.collector)
+        taken = set(idx.tolist())
+        worst_taken = max(scores[i] for i in taken)
+        best_left = min(scores[i] for i in range(len(scores)) if i not in taken)
+        assert worst_taken <= best_left, key
 
 
 def test_size_blind_rules_take_equal_quantiles_of_every_kind_group():

@@ -2,9 +2,10 @@
 
 An adapter is a thin *view* over a model instance; every piece of pruning state (mask buffers, keep ratios,
 original unit indices, options) lives on the model's own modules, so a ``copy.deepcopy`` of the model carries it
-and a new view (``get_adapter(model)``) sees it. A family describes its towers with :class:`TowerSpec` (where the
-prunable linears of a layer are) and implements the token machinery (:meth:`ModelAdapter._install_forward`).
-Everything else -- masks, structure for FLOPs, physical slicing, recipes -- is generic and lives here once.
+and a new view (``get_adapter(model)``) sees it. A family describes its towers with :class:`TowerSpec` (its layers'
+prunable units as data: :class:`comp_vlm.adapters.units.UnitSpec`) and implements the token machinery
+(:meth:`ModelAdapter._install_forward`). Everything else -- masks, statistics, structure for FLOPs, physical
+slicing, recipes -- is generic over unit groups and lives here once.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, ClassVar
 
 import torch
@@ -20,25 +21,13 @@ from torch import nn
 
 from .. import masks
 from ..errors import ConfigError, RecipeError, UnsupportedModelError
-from ..flops import model_flops
+from ..flops import model_flops, unit_flops
 from ..recipe import RECIPE_FORMAT_VERSION, LayerRecipe, Recipe
 from ..structure import LayerStructure, TowerStructure
-from ..surgery import head_channels, replace_submodule, slice_linear_in, slice_linear_out
+from . import units
+from .units import UnitGroup, UnitKey, UnitSpec
 
 OPTIONS_ATTR = "comp_vlm_options"
-
-
-@dataclass(frozen=True)
-class LayerParts:
-    """Attribute paths, relative to a layer module, of its prunable pieces."""
-
-    attention: str  # module that owns the head mask
-    head_in: tuple[tuple[str, int], ...]  # (linear, repeats): linears whose outputs are laid out per head
-    head_out: str  # linear whose inputs are laid out per head
-    mlp: str  # module that owns the neuron mask
-    neuron_in: tuple[str, ...]  # linears whose outputs are the neurons (fc1; gate and up)
-    neuron_out: str  # linear whose inputs are the neurons (fc2; down)
-    head_count_attrs: tuple[str, ...] = ()  # attributes on the attention module holding the head count
 
 
 @dataclass(frozen=True)
@@ -54,8 +43,14 @@ class TowerSpec:
     hidden: int
     neurons: int
     causal: bool
-    parts: LayerParts
+    units: tuple[UnitSpec, ...]  # the kinds of prunable unit in each layer, in selection order
     mlp_matrices: int = 2
+
+    def unit(self, kind: str) -> UnitSpec:
+        for spec in self.units:
+            if spec.kind == kind:
+                return spec
+        raise ConfigError(f"tower {self.name!r} has no {kind!r} units (kinds: {[u.kind for u in self.units]})")
 
 
 @dataclass
@@ -99,17 +94,6 @@ class Site:
     tower: str
     mode: str
     layer: int
-
-
-@dataclass(frozen=True)
-class ParamGroup:
-    """The prunable units of one kind in one layer: ``kind`` is 'head' or 'neuron'."""
-
-    tower: str
-    mode: str
-    layer: int
-    kind: str
-    size: int
 
 
 _VOLATILE_CONFIG_KEYS = {
@@ -209,30 +193,37 @@ class ModelAdapter(ABC):
     def layers(self, spec: TowerSpec) -> nn.ModuleList:
         return self.model.get_submodule(spec.layers_path)
 
-    def attention(self, spec: TowerSpec, layer: int) -> nn.Module:
-        return self.layers(spec)[layer].get_submodule(spec.parts.attention)
+    def unit_groups(self, mode: str | None = None) -> list[UnitGroup]:
+        """Every layer's groups of prunable units (tower by tower, layer by layer, kinds in tower order)."""
+        return [
+            UnitGroup(unit, spec.name, spec.param_mode, i, len(units.dense_index(layer, unit)))
+            for spec in self.tower_specs() if mode is None or spec.param_mode == mode
+            for i, layer in enumerate(self.layers(spec))
+            for unit in spec.units
+        ]
 
-    def mlp(self, spec: TowerSpec, layer: int) -> nn.Module:
-        return self.layers(spec)[layer].get_submodule(spec.parts.mlp)
+    param_groups = unit_groups  # protocol v1 name (README)
 
-    def head_index(self, spec: TowerSpec, layer: int) -> list[int]:
-        """Original (dense) indices of the heads the layer still has."""
-        idx = getattr(self.attention(spec, layer), "comp_head_index", None)
-        return list(range(spec.num_heads)) if idx is None else list(idx)
+    def unit_group(self, key: UnitGroup | UnitKey) -> UnitGroup:
+        """The group of a (kind, tower, layer) key (a group is passed through)."""
+        if isinstance(key, UnitGroup):
+            return key
+        kind, tower, layer = key
+        spec = self.tower(tower)
+        unit = spec.unit(kind)
+        return UnitGroup(unit, tower, spec.param_mode, layer, len(units.dense_index(self.layers(spec)[layer], unit)))
 
-    def neuron_index(self, spec: TowerSpec, layer: int) -> list[int]:
-        idx = getattr(self.mlp(spec, layer), "comp_neuron_index", None)
-        return list(range(spec.neurons)) if idx is None else list(idx)
+    def _layer(self, group: UnitGroup) -> nn.Module:
+        return self.layers(self.tower(group.tower))[group.layer]
 
-    def param_groups(self, mode: str | None = None) -> list[ParamGroup]:
-        out = []
-        for spec in self.tower_specs():
-            if mode is not None and spec.param_mode != mode:
-                continue
-            for i in range(len(self.layers(spec))):
-                out.append(ParamGroup(spec.name, spec.param_mode, i, "head", len(self.head_index(spec, i))))
-                out.append(ParamGroup(spec.name, spec.param_mode, i, "neuron", len(self.neuron_index(spec, i))))
-        return out
+    def dense_index(self, key: UnitGroup | UnitKey) -> list[int]:
+        """Original (dense) indices of the units the layer still has."""
+        group = self.unit_group(key)
+        return units.dense_index(self._layer(group), group.spec)
+
+    def unit_flops(self, group: UnitGroup, layer: LayerStructure, tokens_in: int, tokens_mlp: int) -> int:
+        """FLOPs of one unit of ``group`` (:func:`comp_vlm.flops.unit_flops`) at the given token counts."""
+        return unit_flops(group.kind, layer, tokens_in, tokens_mlp)
 
     def site_layers(self, spec: TowerSpec, options: AdapterOptions | None = None) -> list[int]:
         """Layers holding a token site: site_start, +site_every, ... (not the last one under dead compute,
@@ -263,17 +254,6 @@ class ModelAdapter(ABC):
         return found
 
     # ---- soft masks --------------------------------------------------------------------------------------------
-    def _ensure_mask_hooks(self, spec: TowerSpec, layer: int) -> None:
-        module = self.layers(spec)[layer]
-        attn, mlp = self.attention(spec, layer), self.mlp(spec, layer)
-        for path, repeats in spec.parts.head_in:
-            lin = module.get_submodule(path)
-            if not masks.has_mask_hook(lin):
-                lin.register_forward_hook(masks.HeadMaskHook(attn, spec.head_dim, repeats))
-        out = module.get_submodule(spec.parts.neuron_out)
-        if not masks.has_mask_hook(out):  # prepend: the mask acts before any input capture (statistics)
-            out.register_forward_pre_hook(masks.NeuronMaskHook(mlp), prepend=True)
-
     def _check_mask(self, values: torch.Tensor | list, size: int, what: str) -> torch.Tensor:
         values = torch.as_tensor(values, dtype=torch.float32)
         if values.shape != (size,):
@@ -282,46 +262,36 @@ class ModelAdapter(ABC):
             raise ConfigError(f"{what} mask values must lie in [0, 1]")
         return values
 
+    def set_unit_mask(self, key: UnitGroup | UnitKey, values: torch.Tensor | list) -> None:
+        """Soft mask in [0, 1] of a group's units (current local order)."""
+        group = self.unit_group(key)
+        values = self._check_mask(values, group.size, f"{group.tower} layer {group.layer} {group.kind}")
+        units.set_mask(self._layer(group), group.spec, values)
+
+    def unit_mask(self, key: UnitGroup | UnitKey) -> torch.Tensor | None:
+        group = self.unit_group(key)
+        return units.mask_of(self._layer(group), group.spec)
+
     def set_head_mask(self, tower: str, layer: int, values: torch.Tensor | list) -> None:
-        spec = self.tower(tower)
-        attn = self.attention(spec, layer)
-        values = self._check_mask(values, len(self.head_index(spec, layer)), f"{tower} layer {layer} head")
-        self._ensure_mask_hooks(spec, layer)
-        masks.set_mask_buffer(attn, masks.HEAD_MASK, values.to(next(attn.parameters()).device))
+        """Protocol v1: ``set_unit_mask(("head", tower, layer), values)``."""
+        self.set_unit_mask(("head", tower, layer), values)
 
     def set_neuron_mask(self, tower: str, layer: int, values: torch.Tensor | list) -> None:
-        spec = self.tower(tower)
-        mlp = self.mlp(spec, layer)
-        values = self._check_mask(values, len(self.neuron_index(spec, layer)), f"{tower} layer {layer} neuron")
-        self._ensure_mask_hooks(spec, layer)
-        masks.set_mask_buffer(mlp, masks.NEURON_MASK, values.to(next(mlp.parameters()).device))
-
-    def head_mask(self, tower: str, layer: int) -> torch.Tensor | None:
-        spec = self.tower(tower)
-        return getattr(self.attention(spec, layer), masks.HEAD_MASK, None)
-
-    def neuron_mask(self, tower: str, layer: int) -> torch.Tensor | None:
-        spec = self.tower(tower)
-        return getattr(self.mlp(spec, layer), masks.NEURON_MASK, None)
+        """Protocol v1: ``set_unit_mask(("neuron", tower, layer), values)``."""
+        self.set_unit_mask(("neuron", tower, layer), values)
 
     def clear_masks(self) -> None:
         for spec in self.tower_specs():
-            for i, module in enumerate(self.layers(spec)):
-                masks.clear_mask_buffer(self.attention(spec, i), masks.HEAD_MASK)
-                masks.clear_mask_buffer(self.mlp(spec, i), masks.NEURON_MASK)
+            for module in self.layers(spec):
+                for unit in spec.units:
+                    masks.clear_mask_buffer(module.get_submodule(unit.owner), unit.mask_buffer)
                 for sub in module.modules():
-                    masks.remove_mask_hooks(sub)
+                    masks.remove_hooks(sub, units.MASK_HOOK_TYPES)
 
-    def kept_heads(self, spec: TowerSpec, layer: int) -> list[int]:
-        """Current-local indices of heads whose mask is non-zero (all when unmasked)."""
-        mask = getattr(self.attention(spec, layer), masks.HEAD_MASK, None)
-        n = len(self.head_index(spec, layer))
-        return list(range(n)) if mask is None else torch.nonzero(mask > 0).flatten().tolist()
-
-    def kept_neurons(self, spec: TowerSpec, layer: int) -> list[int]:
-        mask = getattr(self.mlp(spec, layer), masks.NEURON_MASK, None)
-        n = len(self.neuron_index(spec, layer))
-        return list(range(n)) if mask is None else torch.nonzero(mask > 0).flatten().tolist()
+    def kept_units(self, key: UnitGroup | UnitKey) -> list[int]:
+        """Current-local indices of the group's units whose mask is non-zero (all when unmasked)."""
+        group = self.unit_group(key)
+        return units.kept(self._layer(group), group.spec)
 
     # ---- statistics collection (CIM) -----------------------------------------------------------------------
     def attach_collector(self, collector: Any) -> None:
@@ -332,10 +302,16 @@ class ModelAdapter(ABC):
         for spec in self.tower_specs():
             for layer in self.layers(spec):
                 layer.comp_collector = collector
-                for path in (spec.parts.head_out, spec.parts.neuron_out):
-                    lin = layer.get_submodule(path)
+                for unit in spec.units:
+                    lin = layer.get_submodule(unit.stat_path)
                     if not any(h is capture_input_hook for h in lin._forward_pre_hooks.values()):
                         lin.register_forward_pre_hook(capture_input_hook)
+
+    def unit_scores(self, key: UnitGroup | UnitKey, collector: Any) -> torch.Tensor | None:
+        """The group's importance scores from ``collector``'s statistics (None if it has none for the group)."""
+        group = self.unit_group(key)
+        stat_linear = self._layer(group).get_submodule(group.spec.stat_path)
+        return collector.unit_scores(group.key, stat_linear.weight, group.spec.width)
 
     def detach_collector(self) -> None:
         from ..collect import CAPTURE_FLAG, CAPTURED, capture_input_hook
@@ -343,8 +319,8 @@ class ModelAdapter(ABC):
         for spec in self.tower_specs():
             for layer in self.layers(spec):
                 layer.__dict__.pop("comp_collector", None)
-                for path in (spec.parts.head_out, spec.parts.neuron_out):
-                    lin = layer.get_submodule(path)
+                for unit in spec.units:
+                    lin = layer.get_submodule(unit.stat_path)
                     for key in [k for k, h in lin._forward_pre_hooks.items() if h is capture_input_hook]:
                         del lin._forward_pre_hooks[key]
                     lin.__dict__.pop(CAPTURE_FLAG, None)
@@ -360,8 +336,7 @@ class ModelAdapter(ABC):
         self.layers(spec)[layer].comp_site_keep = float(ratio)
 
     def keep_ratio(self, tower: str, layer: int) -> float:
-        spec = self.tower(tower)
-        return float(getattr(self.layers(spec)[layer], "comp_site_keep", 1.0))
+        return site_keep(self.layers(self.tower(tower))[layer])
 
     # ---- structure and FLOPs -------------------------------------------------------------------------------------
     def reference(self, reference: dict | None = None) -> dict:
@@ -378,19 +353,19 @@ class ModelAdapter(ABC):
             sites = set(self.site_layers(spec))
             layers = []
             n_layers = len(self.layers(spec))
-            for i in range(n_layers):
-                keep = self.keep_ratio(spec.name, i) if i in sites else 1.0
-                layers.append(
-                    LayerStructure(
-                        hidden=spec.hidden,
-                        heads=len(self.kept_heads(spec, i)),
-                        head_dim=spec.head_dim,
-                        neurons=len(self.kept_neurons(spec, i)),
-                        mlp_matrices=spec.mlp_matrices,
-                        site_keep=keep if keep < 1.0 else None,
-                        mlp_tokens_pooled_only=pooled_only and i == n_layers - 1,
-                    )
+            for i, module in enumerate(self.layers(spec)):
+                keep = site_keep(module) if i in sites else 1.0
+                layer = LayerStructure(
+                    hidden=spec.hidden,
+                    heads=0,
+                    head_dim=spec.head_dim,
+                    neurons=0,
+                    mlp_matrices=spec.mlp_matrices,
+                    site_keep=keep if keep < 1.0 else None,
+                    mlp_tokens_pooled_only=pooled_only and i == n_layers - 1,
                 )
+                kept = {u.structure_field: len(units.kept(module, u)) for u in spec.units}
+                layers.append(replace(layer, **kept))
             tokens, always, extra = self.tower_io(spec, ref)
             towers.append(TowerStructure(spec.name, tokens, always, tuple(layers), extra))
         return towers
@@ -400,57 +375,28 @@ class ModelAdapter(ABC):
 
     def dense_structure(self, reference: dict | None = None) -> list[TowerStructure]:
         """The unpruned model (all units, all tokens) with the same options."""
-        out = []
-        for t in self.structure(reference):
-            spec = self.tower(t.name)
-            layers = tuple(
-                LayerStructure(spec.hidden, spec.num_heads, spec.head_dim, spec.neurons, spec.mlp_matrices,
-                               mlp_tokens_pooled_only=lay.mlp_tokens_pooled_only)
-                for lay in t.layers
-            )
-            out.append(TowerStructure(t.name, t.tokens, t.always_kept, layers, t.extra_flops))
-        return out
+        return [replace(t, layers=tuple(replace(dense_units(lay, self.tower(t.name)), site_keep=None)
+                                        for lay in t.layers))
+                for t in self.structure(reference)]
 
     # ---- physical slicing ----------------------------------------------------------------------------------------
-    def _on_heads_sliced(self, spec: TowerSpec, attention: nn.Module, n_heads: int) -> None:
-        for attr in spec.parts.head_count_attrs:
-            setattr(attention, attr, n_heads)
-
     def slice(self) -> None:
         """Physically remove every unit whose mask is 0 (masks must be hard 0/1); then drop the masks."""
         plan = []
-        for spec in self.tower_specs():
-            for i in range(len(self.layers(spec))):
-                for kind, mask in (("head", self.head_mask(spec.name, i)), ("neuron", self.neuron_mask(spec.name, i))):
-                    if mask is not None and ((mask > 0) & (mask < 1)).any():
-                        raise ConfigError(f"{spec.name} layer {i} {kind} mask is soft; harden it to 0/1 before slicing")
-                plan.append((spec, i, self.kept_heads(spec, i), self.kept_neurons(spec, i)))
+        for group in self.unit_groups():
+            mask = self.unit_mask(group)
+            if mask is not None and ((mask > 0) & (mask < 1)).any():
+                raise ConfigError(f"{group.tower} layer {group.layer} {group.kind} mask is soft; harden it to 0/1 "
+                                  "before slicing")
+            plan.append((group, self.kept_units(group)))
         self.clear_masks()
-        for spec, i, heads, neurons in plan:
-            self._slice_layer(spec, i, heads, neurons)
+        for group, keep in plan:
+            self.slice_units(group, keep)
 
-    def _slice_layer(self, spec: TowerSpec, i: int, heads: list[int], neurons: list[int]) -> None:
-        module = self.layers(spec)[i]
-        attn, mlp = self.attention(spec, i), self.mlp(spec, i)
-        head_idx, neuron_idx = self.head_index(spec, i), self.neuron_index(spec, i)
-        if len(heads) != len(head_idx):
-            keep = torch.tensor(heads, dtype=torch.long)
-            width = len(head_idx) * spec.head_dim
-            for path, repeats in spec.parts.head_in:
-                channels = head_channels(keep, spec.head_dim, repeats, stride=width)
-                replace_submodule(module, path, slice_linear_out(module.get_submodule(path), channels))
-            channels = head_channels(keep, spec.head_dim)
-            out_path = spec.parts.head_out
-            replace_submodule(module, out_path, slice_linear_in(module.get_submodule(out_path), channels))
-            attn.comp_head_index = [head_idx[h] for h in heads]
-            self._on_heads_sliced(spec, attn, len(heads))
-        if len(neurons) != len(neuron_idx):
-            keep = torch.tensor(neurons, dtype=torch.long)
-            for path in spec.parts.neuron_in:
-                replace_submodule(module, path, slice_linear_out(module.get_submodule(path), keep))
-            out_path = spec.parts.neuron_out
-            replace_submodule(module, out_path, slice_linear_in(module.get_submodule(out_path), keep))
-            mlp.comp_neuron_index = [neuron_idx[n] for n in neurons]
+    def slice_units(self, key: UnitGroup | UnitKey, keep: list[int]) -> None:
+        """Keep the group's units ``keep`` (current local indices) and physically drop the others."""
+        group = self.unit_group(key)
+        units.slice_units(self._layer(group), group.spec, keep)
 
     # ---- recipes ---------------------------------------------------------------------------------------------------
     def base_config_hash(self) -> str:
@@ -463,15 +409,13 @@ class ModelAdapter(ABC):
         for spec in self.tower_specs():
             sites = set(self.site_layers(spec))
             layers = []
-            for i in range(len(self.layers(spec))):
-                hidx, nidx = self.head_index(spec, i), self.neuron_index(spec, i)
-                layers.append(
-                    LayerRecipe(
-                        heads=[hidx[h] for h in self.kept_heads(spec, i)],
-                        neurons=[nidx[n] for n in self.kept_neurons(spec, i)],
-                        keep_ratio=self.keep_ratio(spec.name, i) if i in sites else None,
-                    )
-                )
+            for i, module in enumerate(self.layers(spec)):
+                kept = {}
+                for unit in spec.units:
+                    dense = units.dense_index(module, unit)
+                    kept[unit.kind] = [dense[u] for u in units.kept(module, unit)]
+                keep_ratio = self.keep_ratio(spec.name, i) if i in sites else None
+                layers.append(LayerRecipe.from_units(kept, keep_ratio))
             towers[spec.name] = layers
         return Recipe(
             format_version=RECIPE_FORMAT_VERSION,
@@ -504,11 +448,12 @@ class ModelAdapter(ABC):
                 raise RecipeError(f"recipe has {len(layers)} {name} layers, the model has {n}")
             sites = set(self.site_layers(spec, options))
             for i, lay in enumerate(layers):
-                for what, idx, limit in (("head", lay.heads, spec.num_heads), ("neuron", lay.neurons, spec.neurons)):
+                for unit in spec.units:
+                    idx, limit = lay.kept(unit.kind), unit.dense
                     if any((not isinstance(j, int)) or j < 0 or j >= limit for j in idx):
-                        raise RecipeError(f"{name} layer {i}: {what} index out of range [0, {limit})")
+                        raise RecipeError(f"{name} layer {i}: {unit.kind} index out of range [0, {limit})")
                     if sorted(set(idx)) != list(idx):
-                        raise RecipeError(f"{name} layer {i}: {what} indices must be sorted and unique")
+                        raise RecipeError(f"{name} layer {i}: {unit.kind} indices must be sorted and unique")
                 if lay.keep_ratio is not None:
                     if not (0.0 < lay.keep_ratio <= 1.0):
                         raise RecipeError(f"{name} layer {i}: keep ratio {lay.keep_ratio} outside (0, 1]")
@@ -523,16 +468,28 @@ class ModelAdapter(ABC):
         object.__setattr__(self.model, "comp_vlm_reference", dict(recipe.reference))
         for name, layers in recipe.towers.items():
             spec = self.tower(name)
-            for i, lay in enumerate(layers):
-                hpos = {h: k for k, h in enumerate(self.head_index(spec, i))}
-                npos = {h: k for k, h in enumerate(self.neuron_index(spec, i))}
-                missing = [h for h in lay.heads if h not in hpos] + [n for n in lay.neurons if n not in npos]
-                if missing:
-                    raise RecipeError(f"{name} layer {i}: the recipe keeps units this (already pruned) model lacks")
-                self._slice_layer(spec, i, [hpos[h] for h in lay.heads], [npos[n] for n in lay.neurons])
+            for i, (lay, module) in enumerate(zip(layers, self.layers(spec))):
+                local = []
+                for unit in spec.units:
+                    pos = {d: k for k, d in enumerate(units.dense_index(module, unit))}
+                    if any(d not in pos for d in lay.kept(unit.kind)):
+                        raise RecipeError(f"{name} layer {i}: the recipe keeps units this (already pruned) model lacks")
+                    local.append((unit, [pos[d] for d in lay.kept(unit.kind)]))
+                for unit, keep in local:
+                    units.slice_units(module, unit, keep)
                 if lay.keep_ratio is not None:
                     self.set_keep_ratio(name, i, lay.keep_ratio)
         return self
+
+
+def site_keep(layer: nn.Module) -> float:
+    """The keep ratio of the token site a layer module holds (1: none, or keeps all)."""
+    return float(getattr(layer, "comp_site_keep", 1.0))
+
+
+def dense_units(layer: LayerStructure, spec: TowerSpec) -> LayerStructure:
+    """``layer`` with every unit kind of ``spec`` back at its dense count."""
+    return replace(layer, **{unit.structure_field: unit.dense for unit in spec.units})
 
 
 # ---- registry -------------------------------------------------------------------------------------------------------

@@ -20,18 +20,18 @@ from .. import masks, tokens
 from ..collect import CAPTURE_FLAG, in_backward, pop_captured
 from ..errors import CompVLMError
 from ..tokens import TokenState
-from .base import LayerParts, ModelAdapter, TowerSpec, register_adapter
+from .base import ModelAdapter, TowerSpec, register_adapter
 from .common import LayerRuntime, heads_alive, restore_sdpa, site_step, token_scores, use_comp_attention
+from .units import UnitSpec, attention_heads, mlp_neurons
 
-CLIP_PARTS = LayerParts(
-    attention="self_attn",
-    head_in=(("self_attn.q_proj", 1), ("self_attn.k_proj", 1), ("self_attn.v_proj", 1)),
-    head_out="self_attn.out_proj",
-    mlp="mlp",
-    neuron_in=("mlp.fc1",),
-    neuron_out="mlp.fc2",
-    head_count_attrs=("num_heads",),
-)
+
+def clip_units(heads: int, head_dim: int, neurons: int) -> tuple[UnitSpec, ...]:
+    """A CLIP encoder layer's prunable units: self-attention heads and MLP neurons."""
+    q_k_v = (("self_attn.q_proj", 1), ("self_attn.k_proj", 1), ("self_attn.v_proj", 1))
+    return (
+        attention_heads("self_attn", q_k_v, "self_attn.out_proj", head_dim, heads, count_attrs=("num_heads",)),
+        mlp_neurons("mlp", ("mlp.fc1",), "mlp.fc2", neurons),
+    )
 
 
 def clip_pooled_positions(input_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
@@ -157,12 +157,14 @@ class CLIPAdapter(ModelAdapter):
             ("vision", cfg.vision_config, "P_v", "T_v", False),
             ("text", cfg.text_config, "P_l", "T_l", True),
         ):
+            head_dim = sub.hidden_size // sub.num_attention_heads
             specs.append(
                 TowerSpec(
                     name=name, param_mode=pmode, token_mode=tmode,
                     layers_path=f"{name}_model.encoder.layers",
-                    num_heads=sub.num_attention_heads, head_dim=sub.hidden_size // sub.num_attention_heads,
-                    hidden=sub.hidden_size, neurons=sub.intermediate_size, causal=causal, parts=CLIP_PARTS,
+                    num_heads=sub.num_attention_heads, head_dim=head_dim,
+                    hidden=sub.hidden_size, neurons=sub.intermediate_size, causal=causal,
+                    units=clip_units(sub.num_attention_heads, head_dim, sub.intermediate_size),
                 )
             )
         return specs
