@@ -11,21 +11,12 @@ import sys
 import pytest
 import torch
 from conftest import make_clip
-from test_clip_adapter import prune_all_sites, random_masks
+from test_io import pruned_model
 
 import comp_vlm
-from comp_vlm import OutputError, get_adapter, load_pruned, save_pruned
+from comp_vlm import OutputError, load_pruned, save_pruned
 from comp_vlm import checkpoint as ckpt_io
 from comp_vlm.outputs import MARKER, read_marker, write_marker
-
-
-def pruned_model(seed: int = 0):
-    model = make_clip(seed)
-    adapter = get_adapter(model).install()
-    prune_all_sites(adapter, 0.6)
-    random_masks(adapter, seed + 11)
-    adapter.slice()
-    return model
 
 
 def dead_pid() -> int:

@@ -13,12 +13,11 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from transformers import CLIPConfig, CLIPModel
+from tiny_clip import tiny_setup
+from transformers import CLIPModel
 
 import comp_vlm
 from comp_vlm import CompVLMError, ConfigError, PruneConfig
-from comp_vlm.data.synthetic import SyntheticWorld, make_retrieval_loaders
-from comp_vlm.data.text import build_word_tokenizer
 from comp_vlm.engine import STRATEGIES
 from comp_vlm.tasks.retrieval import RetrievalTask
 
@@ -123,17 +122,7 @@ def test_random_config_values_are_accepted_or_refused_with_config_error(kwargs):
 
 @pytest.fixture(scope="module")
 def tiny():
-    world = SyntheticWorld(image_size=16, seed=0)
-    tok = build_word_tokenizer(world.vocabulary())
-    loaders = make_retrieval_loaders(world, tok, n_train=32, n_val=16, n_test=16, batch_size=8, seed=0)
-    cfg = CLIPConfig(
-        text_config={"vocab_size": len(tok), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3,
-                     "num_attention_heads": 4, "max_position_embeddings": 24, "bos_token_id": tok.bos_token_id,
-                     "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id},
-        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4,
-                       "image_size": 16, "patch_size": 4},
-        projection_dim=8,
-    )
+    cfg, _, loaders = tiny_setup(n_train=32, n_val=16, n_test=16, batch_size=8, projection_dim=8)
     return cfg, loaders
 
 

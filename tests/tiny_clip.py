@@ -12,18 +12,19 @@ from comp_vlm.data.text import build_word_tokenizer
 REF = {"image_size": 16, "text_length": 10}
 
 
-def tiny_setup():
+def tiny_setup(n_train: int = 96, n_val: int = 32, n_test: int = 32, batch_size: int = 16, projection_dim: int = 16):
     """(CLIP config, tokenizer, loaders): 3+3 layers, 32-d, 4 heads, 16-px images of the synthetic world."""
     world = SyntheticWorld(image_size=16, seed=0)
     tok = build_word_tokenizer(world.vocabulary())
-    loaders = make_retrieval_loaders(world, tok, n_train=96, n_val=32, n_test=32, batch_size=16, seed=0)
+    loaders = make_retrieval_loaders(world, tok, n_train=n_train, n_val=n_val, n_test=n_test, batch_size=batch_size,
+                                     seed=0)
     cfg = CLIPConfig(
         text_config={"vocab_size": len(tok), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3,
                      "num_attention_heads": 4, "max_position_embeddings": 24, "bos_token_id": tok.bos_token_id,
                      "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id},
         vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4,
                        "image_size": 16, "patch_size": 4},
-        projection_dim=16,
+        projection_dim=projection_dim,
     )
     return cfg, tok, loaders
 
