@@ -41,7 +41,9 @@ def golden_run() -> dict:
     for ratio, (_, recipe) in sorted(res.snapshots.items()):
         snapshots[str(ratio)] = {
             "flops_kept": recipe.flops_kept,
-            "towers": {name: [lay.to_dict() for lay in layers] for name, layers in recipe.towers.items()},
+            "towers": {name: [{"heads": list(lay.kept("head")), "neurons": list(lay.kept("neuron")),
+                               "keep_ratio": lay.keep_ratio} for lay in layers]
+                       for name, layers in recipe.towers.items()},  # through accessors: any recipe format
             "metrics": {k: float(v) for k, v in res.metrics[ratio].items()},
         }
     return {"stages": stages, "snapshots": snapshots}
