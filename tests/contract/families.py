@@ -1,0 +1,84 @@
+"""One contract case per adapter family: how to build a tiny model of it and how to call it.
+
+A new adapter joins the contract by adding its case here (``test_every_registered_adapter_has_a_case`` fails until
+it does). A case only knows its family's inputs and outputs; the contract itself speaks the adapter protocol.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from conftest import WORDS, make_clip
+from torch import nn
+
+from comp_vlm.data.text import build_word_tokenizer
+
+Inputs = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Case:
+    family: str
+    make: Callable[[int, str], nn.Module]  # (seed, attention implementation) -> model in eval mode
+    batch: Callable[[], Inputs]  # a padded batch of several samples
+    sample: Callable[[Inputs, int], Inputs]  # sample i of ``batch()`` alone, unpadded
+    outputs: Callable[[nn.Module, Inputs], tuple[torch.Tensor, ...]]  # per-sample outputs (batch first)
+    loss: Callable[[nn.Module, Inputs], torch.Tensor]  # a training loss on a batch
+    at_reference: Callable[[nn.Module, dict], Inputs]  # one sample at the FLOPs reference shape
+    features: Callable[[nn.Module, Inputs], object]  # the forward the FLOPs model counts (no task head)
+    reference: dict
+
+
+# ---- CLIP ---------------------------------------------------------------------------------------------------------
+
+CLIP_TEXTS = ["a photo of a red circle", "this is a small blue square left of a big green triangle", "red",
+              "a big circle and a small square on the left"]
+
+
+def clip_batch() -> Inputs:
+    text = build_word_tokenizer(WORDS)(CLIP_TEXTS, padding=True, return_tensors="pt")
+    pixels = torch.randn(len(CLIP_TEXTS), 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    return {"pixel_values": pixels, "input_ids": text["input_ids"], "attention_mask": text["attention_mask"]}
+
+
+def clip_sample(batch: Inputs, i: int) -> Inputs:
+    length = int(batch["attention_mask"][i].sum())
+    return {"pixel_values": batch["pixel_values"][i:i + 1], "input_ids": batch["input_ids"][i:i + 1, :length],
+            "attention_mask": batch["attention_mask"][i:i + 1, :length]}
+
+
+def clip_outputs(model: nn.Module, inputs: Inputs) -> tuple[torch.Tensor, ...]:
+    out = model(**inputs)
+    return out.image_embeds, out.text_embeds
+
+
+def clip_loss(model: nn.Module, inputs: Inputs) -> torch.Tensor:
+    return model(**inputs, return_loss=True).loss
+
+
+def clip_at_reference(model: nn.Module, reference: dict) -> Inputs:
+    cfg = model.config
+    length = int(reference["text_length"])
+    ids = torch.randint(3, cfg.text_config.vocab_size, (1, length), generator=torch.Generator().manual_seed(2))
+    ids[0, 0], ids[0, -1] = cfg.text_config.bos_token_id, cfg.text_config.eos_token_id
+    size = int(reference["image_size"])
+    return {"pixel_values": torch.randn(1, 3, size, size), "input_ids": ids}
+
+
+def clip_features(model: nn.Module, inputs: Inputs) -> tuple[torch.Tensor, ...]:
+    """Image and text features; the logit matrix between them is the task's, outside the FLOPs model."""
+    return (model.get_image_features(pixel_values=inputs["pixel_values"]),
+            model.get_text_features(input_ids=inputs["input_ids"]))
+
+
+CLIP = Case("clip", lambda seed, attn: make_clip(seed, attn=attn), clip_batch, clip_sample, clip_outputs, clip_loss,
+            clip_at_reference, clip_features, {"image_size": 16, "text_length": 9})
+
+CASES: dict[str, Case] = {case.family: case for case in (CLIP,)}
+
+
+def call(case: Case, model: nn.Module, inputs: Inputs) -> tuple[torch.Tensor, ...]:
+    with torch.no_grad():
+        return case.outputs(model, inputs)
