@@ -79,7 +79,7 @@ def test_comparison_catches_a_changed_unit_and_a_drifted_float():
 
 
 if __name__ == "__main__" and "--write" in sys.argv:
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
                             cwd=Path(__file__).parent).stdout.strip()
     GOLDEN.write_text(json.dumps({"commit": commit, "run": golden_run()}, indent=1) + "\n")
     print(f"wrote {GOLDEN}")

@@ -6,8 +6,8 @@ it does). A case only knows its family's inputs and outputs; the contract itself
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from conftest import WORDS, make_clip
