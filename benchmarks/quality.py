@@ -48,6 +48,7 @@ import comp_vlm.engine
 from comp_vlm.dense import cache_key
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import downsample
 from bench_world import FULL, SMOKE, Bench, BenchSettings, make_bench
 
 MAIN = ("comp", "param-only", "token-only", "sjp", "cycle", "random-mode")
@@ -57,6 +58,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "comp-immediate": ("comp", {"cost_measure": "immediate"}),  # MPS cost = damage before any recovery training
     "comp-metric": ("comp", {"badness": "metric"}),  # B = -validation R@1 (the paper's choice) instead of val loss
 }
+# arms with their own run function instead of one prune() call (filled below, next to each function)
+SPECIAL: dict[str, Callable] = {}
 # the PruneConfig options that reproduce the engine as it was before the search fixes, and the fields of each fix
 LEGACY_OPTIONS: dict[str, Any] = {"selection": "per-flop", "token_plan": "legacy", "warmup_order": "fixed",
                                   "sliver_fraction": 0.0, "min_stage_fraction": 0.25, "lr_schedule": "constant",
@@ -78,10 +81,12 @@ def fix_arms(legacy: dict[str, Any], fixes: dict[str, tuple[str, ...]]) -> dict[
     return arms
 
 
-ARMS: dict[str, tuple[str, dict[str, Any]]] = {**VARIANTS, **fix_arms(LEGACY_OPTIONS, FIXES)}
-COMP_FAMILY = ("comp", *ARMS)  # comp with other options: MPS sections in the report
+# sanity baselines (method.md §4) that recent VLM-pruning benchmarks found strong; run by SPECIAL where not a config
+SANITY: dict[str, tuple[str, dict[str, Any]]] = {"downsample": ("param-only", {})}
+ARMS: dict[str, tuple[str, dict[str, Any]]] = {**VARIANTS, **SANITY, **fix_arms(LEGACY_OPTIONS, FIXES)}
+COMP_FAMILY = ("comp", *(a for a in ARMS if a not in SANITY))  # comp with other options: MPS sections in the report
 SINGLE_MODE = ("param-only", "token-only")
-NAIVE_JOINT = ("sjp", "cycle", "random-mode")
+NAIVE_JOINT = ("sjp", "cycle", "random-mode", *SANITY)
 CONTROL = "dense+ft"  # the dense model trained as long as a comp run
 LEGACY = "legacy"  # the suite of records written before runs carried their identity
 UNRECORDED = ("log_path", "checkpoint_dir", "resume", "progress")  # PruneConfig fields that are no part of a run
@@ -850,6 +855,52 @@ def run_arm(bench: Bench, dense: torch.nn.Module, dense_metric: float, config: A
     return records, (stage_record(identity, res, dense) if res is not None else None)
 
 
+def run_downsample(bench: Bench, dense: torch.nn.Module, dense_metric: float, config: Any, identity: dict[str, Any],
+                   ratios: list[float]) -> tuple[list[dict], dict | None]:
+    """The ``downsample`` arm (benchmarks/downsample.py): resolution for sjp's token share, fine-tuning at it, then
+    param-only to the rest; ratios, FLOPs and steps against the full-resolution dense model."""
+    t0 = time.perf_counter()
+    text_length = comp_vlm.engine.training_text_length(bench.train_order(config.seed))
+    plan = downsample.plan(dense, ratios, config, text_length)
+    print(downsample.downsample_steps_note(plan), flush=True)
+    comp_vlm.engine.seed_everything(config.seed)
+    model = downsample.at_resolution(dense, plan.image_size)
+    train = downsample.ResizedBatches(bench.train_order(config.seed), plan.image_size)
+    val = [downsample.resize_pixels(b, plan.image_size) for b in bench.data.val]
+    test = [downsample.resize_pixels(b, plan.image_size) for b in bench.data.test]
+    if plan.adapt_steps:
+        comp_vlm.engine.train_steps(model, bench.task, comp_vlm.engine.cycle_batches(train), plan.adapt_steps,
+                                    config, None, desc=f"{plan.image_size} px")
+    model.eval()
+    low = {r: v for r, v in plan.ratios.items() if v > 0}
+    res = comp_vlm.prune(model, bench.task, train, val, downsample.param_config(config, plan), test_data=test) \
+        if low else None
+    resolution_only = bench.task.evaluate(model, test)["r1_mean"] if len(low) < len(ratios) else None
+    wall = time.perf_counter() - t0
+    records = []
+    for ratio in ratios:
+        v = plan.ratios[ratio]
+        if v <= 0:
+            reached, metric, kept, steps = True, resolution_only, plan.kept_low, plan.adapt_steps
+        else:
+            reached = res is not None and v in res.snapshots
+            extra = res.snapshots[v][1].extra if reached else {}
+            metric = res.metrics[v]["r1_mean"] if reached else float("nan")
+            kept = res.snapshots[v][1].flops_kept * plan.kept_low if reached else float("nan")
+            steps = plan.adapt_steps + extra.get("stage", 0) * config.stage_steps + extra.get("finetune_steps", 0)
+        records.append({
+            "strategy": identity["strategy"], "ratio": ratio, "seed": config.seed, "metric_name": "r1_mean",
+            "metric": metric, "dense_metric": dense_metric, "flops_kept": kept, "reached": reached,
+            "steps": steps if reached else 0,
+            "search_steps": plan.adapt_steps + (len(res.stage_log) * config.stage_steps if res else 0),
+            "downsample": {"image_size": plan.image_size, "kept_low": plan.kept_low, "adapt_steps": plan.adapt_steps},
+            "wall_s": wall, **identity})
+    return records, (stage_record(identity, res, dense) if res is not None else None)
+
+
+SPECIAL["downsample"] = run_downsample
+
+
 def control_search_steps(records: list[dict], suite: str, finetune_steps: int) -> int | None:
     """Median over the suite's comp runs of their search steps (None before any comp run)."""
     steps = {r["seed"]: r.get("search_steps", r["steps"] - finetune_steps) for r in records
@@ -948,7 +999,8 @@ def main(argv: list[str] | None = None) -> int:
             identity = inv.run_identity(arm, config)
             if (inv.suite, identity["arm"], seed) in done_runs(load_records(results)):  # also other processes' runs
                 continue
-            records, stage = run_arm(bench, dense, dense_metrics["r1_mean"], config, identity, ratios)
+            runner = SPECIAL.get(arm, run_arm)
+            records, stage = runner(bench, dense, dense_metrics["r1_mean"], config, identity, ratios)
             append_records(results, records)
             if stage is not None:
                 append_line(stages_path, stage)
