@@ -799,8 +799,8 @@ def stage_record(identity: dict[str, Any], res: Any, dense: torch.nn.Module) -> 
     where the engine logs ``removed_by``), cost; per snapshot the stage it was taken after and the per-layer
     fractions of heads and neurons kept and the token keep ratio (1 where no site) of its recipe."""
     specs = {spec.name: spec for spec in comp_vlm.get_adapter(dense).tower_specs()}
-    layers = {str(ratio): {tower: [{"heads": len(lay.heads) / specs[tower].num_heads,
-                                    "neurons": len(lay.neurons) / specs[tower].neurons,
+    layers = {str(ratio): {tower: [{"heads": len(lay.kept("head")) / specs[tower].num_heads,
+                                    "neurons": len(lay.kept("neuron")) / specs[tower].neurons,
                                     "keep": 1.0 if lay.keep_ratio is None else lay.keep_ratio}
                                    for lay in tower_layers] for tower, tower_layers in recipe.towers.items()}
               for ratio, (_, recipe) in res.snapshots.items()}

@@ -87,7 +87,7 @@ def test_strategies_run(setup, strategy):
         assert all(lay.keep_ratio in (None, 1.0) for t in res.recipe.towers.values() for lay in t)
     if strategy == "token-only":
         assert modes <= {"T_v", "T_l"}
-        assert all(len(lay.heads) == 4 for t in res.recipe.towers.values() for lay in t)
+        assert all(len(lay.kept("head")) == 4 for t in res.recipe.towers.values() for lay in t)
     assert res.recipe.flops_kept <= 1 - ratio + 1e-9
 
 

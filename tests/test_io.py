@@ -13,6 +13,7 @@ from transformers import CLIPModel
 
 import comp_vlm
 from comp_vlm import CheckpointError, Recipe, RecipeError, get_adapter, load_pruned, save_pruned
+from comp_vlm.recipe import RECIPE_FORMAT_VERSION
 
 
 def pruned_model(seed=0):
@@ -82,10 +83,10 @@ def recipe_dict():
     ("mutate", "message"),
     [
         (lambda d: d["towers"]["vision"].pop(), "layers"),
-        (lambda d: d["towers"]["vision"][0]["heads"].append(99), "out of range"),
-        (lambda d: d["towers"]["text"][0]["neurons"].insert(0, 5), "sorted and unique"),
-        (lambda d: d["towers"]["vision"][1].update(keep_ratio=1.5), r"outside \(0, 1\]"),
-        (lambda d: d["towers"]["vision"][0].update(keep_ratio=0.5), "no token site"),
+        (lambda d: d["towers"]["vision"][0]["units"]["head"].append(99), "out of range"),
+        (lambda d: d["towers"]["text"][0]["units"]["neuron"].insert(0, 5), "sorted and unique"),
+        (lambda d: d["towers"]["vision"][1]["keep_ratios"].update(tokens=1.5), r"outside \(0, 1\]"),
+        (lambda d: d["towers"]["vision"][0]["keep_ratios"].update(tokens=0.5), "no token site"),
         (lambda d: d.update(family="blip"), "family"),
         (lambda d: d["towers"].pop("text"), "towers"),
         (lambda d: d["options"].update(turbo=True), "unknown options"),
@@ -155,7 +156,7 @@ def test_overwrite_replaces_atomically(tmp_path, pixels):
     with torch.no_grad():
         assert torch.allclose(loaded.get_image_features(pixel_values=pixels).pooler_output,
                               second_model.get_image_features(pixel_values=pixels).pooler_output, atol=1e-6)
-    assert json.loads((first / "comp_recipe.json").read_text())["format_version"] == 1
+    assert json.loads((first / "comp_recipe.json").read_text())["format_version"] == RECIPE_FORMAT_VERSION
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
 
 

@@ -87,10 +87,8 @@ def test_unit_flops_are_the_engine_numbers():
         unit_flops("widget", lay, 17, 5)
 
 
-def test_recipe_format_1_maps_heads_and_neurons_only():
-    lay = LayerRecipe.from_units({"head": [0, 2], "neuron": [1]}, 0.5)
-    assert (lay.heads, lay.neurons, lay.kept("head"), lay.kept("neuron")) == ([0, 2], [1], [0, 2], [1])
-    with pytest.raises(RecipeError, match="widget"):
-        LayerRecipe.from_units({"head": [], "neuron": [], "widget": [0]})
-    with pytest.raises(RecipeError, match="widget"):
-        lay.kept("widget")
+def test_recipe_layers_hold_any_unit_kind():
+    lay = LayerRecipe.from_units({"head": [0, 2], "neuron": [1], "widget": [0]}, 0.5)
+    assert (lay.kept("head"), lay.kept("neuron"), lay.kept("widget"), lay.keep_ratio) == ([0, 2], [1], [0], 0.5)
+    with pytest.raises(RecipeError, match="gadget"):
+        lay.kept("gadget")

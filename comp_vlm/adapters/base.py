@@ -22,7 +22,7 @@ from torch import nn
 from .. import masks
 from ..errors import ConfigError, RecipeError, UnsupportedModelError
 from ..flops import model_flops, unit_flops
-from ..recipe import RECIPE_FORMAT_VERSION, LayerRecipe, Recipe
+from ..recipe import TOKEN_POOL, LayerRecipe, Recipe
 from ..structure import LayerStructure, TowerStructure
 from . import units
 from .units import UnitGroup, UnitKey, UnitSpec
@@ -402,6 +402,10 @@ class ModelAdapter(ABC):
     def base_config_hash(self) -> str:
         return config_hash(self.model.config)
 
+    def token_pools(self, spec: TowerSpec) -> tuple[str, ...]:
+        """The token pools a site of the tower holds, as recipes name them (CLIP: one, ``TOKEN_POOL``)."""
+        return (TOKEN_POOL,) if spec.token_mode is not None else ()
+
     def recipe(self, reference: dict | None = None) -> Recipe:
         """The current structure (kept units in dense indices, keep ratios, options) as a recipe."""
         ref = self.reference(reference)
@@ -418,7 +422,6 @@ class ModelAdapter(ABC):
                 layers.append(LayerRecipe.from_units(kept, keep_ratio))
             towers[spec.name] = layers
         return Recipe(
-            format_version=RECIPE_FORMAT_VERSION,
             family=self.family,
             model_class=type(self.model).__name__,
             base_config_hash=self.base_config_hash(),
@@ -447,18 +450,20 @@ class ModelAdapter(ABC):
             if len(layers) != n:
                 raise RecipeError(f"recipe has {len(layers)} {name} layers, the model has {n}")
             sites = set(self.site_layers(spec, options))
+            kinds = [unit.kind for unit in spec.units]
             for i, lay in enumerate(layers):
-                for unit in spec.units:
-                    idx, limit = lay.kept(unit.kind), unit.dense
-                    if any((not isinstance(j, int)) or j < 0 or j >= limit for j in idx):
-                        raise RecipeError(f"{name} layer {i}: {unit.kind} index out of range [0, {limit})")
-                    if sorted(set(idx)) != list(idx):
-                        raise RecipeError(f"{name} layer {i}: {unit.kind} indices must be sorted and unique")
-                if lay.keep_ratio is not None:
-                    if not (0.0 < lay.keep_ratio <= 1.0):
-                        raise RecipeError(f"{name} layer {i}: keep ratio {lay.keep_ratio} outside (0, 1]")
-                    if i not in sites:
-                        raise RecipeError(f"{name} layer {i} has no token site, but the recipe sets a keep ratio")
+                if set(lay.units) != set(kinds):
+                    raise RecipeError(f"{name} layer {i}: the recipe's unit kinds {sorted(lay.units)} are not the "
+                                      f"model's {sorted(kinds)}")
+                for unit in spec.units:  # a LayerRecipe's indices are sorted, unique and >= 0: check the last
+                    if lay.units[unit.kind] and lay.units[unit.kind][-1] >= unit.dense:
+                        raise RecipeError(f"{name} layer {i}: {unit.kind} index out of range [0, {unit.dense})")
+                if lay.keep_ratios and i not in sites:
+                    raise RecipeError(f"{name} layer {i} has no token site, but the recipe sets a keep ratio")
+                foreign = sorted(set(lay.keep_ratios) - set(self.token_pools(spec)))
+                if foreign:
+                    raise RecipeError(f"{name} layer {i}: the recipe's token pools {foreign} are not the model's "
+                                      f"{list(self.token_pools(spec))}")
 
     def apply_recipe(self, recipe: Recipe) -> ModelAdapter:
         """Slice the model to the recipe's structure and install its options and token keep ratios."""
