@@ -8,15 +8,12 @@ patch 4), text 96-d on 12-20 tokens, so each tower carries well over 25% of the 
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from transformers import CLIPConfig, CLIPModel
 
-import comp_vlm.adapters.clip as clip_adapter
 from comp_vlm.data.synthetic import (
     BenchmarkWorld,
     RetrievalLoaders,
@@ -102,14 +99,3 @@ def make_bench(smoke: bool = False, **overrides: Any) -> Bench:
                                   batch_size=settings.batch_size, seed=0, eval_batch_size=settings.eval_batch_size)
     return Bench(settings, world, tok, data, RetrievalTask(gallery_size=settings.gallery_size))
 
-
-@contextlib.contextmanager
-def token_scorer(scores: Callable[..., torch.Tensor]) -> Iterator[None]:
-    """Token sites of CLIP models rank tokens by ``scores(probs, head_mask, state, causal)`` instead of CIT inside
-    the block (a benchmark-only switch of the adapter module's scoring function, restored on exit)."""
-    original = clip_adapter.token_scores
-    clip_adapter.token_scores = scores
-    try:
-        yield
-    finally:
-        clip_adapter.token_scores = original

@@ -23,7 +23,6 @@ Scorers: ``eq6`` (the library's CIT: received attention, max over heads, summed 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import json
 import math
@@ -36,12 +35,12 @@ from typing import Any
 import torch
 
 import comp_vlm
-import comp_vlm.adapters.clip as clip_adapter
 import comp_vlm.engine
+from comp_vlm.adapters.runtime import attention_scores
 from comp_vlm.importance import normalize_scores
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_world import Bench, make_bench, token_scorer
+from bench_world import Bench, make_bench
 
 SCORERS = ("eq6", "cls-row", "mean-heads", "random")
 
@@ -78,7 +77,7 @@ def top_half_recall(scores: torch.Tensor, labels: torch.Tensor) -> float:
     return float((top & labels).sum() / labels.sum())
 
 
-# ---- scorers: what a site ranks patches by (benchmark-only switch of the adapter's scoring function) ------------
+# ---- scorers: what a site ranks patches by (a TokenScorer installed on the model) --------------------------------
 def alternative_scores(name: str, probs: torch.Tensor, state: Any, generator: torch.Generator,
                        oracle: torch.Tensor | None) -> torch.Tensor:
     """Scores (B, n) of the current slots for a bidirectional tower (the CLS token is slot 0, always kept)."""
@@ -101,8 +100,9 @@ def alternative_scores(name: str, probs: torch.Tensor, state: Any, generator: to
 
 
 class ScoringSwitch:
-    """Replaces the CLIP adapter's token scorer for the vision tower (the text tower keeps CIT), records the Eq. 6
-    scores and every scorer's scores at each site call, and knows the current batch's object patches."""
+    """A token scorer (installed with :meth:`install`) that ranks the vision tower's tokens by ``scorer`` (the text
+    tower keeps CIT), records the Eq. 6 scores and every scorer's scores at each site call, and knows the current
+    batch's object patches."""
 
     def __init__(self, scorer: str = "eq6", seed: int = 0, record: bool = False) -> None:
         self.scorer, self.record = scorer, record
@@ -110,22 +110,23 @@ class ScoringSwitch:
         self.objects: torch.Tensor | None = None
         self.recorded: list[dict[str, torch.Tensor]] = []
 
-    def active(self) -> contextlib.AbstractContextManager:
-        original = clip_adapter.token_scores
+    def __call__(self, probs: torch.Tensor, head_mask: torch.Tensor | None, state: Any, causal: bool,
+                 ) -> torch.Tensor:
+        eq6 = attention_scores(probs, head_mask, state, causal)
+        if causal:  # the text tower
+            return eq6
+        if self.record and not state.gathered:
+            rec = {"eq6": eq6[:, 1:].detach().cpu()}
+            for name in ("cls-row", "mean-heads", "random"):
+                rec[name] = alternative_scores(name, probs, state, self.generator, None)[:, 1:].detach().cpu()
+            self.recorded.append(rec)
+        return eq6 if self.scorer == "eq6" else alternative_scores(self.scorer, probs, state, self.generator,
+                                                                    self.objects)
 
-        def scores(probs: torch.Tensor, head_mask: torch.Tensor | None, state: Any, causal: bool) -> torch.Tensor:
-            eq6 = original(probs, head_mask, state, causal)
-            if causal:  # the text tower
-                return eq6
-            if self.record and not state.gathered:
-                rec = {"eq6": eq6[:, 1:].detach().cpu()}
-                for name in ("cls-row", "mean-heads", "random"):
-                    rec[name] = alternative_scores(name, probs, state, self.generator, None)[:, 1:].detach().cpu()
-                self.recorded.append(rec)
-            return eq6 if self.scorer == "eq6" else alternative_scores(self.scorer, probs, state, self.generator,
-                                                                        self.objects)
-
-        return token_scorer(scores)
+    def install(self, model: torch.nn.Module) -> ScoringSwitch:
+        """Make ``model``'s token sites rank tokens by this switch (until another scorer is installed)."""
+        comp_vlm.get_adapter(model).install(scorer=self)
+        return self
 
     def feed(self, batches: Iterable[dict], labels: list[torch.Tensor]) -> Iterator[dict]:
         """The batches, telling the switch each batch's object patches before the model sees it."""
@@ -144,8 +145,8 @@ def with_site(dense: torch.nn.Module, layer: int, keep: float) -> torch.nn.Modul
 
 def coverage(bench: Bench, model_with_site: torch.nn.Module, labels: list[torch.Tensor]) -> dict[str, dict]:
     """Object coverage of every scorer at the model's (single) vision site, over the test split."""
-    switch = ScoringSwitch("eq6", record=True)
-    with switch.active(), torch.no_grad():
+    switch = ScoringSwitch("eq6", record=True).install(model_with_site)
+    with torch.no_grad():
         bench.task.embed(model_with_site, switch.feed(bench.data.test, labels))
     out: dict[str, dict] = {}
     all_labels = torch.cat(labels)
@@ -159,20 +160,19 @@ def coverage(bench: Bench, model_with_site: torch.nn.Module, labels: list[torch.
 
 
 def r1_with(bench: Bench, model: torch.nn.Module, scorer: str, labels: list[torch.Tensor], seed: int = 0) -> float:
-    switch = ScoringSwitch(scorer, seed=seed)
-    with switch.active():
-        return bench.task.evaluate(model, switch.feed(bench.data.test, labels))["r1_mean"]
+    switch = ScoringSwitch(scorer, seed=seed).install(model)
+    return bench.task.evaluate(model, switch.feed(bench.data.test, labels))["r1_mean"]
 
 
-def finetuned(bench: Bench, model: torch.nn.Module, scorer: str, steps: int, seed: int) -> torch.nn.Module:
+def finetuned(bench: Bench, model: torch.nn.Module, scorer: str | None, steps: int, seed: int) -> torch.nn.Module:
     """``model`` trained ``steps`` steps (suite lr and data order of ``seed``) with its sites active, ranking
-    vision tokens by ``scorer`` during training."""
+    vision tokens by ``scorer`` during training (None: a model without sites, trained as it is)."""
     comp_vlm.engine.seed_everything(seed)
     config = comp_vlm.PruneConfig(lr=bench.settings.prune_lr, progress=False)
-    switch = ScoringSwitch(scorer, seed=seed)
-    with switch.active():
-        comp_vlm.engine.train_steps(model, bench.task, comp_vlm.engine.cycle_batches(bench.train_order(seed)),
-                                    steps, config)
+    if scorer is not None:
+        ScoringSwitch(scorer, seed=seed).install(model)
+    comp_vlm.engine.train_steps(model, bench.task, comp_vlm.engine.cycle_batches(bench.train_order(seed)),
+                                steps, config)
     return model
 
 
@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
             tuned[scorer].append(r1_with(bench, model, scorer, labels, seed))
             if scorer == "eq6":
                 tuned_coverage.append(coverage(bench, model, labels)["eq6"])
-        plain = finetuned(bench, copy.deepcopy(dense), "eq6", args.finetune_steps, seed)
+        plain = finetuned(bench, copy.deepcopy(dense), None, args.finetune_steps, seed)
         tuned["no-site"].append(bench.task.evaluate(plain, bench.data.test)["r1_mean"])
         print(f"fine-tuned seed {seed}: " + ", ".join(f"{k} {v[-1]:.2f}" for k, v in tuned.items()), flush=True)
     result["finetuned_drop_half_first_site"] = {

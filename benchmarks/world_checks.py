@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import hashlib
 import json
@@ -27,28 +26,20 @@ import comp_vlm
 from comp_vlm.flops import tower_flops
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_world import Bench, make_bench, token_scorer
-
-
-def random_token_scores(seed: int) -> contextlib.AbstractContextManager:
-    """Token sites rank tokens by uniform noise instead of CIT (both towers)."""
-    g = torch.Generator().manual_seed(seed)
-
-    def noise(probs: torch.Tensor, head_mask: torch.Tensor | None, state, causal: bool) -> torch.Tensor:
-        scores = torch.rand(state.prunable.shape, generator=g).to(probs.device)
-        return scores.masked_fill(~state.prunable, float("-inf"))
-
-    return token_scorer(noise)
+from bench_world import Bench, make_bench
 
 
 def drop_at_first_site(bench: Bench, dense: torch.nn.Module, mode: str, keep: float, random_seed: int | None,
                        ) -> float:
+    """R@1 with one site, at the first of ``mode``, keeping ``keep``: tokens ranked by CIT, or uniformly at random
+    (the 'random' scorer seeded with ``random_seed``)."""
     model = copy.deepcopy(dense)
-    adapter = comp_vlm.get_adapter(model).install()
+    options = comp_vlm.AdapterOptions() if random_seed is None else comp_vlm.AdapterOptions(
+        token_scorer="random", token_scorer_seed=random_seed)
+    adapter = comp_vlm.get_adapter(model).install(options)
     site = adapter.token_sites(mode)[0]
     adapter.set_keep_ratio(site.tower, site.layer, keep)
-    with contextlib.nullcontext() if random_seed is None else random_token_scores(random_seed):
-        return bench.task.evaluate(model, bench.data.test)["r1_mean"]
+    return bench.task.evaluate(model, bench.data.test)["r1_mean"]
 
 
 def image_hashes(pixel_values: torch.Tensor) -> set[str]:

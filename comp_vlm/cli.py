@@ -731,14 +731,15 @@ class _Parser(argparse.ArgumentParser):
 
 
 #: PruneConfig fields that ``prune`` takes as they are, one flag each (``--cost-measure`` for ``cost_measure``)
-SEARCH_OPTIONS = ("cost_measure", "selection", "token_plan", "token_max_cut", "token_floor", "warmup_order",
-                  "sliver_fraction", "lr_schedule", "finetune_schedule", "finetune_budget")
+SEARCH_OPTIONS = ("cost_measure", "selection", "token_plan", "token_max_cut", "token_floor", "token_scorer",
+                  "warmup_order", "sliver_fraction", "lr_schedule", "finetune_schedule", "finetune_budget")
 
 
 def _search_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of :data:`SEARCH_OPTIONS`: defaults from ``PruneConfig()``, choices from the engine's tables,
     ranges from :data:`comp_vlm.validation.RANGES` (checked by ``PruneConfig``)."""
     from . import budget, engine, importance
+    from .adapters.runtime import TOKEN_SCORERS
     from .validation import RANGES
 
     default = engine.PruneConfig()
@@ -756,6 +757,9 @@ def _search_arguments(parser: argparse.ArgumentParser) -> None:
             "with depth, or 'legacy' (every site keeps the same share, no bounds)")),
         "token_max_cut": (float, "a stage removes at most this share of the tokens left at any site"),
         "token_floor": (float, "every site keeps at least this share of the prunable tokens entering its tower"),
+        "token_scorer": (tuple(TOKEN_SCORERS), (
+            "how token sites rank tokens: attention (CIT, Eq. 6-7) or 'random' (uniform, seeded by --seed: the "
+            "token-random baseline)")),
         "warmup_order": (engine.WARMUP_ORDERS,
                          "order in which MPS first tries each mode: a seeded permutation or the adapter's order"),
         "sliver_fraction": (float, (

@@ -89,6 +89,7 @@ class PruneConfig:
     dead_compute: bool = True
     site_start: int = 1
     site_every: int = 1
+    token_scorer: str = "attention"  # how token sites rank tokens (adapters.runtime.TOKEN_SCORERS), seeded by seed
     reference: dict | None = None
     log_path: str | None = None
     checkpoint_dir: str | None = None  # search checkpoints at every stage boundary
@@ -185,7 +186,8 @@ class Pruner:
         self.adapter: ModelAdapter = get_adapter(model)
         self.adapter.clear_masks()
         self.adapter.install(AdapterOptions(config.dead_compute, config.site_start, config.site_every,
-                                            cit=config.strategy != "no-cit"))
+                                            cit=config.strategy != "no-cit", token_scorer=config.token_scorer,
+                                            token_scorer_seed=config.seed))
         self.reference = self.adapter.reference(config.reference)
         object.__setattr__(model, "comp_vlm_reference", dict(self.reference))
         self.dense_flops = float(model_flops(self.adapter.dense_structure(self.reference)))

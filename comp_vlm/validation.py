@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, Union, get_args, get_origin
 
+from .adapters.runtime import TOKEN_SCORERS
 from .errors import ConfigError
 
 
@@ -83,8 +84,14 @@ def reference_problem(value: Any) -> str | None:
     return None
 
 
+def token_scorer_problem(value: str) -> str | None:
+    """A token scorer is one of the built-in scorers, by name."""
+    return None if value in TOKEN_SCORERS else f"must be one of {', '.join(TOKEN_SCORERS)}, got {value!r}"
+
+
 #: PruneConfig fields with a content check: a function returning what is wrong, or None.
-CONTENT: dict[str, Callable[[Any], str | None]] = {"reference": reference_problem}
+CONTENT: dict[str, Callable[[Any], str | None]] = {"reference": reference_problem,
+                                                   "token_scorer": token_scorer_problem}
 
 
 # ---- types ----------------------------------------------------------------------------------------------------

@@ -25,9 +25,11 @@ from ..flops import model_flops, unit_flops
 from ..recipe import TOKEN_POOL, LayerRecipe, Recipe
 from ..structure import LayerStructure, TowerStructure
 from . import units
+from .runtime import KEEP_ATTR, TokenScorer, check_token_scorer, make_token_scorer, site_keep
 from .units import UnitGroup, UnitKey, UnitSpec
 
 OPTIONS_ATTR = "comp_vlm_options"
+SCORER_ATTR = "comp_vlm_token_scorer"  # the TokenScorer the installed sites use
 
 
 @dataclass(frozen=True)
@@ -61,16 +63,21 @@ class AdapterOptions:
     ``site_start``/``site_every``: token sites sit at layers site_start, site_start+site_every, ...
     ``cit``: token scores see the soft head masks (Eq. 7); False gives the no-cit ablation (search-time only:
     a sliced model has no masks, so this does not change what it computes).
+    ``token_scorer``/``token_scorer_seed``: the built-in scorer the sites rank tokens by (runtime.TOKEN_SCORERS) and
+    its seed (read only by scorers that draw random numbers).
     """
 
     dead_compute: bool = True
     site_start: int = 1
     site_every: int = 1
     cit: bool = True
+    token_scorer: str = "attention"
+    token_scorer_seed: int = 0
 
     def __post_init__(self) -> None:
         if self.site_start < 0 or self.site_every < 1:
             raise ConfigError(f"site_start must be >= 0 and site_every >= 1, got {self.site_start}, {self.site_every}")
+        check_token_scorer(self.token_scorer)
 
 
 def options_from_recipe(options: dict) -> AdapterOptions:
@@ -160,14 +167,26 @@ class ModelAdapter(ABC):
         opts = getattr(self.model, OPTIONS_ATTR, None)
         return opts if opts is not None else AdapterOptions()
 
-    def install(self, options: AdapterOptions | None = None) -> ModelAdapter:
-        """Install token sites (all keep ratios 1) and options on the instance; idempotent."""
+    @property
+    def token_scorer(self) -> TokenScorer:
+        """The scorer the token sites rank tokens by (set at :meth:`install`)."""
+        scorer = getattr(self.model, SCORER_ATTR, None)
+        return scorer if scorer is not None else make_token_scorer(self.options.token_scorer,
+                                                                   self.options.token_scorer_seed)
+
+    def install(self, options: AdapterOptions | None = None, scorer: TokenScorer | None = None) -> ModelAdapter:
+        """Install token sites (all keep ratios 1) and options on the instance; idempotent. The sites rank tokens by
+        ``scorer`` if given (a custom scorer is not part of the recipe), else by the one already installed, else by
+        the one ``options.token_scorer`` names."""
         if options is not None:
-            if self.is_installed() and asdict(options) != asdict(self.options):
-                self.uninstall()
+            if asdict(options) != asdict(self.options):
+                if self.is_installed():
+                    self.uninstall()
+                self.model.__dict__.pop(SCORER_ATTR, None)
             object.__setattr__(self.model, OPTIONS_ATTR, options)
         elif getattr(self.model, OPTIONS_ATTR, None) is None:
             object.__setattr__(self.model, OPTIONS_ATTR, AdapterOptions())
+        object.__setattr__(self.model, SCORER_ATTR, scorer if scorer is not None else self.token_scorer)
         self._install_forward()
         return self
 
@@ -180,8 +199,9 @@ class ModelAdapter(ABC):
         self._uninstall_forward()
         for spec in self.tower_specs():
             for layer in self.layers(spec):
-                layer.__dict__.pop("comp_site_keep", None)
+                layer.__dict__.pop(KEEP_ATTR, None)
         self.model.__dict__.pop(OPTIONS_ATTR, None)
+        self.model.__dict__.pop(SCORER_ATTR, None)
 
     # ---- towers, layers, units -------------------------------------------------------------------------------
     def tower(self, name: str) -> TowerSpec:
@@ -333,7 +353,7 @@ class ModelAdapter(ABC):
             raise ConfigError(f"keep ratio must lie in (0, 1], got {ratio!r} ({tower} layer {layer})")
         if layer not in self.site_layers(spec):
             raise ConfigError(f"{tower} layer {layer} has no token site (sites: {self.site_layers(spec)})")
-        self.layers(spec)[layer].comp_site_keep = float(ratio)
+        setattr(self.layers(spec)[layer], KEEP_ATTR, float(ratio))
 
     def keep_ratio(self, tower: str, layer: int) -> float:
         return site_keep(self.layers(self.tower(tower))[layer])
@@ -485,11 +505,6 @@ class ModelAdapter(ABC):
                 if lay.keep_ratio is not None:
                     self.set_keep_ratio(name, i, lay.keep_ratio)
         return self
-
-
-def site_keep(layer: nn.Module) -> float:
-    """The keep ratio of the token site a layer module holds (1: none, or keeps all)."""
-    return float(getattr(layer, "comp_site_keep", 1.0))
 
 
 def dense_units(layer: LayerStructure, spec: TowerSpec) -> LayerStructure:

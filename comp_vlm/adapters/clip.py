@@ -8,7 +8,6 @@ site, then the MLP. A pre-hook on the text model records the padding mask and th
 
 from __future__ import annotations
 
-from functools import partial
 from types import MethodType
 
 import torch
@@ -17,11 +16,10 @@ from transformers import CLIPModel
 from transformers.modeling_outputs import BaseModelOutput
 
 from .. import masks, tokens
-from ..collect import CAPTURE_FLAG, in_backward, pop_captured
-from ..errors import CompVLMError
 from ..tokens import TokenState
 from .base import ModelAdapter, TowerSpec, register_adapter
-from .common import LayerRuntime, heads_alive, restore_sdpa, site_step, token_scores, use_comp_attention
+from .common import restore_sdpa, use_comp_attention
+from .runtime import LayerCall, SiteRuntime, TokenPool, end_tower
 from .units import UnitSpec, attention_heads, mlp_neurons
 
 
@@ -74,71 +72,35 @@ def clip_encoder_forward(self: nn.Module, inputs_embeds: torch.Tensor, attention
     hidden = inputs_embeds
     for layer in self.layers:
         hidden, state = layer(hidden, attention_mask, comp_state=state, **kwargs)
-    collector = self.layers[0].__dict__.get("comp_collector") if len(self.layers) else None
-    if collector is not None and collector.active(self.layers[0]):
-        collector.end_tower(self.layers[0].comp_runtime.tower)
+    end_tower(self.layers)
     return BaseModelOutput(last_hidden_state=tokens.scatter_to_full(hidden, state))
 
 
 def _clip_layer_body(
-    self: nn.Module, hidden: torch.Tensor, attention_mask, comp_state: TokenState, comp_record: bool = False,
-    **kwargs,
+    self: nn.Module, hidden: torch.Tensor, attention_mask, comp_state: TokenState, comp_call: LayerCall, **kwargs,
 ) -> tuple[torch.Tensor, TokenState]:
-    rt: LayerRuntime = self.comp_runtime
-    state = comp_state
-    mask = state.attn_mask if state.gathered else attention_mask
-    attn, mlp = self.self_attn, self.mlp
+    """CLIPEncoderLayer's maths; its SiteRuntime runs the protocol after attention, at the site, after the MLP."""
+    attn = self.self_attn
     head_mask = getattr(attn, masks.HEAD_MASK, None)
     n_heads = attn.q_proj.out_features // attn.head_dim
-    keep = getattr(self, "comp_site_keep", 1.0)
-    alive = heads_alive(attn, n_heads, head_mask)
-    site_on = keep < 1.0 and alive
-    collector = self.__dict__.get("comp_collector")
-    wants = collector is not None and collector.wants_probs(self)
-    collect = wants and comp_record and not in_backward()  # a checkpoint recompute replays, never records
-    attn.out_proj.__dict__[CAPTURE_FLAG] = collect
-    mlp.fc2.__dict__[CAPTURE_FLAG] = collect
+    step = self.comp_runtime.start(self, comp_state, comp_call, n_heads, head_mask)
     x = self.layer_norm1(hidden)
     if n_heads == 0:
         attn_out, probs = attn.out_proj(x.new_zeros(*x.shape[:-1], 0)), None
     else:
-        attn_out, probs = attn(hidden_states=x, attention_mask=mask, comp_need_probs=site_on or wants, **kwargs)
-    scores = None
-    if (site_on or collect) and alive:
-        if probs is None:
-            raise CompVLMError(
-                "token sites need attention probabilities, which this model's attention implementation does not "
-                "return; use attn_implementation 'comp_vlm' (installed by default) or 'eager'"
-            )
-        cit_mask = head_mask.detach() if (rt.cit and head_mask is not None) else None
-        scores = token_scores(probs.detach(), cit_mask, state, rt.causal)
-    if collect:
-        collector.on_attention(rt.tower, rt.index, scores, state, pop_captured(attn.out_proj))
-    hidden = hidden + attn_out
-    if site_on:
-        hidden, state, slots = site_step(hidden, scores, state, keep, rt.causal)
-        scores = scores.gather(1, slots)
-    if rt.pooled_only_mlp:
-        slot = state.pooled_slot[:, None]
-        hidden, state = tokens.keep_pooled_only(hidden, state)
-        scores = None if scores is None else scores.gather(1, slot)
-    hidden = hidden + mlp(self.layer_norm2(hidden))
-    if collect:
-        collector.on_mlp(rt.tower, rt.index, pop_captured(mlp.fc2), state, scores)
-    return hidden, state
+        attn_out, probs = attn(hidden_states=x, attention_mask=step.attention_mask(attention_mask),
+                               comp_need_probs=step.need_probs, **kwargs)
+    step.after_attention(probs)
+    hidden = step.site(hidden + attn_out)
+    hidden = hidden + self.mlp(self.layer_norm2(hidden))
+    return hidden, step.after_mlp()
 
 
 def clip_layer_forward(self: nn.Module, hidden_states: torch.Tensor, attention_mask=None, comp_state=None, **kwargs):
     """Instance forward of CLIPEncoderLayer: attention -> token site -> MLP; keeps gradient checkpointing."""
     if comp_state is None:  # called outside the comp-vlm encoder: behave like the class
         return type(self).forward(self, hidden_states, attention_mask, **kwargs)
-    # decided here, outside any checkpoint: reentrant checkpointing runs the body under no_grad
-    collector = self.__dict__.get("comp_collector")
-    record = collector is not None and collector.active(self)
-    if getattr(self, "gradient_checkpointing", False) and self.training and torch.is_grad_enabled():
-        body = partial(_clip_layer_body, self, comp_state=comp_state, comp_record=record, **kwargs)
-        return self._gradient_checkpointing_func(body, hidden_states, attention_mask)
-    return _clip_layer_body(self, hidden_states, attention_mask, comp_state=comp_state, comp_record=record, **kwargs)
+    return self.comp_runtime.run(self, _clip_layer_body, hidden_states, attention_mask, comp_state, **kwargs)
 
 
 @register_adapter
@@ -191,11 +153,12 @@ class CLIPAdapter(ModelAdapter):
             encoder = self._tower_modules()[spec.name].encoder
             encoder.forward = MethodType(clip_encoder_forward, encoder)
             layers = self.layers(spec)
+            pool = TokenPool(spec.name, spec.token_mode)
+            head, neuron = spec.unit("head").stat_path, spec.unit("neuron").stat_path
             for i, layer in enumerate(layers):
                 layer.forward = MethodType(clip_layer_forward, layer)
-                layer.comp_runtime = LayerRuntime(
-                    spec.name, i, spec.causal, pooled_only and i == len(layers) - 1, self.options.cit
-                )
+                layer.comp_runtime = SiteRuntime(spec.name, i, spec.causal, pool, self.token_scorer, head, neuron,
+                                                 pooled_only and i == len(layers) - 1, self.options.cit)
         text = self.model.text_model
         if not masks.has_hook(text, (TextCallHook,)):
             text.register_forward_pre_hook(TextCallHook(), with_kwargs=True)

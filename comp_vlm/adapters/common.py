@@ -1,4 +1,5 @@
-"""Transformer plumbing shared by the adapters: the ``comp_vlm`` attention implementation and the token-site step.
+"""Transformer plumbing shared by the adapters: the ``comp_vlm`` attention implementation (the token-site runtime
+lives in :mod:`comp_vlm.adapters.runtime`).
 
 The attention function runs transformers' sdpa for every module except where a layer asks for attention
 probabilities (an active token site, statistics collection); there it runs eager attention and returns them.
@@ -9,13 +10,8 @@ without which ``create_causal_mask`` silently returns no mask at all); selected 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
-
-from .. import importance, tokens
-from ..tokens import TokenState
 
 COMP_ATTENTION = "comp_vlm"
 _registered = False
@@ -97,36 +93,3 @@ def use_comp_attention(model: nn.Module) -> None:
 def restore_sdpa(model: nn.Module) -> None:
     if getattr(model.config, "_attn_implementation", None) == COMP_ATTENTION:
         model.set_attn_implementation("sdpa")
-
-
-@dataclass(frozen=True)
-class LayerRuntime:
-    """Per-layer settings the instance forward reads (stored on the layer module)."""
-
-    tower: str
-    index: int
-    causal: bool
-    pooled_only_mlp: bool
-    cit: bool = True  # token scores see the head masks (Eq. 7); False: the no-cit ablation (Eq. 6 on raw A)
-
-
-def heads_alive(attention: nn.Module, n_heads: int, head_mask: torch.Tensor | None) -> bool:
-    if n_heads == 0:
-        return False
-    return head_mask is None or bool((head_mask > 0).any())
-
-
-def token_scores(probs: torch.Tensor, head_mask: torch.Tensor | None, state: TokenState, causal: bool) -> torch.Tensor:
-    """CIT scores (Eq. 6-7) of the current slots: pooled-query row for causal towers, received attention otherwise."""
-    if causal:
-        return importance.cit_pooled_row(probs, head_mask, state.pooled_slot, state.prunable)
-    query_rows = state.valid & (state.positions != state.pooled[:, None])
-    return importance.cit_received_attention(probs, head_mask, query_rows, state.prunable)
-
-
-def site_step(
-    hidden: torch.Tensor, scores: torch.Tensor, state: TokenState, keep: float, causal: bool
-) -> tuple[torch.Tensor, TokenState, torch.Tensor]:
-    """Select (top-k by ``scores``, sorted) and gather the tokens a site keeps; also returns the kept slots."""
-    slots, slot_valid = tokens.select_tokens(scores, state, keep)
-    return tokens.gather_tokens(hidden, slots), state.gather(slots, slot_valid, causal, hidden.dtype), slots
