@@ -82,7 +82,10 @@ def fix_arms(legacy: dict[str, Any], fixes: dict[str, tuple[str, ...]]) -> dict[
 
 
 # sanity baselines (method.md §4) that recent VLM-pruning benchmarks found strong; run by SPECIAL where not a config
-SANITY: dict[str, tuple[str, dict[str, Any]]] = {"downsample": ("param-only", {})}
+SANITY: dict[str, tuple[str, dict[str, Any]]] = {
+    "sjp-random": ("sjp", {"token_scorer": "random"}),  # sjp with its tokens chosen at random (seeded)
+    "downsample": ("param-only", {}),  # tokens removed by a lower input resolution (run_downsample)
+}
 ARMS: dict[str, tuple[str, dict[str, Any]]] = {**VARIANTS, **SANITY, **fix_arms(LEGACY_OPTIONS, FIXES)}
 COMP_FAMILY = ("comp", *(a for a in ARMS if a not in SANITY))  # comp with other options: MPS sections in the report
 SINGLE_MODE = ("param-only", "token-only")
@@ -129,10 +132,17 @@ def arm_label(arm: str, selection: Any, default_selection: Any) -> str:
     return arm if selection == (default_selection if expected == FROM_SUITE else expected) else f"{arm}@{selection}"
 
 
+# PruneConfig fields added after suites were recorded, at the value that reproduces the engine before them: left out
+# of the suite key at that value, so earlier suites stay the same suites (the records still hold the full config)
+NEUTRAL: dict[str, Any] = {"token_scorer": "attention"}
+KEEP = object()
+
+
 def suite_key(identity: dict[str, Any], base: dict[str, Any], default_selection: Any) -> str:
     """Short stable hash of the world, model, task and bench settings (``identity``), the invocation's PruneConfig
     ``base`` (a ``config_dict``, before arm options) minus the arm-level fields, and the default selection rule."""
-    payload = {**identity, "config": {k: v for k, v in base.items() if k not in ARM_LEVEL},
+    config = {k: v for k, v in base.items() if k not in ARM_LEVEL and NEUTRAL.get(k, KEEP) != v}
+    payload = {**identity, "config": config,
                "default_selection": default_selection}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:12]
 

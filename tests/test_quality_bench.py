@@ -65,6 +65,19 @@ def test_suite_key_ignores_arm_level_fields_only():
     assert len(key) == 12 and key == q.suite_key(dict(reversed(IDENTITY.items())), base, "new-rule")
 
 
+def test_a_later_field_at_its_neutral_value_keeps_earlier_suites():
+    base = q.config_dict(FakeConfig())
+    key = q.suite_key(IDENTITY, base, "new-rule")
+    assert q.suite_key(IDENTITY, base | {"token_scorer": "attention"}, "new-rule") == key
+    assert q.suite_key(IDENTITY, base | {"token_scorer": "random"}, "new-rule") != key
+
+
+def test_sanity_arms_are_baselines_with_their_own_options():
+    assert q.arm_strategy("sjp-random") == ("sjp", {"token_scorer": "random"})
+    assert q.is_baseline("sjp-random") and q.is_baseline("downsample")
+    assert "downsample" not in q.COMP_FAMILY and q.SPECIAL["downsample"] is q.run_downsample
+
+
 def test_config_dict_drops_paths_and_switches():
     d = q.config_dict(FakeConfig(snapshots=(0.5, 0.8), log_path="x.jsonl"))
     assert "log_path" not in d and "progress" not in d
