@@ -52,10 +52,10 @@ from comp_vlm.data.karpathy import karpathy_loaders, read_karpathy
 from comp_vlm.data.processor import make_image_processor
 from comp_vlm.data.synthetic import RetrievalLoaders, ShuffledBatches, mix_seed
 from comp_vlm.data.text import build_word_tokenizer
-from comp_vlm.demo import clip_config
 from comp_vlm.dense import DenseTraining, cached_dense
 from comp_vlm.flops import tower_flops
 from comp_vlm.tasks import RetrievalTask
+from comp_vlm.zoo import clip_config
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures" / "emoji"

@@ -255,7 +255,7 @@ def bench_identity(bench: Bench) -> dict[str, Any]:
                       "heads": t.num_attention_heads, "vocab": t.vocab_size,
                       "max_positions": t.max_position_embeddings}}
     task = {"name": "retrieval", "gallery_size": bench.task.gallery_size, "metric": bench.task.primary_metric}
-    return {"world": bench.data_id(), "model": model, "task": task, "bench": dataclasses.asdict(s)}
+    return {"world": bench.data_id(), "model": model, "task": task, "bench": s.record()}
 
 
 def base_config(settings: BenchSettings, ratios: list[float], values: dict[str, Any]) -> Any:

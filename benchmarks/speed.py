@@ -24,7 +24,7 @@ from transformers import CLIPConfig, CLIPModel
 
 import comp_vlm
 from comp_vlm import AdapterOptions, get_adapter
-from comp_vlm.demo import interleaved_latency_ms
+from comp_vlm.measure import interleaved_latency_ms
 
 VIT_B16 = dict(
     text_config=dict(vocab_size=49408, hidden_size=512, intermediate_size=2048, num_hidden_layers=12,

@@ -6,6 +6,7 @@ from torch import nn
 
 from . import adapters  # noqa: F401  (registers the adapters)
 from .adapters.base import AdapterOptions, ModelAdapter, get_adapter, register_adapter
+from .api import bench_dir, evaluate_dir
 from .engine import PruneConfig, Pruner, PruneResult, prune
 from .errors import (
     CheckpointError,
@@ -55,8 +56,10 @@ __all__ = [
     "RecipeError",
     "UnsupportedModelError",
     "apply_recipe",
+    "bench_dir",
     "count_flops",
     "count_params",
+    "evaluate_dir",
     "get_adapter",
     "load_pruned",
     "prune",

@@ -11,17 +11,26 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple, NoReturn
+from typing import Any, NoReturn
 
-from . import outputs
-from .errors import CheckpointError, CompVLMError, ConfigError, OutputError
+from . import outputs, zoo
+from .api import TASKS, check_task
+from .errors import CompVLMError, ConfigError, OutputError
+from .loading import (
+    DataSource,
+    check_data,
+    check_fit,
+    karpathy_data,
+    load_dense_dir,
+    load_image_processor,
+    load_model_tokenizer,
+    mean_text_length,
+    processor_stats,
+)
+from .report import say, set_progress_lines, write_json, write_jsonl
 
-TASKS = ("retrieval",)
 PRUNE_REPLACES = ("prune-run", "pruned")  # the outputs `prune --overwrite` may replace
 
 
@@ -47,8 +56,6 @@ def _setup(args: argparse.Namespace) -> str:
         logger.addHandler(_TqdmHandler())
     logger.setLevel(logging.WARNING if getattr(args, "quiet", False) else logging.INFO)
     logger.propagate = False
-    from .demo import set_progress_lines
-
     set_progress_lines(not getattr(args, "quiet", False))
     try:
         from transformers.utils import logging as hf_logging
@@ -106,37 +113,10 @@ def _ints(text: str) -> tuple[int, ...]:
     return values
 
 
-DEFAULT_GALLERY = 100
-
-
-def _check_task(task: str, gallery_size: int | None = 0, eval_pairs: int | None = None) -> Any:
-    """The task object; ``gallery_size`` 0 means one gallery of every evaluation pair, None the default (100, or
-    the whole split when it is smaller). ``eval_pairs``: the smallest split the task will evaluate (validation
-    or test), which must fill one gallery."""
-    from .tasks.retrieval import RetrievalTask
-
-    if task != "retrieval":
-        raise ConfigError(f"task {task!r} is not supported yet (supported: {', '.join(TASKS)})")
-    if gallery_size is None:
-        gallery_size = DEFAULT_GALLERY if eval_pairs is None or eval_pairs >= DEFAULT_GALLERY else 0
-    if gallery_size < 0 or gallery_size == 1:
-        raise ConfigError(f"--gallery-size must be 0 (whole split) or at least 2, got {gallery_size}")
-    if gallery_size and eval_pairs is not None and gallery_size > eval_pairs:
-        raise ConfigError(f"--gallery-size {gallery_size} exceeds the {eval_pairs} evaluation pairs of a split")
-    return RetrievalTask(gallery_size=gallery_size or None)
-
-
 def _gallery_argument(parser: argparse.ArgumentParser, default: str) -> None:
     parser.add_argument("--gallery-size", type=int, default=None, metavar="N",
                         help="retrieval R@K among N candidates, averaged over consecutive galleries of the split "
                              f"(0: the whole split is one gallery; default: {default})")
-
-
-def _say(message: str) -> None:
-    """A progress line (none with -q)."""
-    from .demo import say
-
-    say(message)
 
 
 def _result(message: str) -> None:
@@ -154,126 +134,6 @@ def _check_json_path(option: str, path: str | None) -> None:
     if target.is_dir():
         raise OutputError(f"{option} {path} is a directory: give a file name")
     outputs.check_writable(target.parent, f"{option} {path}")
-
-
-def _write_json(path: str, data: dict) -> None:
-    """Write ``data`` to ``path`` through a temporary file and one rename (complete or absent)."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(data, indent=1, default=str))
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# data: the synthetic world or a Karpathy-format directory
-# ---------------------------------------------------------------------------------------------------------------
-#: the Karpathy splits each role reads: COCO's restval joins train for the search and fine-tuning
-KARPATHY_ROLES = {"train": ("train", "restval"), "val": ("val",), "test": ("test",)}
-
-
-@dataclass(frozen=True)
-class DataSource:
-    """What ``--data`` names: the built-in synthetic world, or a Karpathy-format directory (COCO, Flickr30K): its
-    JSON file and the caption pairs of each role it was checked for (see :data:`KARPATHY_ROLES`)."""
-
-    kind: str  # "synthetic" or "karpathy"
-    dir: Path | None = None
-    json: Path | None = None
-    pairs: dict[str, int] = field(default_factory=dict)
-
-    def record(self) -> dict[str, Any]:
-        """How reports and recipes name the data."""
-        if self.kind == "synthetic":
-            return {"kind": "synthetic"}
-        return {"kind": "karpathy", "dir": str(self.dir), "json": str(self.json)}
-
-
-class LoadedData(NamedTuple):
-    """Retrieval loaders (``train``, ``val``, ``test``) and how they were made (recorded in the report and recipe);
-    :class:`comp_vlm.demo.SyntheticData` has the same two fields."""
-
-    loaders: Any
-    settings: dict[str, Any]
-
-
-def _check_data(data: str, roles: tuple[str, ...] = tuple(KARPATHY_ROLES), what: str = "--data") -> DataSource:
-    """The data ``data`` names. A directory (or file) must hold a Karpathy JSON whose ``roles`` all have captions;
-    the JSON is read here (not the images), so bad data is refused before any model is loaded."""
-    if data == "synthetic":
-        return DataSource("synthetic")
-    path = Path(data)
-    if not path.exists():
-        raise ConfigError(f"{what} {data}: no such directory (use --data synthetic for the built-in shapes world, "
-                          "or a directory holding a Karpathy-format dataset_*.json)")
-    from .data.files import require_nonempty
-    from .data.karpathy import find_karpathy_json, read_karpathy
-
-    found = find_karpathy_json(path).resolve()
-    images = read_karpathy(found, check_images=False)
-    pairs = {}
-    for role in roles:
-        chosen = [im for im in images if im.split in KARPATHY_ROLES[role]]
-        require_nonempty(chosen, found, "+".join(KARPATHY_ROLES[role]), "images")
-        pairs[role] = sum(len(im.captions) for im in chosen)
-    return DataSource("karpathy", found.parent, found, pairs)
-
-
-def _karpathy_data(source: DataSource, tokenizer: Any, processor: Any, batch_size: int, eval_batch_size: int,
-                   seed: int, progress: bool) -> LoadedData:
-    """The retrieval loaders of a Karpathy directory, its images through ``processor``, its captions through
-    ``tokenizer``; the training batches are reshuffled every epoch from ``seed``."""
-    from .data.karpathy import karpathy_loaders
-
-    roles = KARPATHY_ROLES
-    loaders = karpathy_loaders(source.json, tokenizer, processor, batch_size, eval_batch_size=eval_batch_size,
-                               seed=seed, train_splits=roles["train"], val_split=roles["val"][0],
-                               test_split=roles["test"][0], progress=progress)
-    settings = {**source.record(), "splits": {r: list(s) for r, s in roles.items()},
-                **{f"n_{r}": source.pairs[r] for r in roles}, "batch_size": batch_size,
-                "eval_batch_size": eval_batch_size, "seed": seed}
-    return LoadedData(loaders, settings)
-
-
-def _mean_text_length(loaders: Any) -> float:
-    """Mean unpadded caption length (tokens, BOS/EOS included) of the training texts: the FLOPs reference length."""
-    return float(loaders.train.data.attention_mask.sum(1).float().mean())
-
-
-def _check_fit(model: Any, batch: dict, text_length: int, data: str) -> None:
-    """Refuse inputs ``model`` cannot take: images (``batch``'s) of another size than its own (the image
-    processor's crop), captions (up to ``text_length`` tokens) longer than its text positions."""
-    size = int(model.config.vision_config.image_size)
-    positions = int(model.config.text_config.max_position_embeddings)
-    shape = tuple(batch["pixel_values"].shape[-2:])
-    if shape != (size, size):
-        raise ConfigError(f"the image processor makes {shape[0]}x{shape[1]} images of {data}, but the model takes "
-                          f"{size}x{size}: save the model with its own image processor")
-    if text_length > positions:
-        raise ConfigError(f"the tokenizer makes captions of {text_length} tokens from {data}, but the model has "
-                          f"{positions} text positions: save the tokenizer with model_max_length={positions}")
-
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
-
-
-def _load_tokenizer(path: Path, model: Any) -> Any:
-    """The tokenizer saved with the model in ``path``. Refused when there is none (transformers would build an
-    empty one) or when its ids run past the model's vocabulary."""
-    from . import demo
-
-    if not any((path / name).is_file() for name in TOKENIZER_FILES):
-        raise CheckpointError(f"{path} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}), needed to "
-                              "tokenize captions: save the model's tokenizer with it")
-    tokenizer = demo.load_tokenizer(path)
-    vocab = int(model.config.text_config.vocab_size)
-    if len(tokenizer) > vocab:
-        raise ConfigError(f"the tokenizer in {path} has {len(tokenizer)} tokens, more than the model's vocabulary "
-                          f"({vocab}): not the model's tokenizer")
-    return tokenizer
 
 
 def _describe_data(settings: dict) -> str:
@@ -304,11 +164,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def _check_prune_data(args: argparse.Namespace, source: DataSource, spec: Any) -> int:
     """Refuse options that do not fit the data, before any work; returns the pairs of the smaller evaluation split
     (validation or test), which must fill a gallery."""
-    from . import demo
-
     if source.kind == "synthetic":
         return min(args.n_val or spec.n_val, args.n_test or spec.n_test)
-    if args.model in demo.BUILTINS:
+    if args.model in zoo.BUILTINS:
         raise ConfigError(f"--data {args.data} needs --model DIR, a CLIP model directory with the tokenizer and image "
                           f"processor for its captions and images (built-in {args.model} knows only the synthetic "
                           "world's words)")
@@ -325,49 +183,47 @@ def _check_prune_data(args: argparse.Namespace, source: DataSource, spec: Any) -
 def _resolve_model(args: argparse.Namespace, task: Any, device: str, source: DataSource) -> dict:
     """The dense model, its tokenizer and image processor, and the data: the Karpathy directory ``source`` read
     through them, or the synthetic world made for the model."""
-    from . import demo
-
-    if args.model in demo.BUILTINS:
-        spec = demo.builtin_spec(args.model)
+    if args.model in zoo.BUILTINS:
+        spec = zoo.builtin_spec(args.model)
         if any(v is not None for v in (args.n_train, args.n_val, args.n_test, args.batch_size)):
             raise ConfigError("--n-train/--n-val/--n-test/--batch-size cannot change a built-in model's data "
                               "(its dense weights are trained on it); pass a model directory instead")
-        dense = demo.builtin_dense(spec, args.seed, device, None if args.no_cache else args.cache, task,
-                                   progress=not args.quiet)
+        dense = zoo.builtin_dense(spec, args.seed, device, None if args.no_cache else args.cache, task,
+                                  progress=not args.quiet)
         return {"model": dense.model, "tokenizer": dense.tokenizer, "image_processor": dense.image_processor,
                 "data": dense.data, "spec": spec, "source": dense.source}
     path = Path(args.model)
     if not path.exists():
         raise ConfigError(f"--model {args.model}: no such directory, and not a built-in model "
-                          f"(built-ins: {', '.join(demo.BUILTINS)})")
+                          f"(built-ins: {', '.join(zoo.BUILTINS)})")
     from .recipe import RECIPE_FILE
 
     if (path / RECIPE_FILE).is_file():
         raise ConfigError(f"{path} is already pruned (it holds {RECIPE_FILE}); prune its dense model instead")
-    model = demo.load_dense_dir(path, device)
-    tokenizer = _load_tokenizer(path, model)
-    processor = demo.load_image_processor(path)
-    spec = demo.BUILTINS["demo-clip"]
+    model = load_dense_dir(path, device)
+    tokenizer = load_model_tokenizer(path, model)
+    processor = load_image_processor(path)
+    spec = zoo.BUILTINS["demo-clip"]
     batch = args.batch_size or spec.batch_size
     if source.kind == "karpathy":
         if processor is None:
             raise ConfigError(f"{path} holds no image processor (preprocessor_config.json), needed to read the "
                               f"images of --data {args.data}")
-        data = _karpathy_data(source, tokenizer, processor, batch, spec.eval_batch_size, args.seed, not args.quiet)
+        data = karpathy_data(source, tokenizer, processor, batch, spec.eval_batch_size, args.seed, not args.quiet)
         loaders = data.loaders
         longest = max([loaders.train.data.input_ids.shape[1]]
                       + [b["input_ids"].shape[1] for b in loaders.val + loaders.test])
-        _check_fit(model, loaders.val[0], longest, str(source.json))
+        check_fit(model, loaders.val[0], longest, str(source.json))
     else:
-        mean, std = demo.processor_stats(processor)
+        mean, std = processor_stats(processor)
         image_size = int(model.config.vision_config.image_size)
-        data = demo.synthetic_data(
+        data = zoo.synthetic_data(
             tokenizer, image_size, spec.max_objects, args.seed, args.n_train or spec.n_train,
             args.n_val or spec.n_val, args.n_test or spec.n_test, batch, spec.eval_batch_size, mean, std)
         if processor is None:
             processor = data.world.image_processor()
-            _say(f"{path} has no image processor: using the synthetic world's normalisation "
-                 f"(mean {data.world.image_mean}, std {data.world.image_std}) and saving it with the pruned model")
+            say(f"{path} has no image processor: using the synthetic world's normalisation "
+                f"(mean {data.world.image_mean}, std {data.world.image_std}) and saving it with the pruned model")
     return {"model": model, "tokenizer": tokenizer, "image_processor": processor, "data": data, "spec": spec,
             "source": str(path)}
 
@@ -395,14 +251,12 @@ def _check_checkpoint_dir(args: argparse.Namespace, out: Path, ckpt: Path) -> No
         raise OutputError(f"--checkpoint-dir {ckpt} holds the checkpoint of an earlier search: pass --resume to "
                           "continue it, or --overwrite to start over")
     if args.resume and not found:
-        _say(f"--resume: no search checkpoint in {ckpt}; starting a new search")
+        say(f"--resume: no search checkpoint in {ckpt}; starting a new search")
 
 
 def _model_dirs(args: argparse.Namespace) -> list[str]:
     """The model directory as a list (empty for a built-in model)."""
-    from . import demo
-
-    return [] if args.model in demo.BUILTINS else [args.model]
+    return [] if args.model in zoo.BUILTINS else [args.model]
 
 
 def _write_run(out: Path, args: argparse.Namespace, result: Any, src: dict, report: dict) -> dict[float, Path]:
@@ -410,7 +264,6 @@ def _write_run(out: Path, args: argparse.Namespace, result: Any, src: dict, repo
     the final directory of every snapshot."""
     import comp_vlm
 
-    from . import demo
     from .io import write_pruned_files
 
     final = max(result.snapshots)
@@ -422,7 +275,7 @@ def _write_run(out: Path, args: argparse.Namespace, result: Any, src: dict, repo
         for r, (m, recipe) in sorted(result.snapshots.items()):
             if r != final:
                 comp_vlm.save_pruned(m, tmp / dirs[r].relative_to(out), recipe=recipe, **extras)
-        demo.write_jsonl(tmp / "stages.jsonl", result.stage_log)
+        write_jsonl(tmp / "stages.jsonl", result.stage_log)
         for r, entry in report["snapshots"].items():
             entry["dir"] = str(dirs[float(r)])
         (tmp / "report.json").write_text(json.dumps(report, indent=1, default=str))
@@ -435,39 +288,35 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from . import checkpoint
 
     device = _setup(args)
-    source = _check_data(args.data)
-    from . import demo
-
-    spec = demo.BUILTINS.get(args.model, demo.BUILTINS["demo-clip"])
-    task = _check_task(args.task, args.gallery_size, _check_prune_data(args, source, spec))
+    source = check_data(args.data)
+    spec = zoo.BUILTINS.get(args.model, zoo.BUILTINS["demo-clip"])
+    task = check_task(args.task, args.gallery_size, _check_prune_data(args, source, spec))
     snapshots = tuple(s for s in (args.snapshots or ()) if s != args.ratio)
     out = Path(args.out)
     _check_out(args, out)
     ckpt = Path(args.checkpoint_dir) if args.checkpoint_dir else out.with_name(out.name + ".ckpt")
     _check_checkpoint_dir(args, out, ckpt)
+    given = {"flops_step": args.flops_step, "stage_steps": args.stage_steps, "finetune_steps": args.finetune_steps,
+             "calibration_batches": args.calibration_batches, "lr": args.lr}  # the preset's unless given
     settings = {
         "ratio": args.ratio, "snapshots": snapshots, "strategy": args.strategy,
-        "flops_step": args.flops_step if args.flops_step is not None else spec.flops_step,
-        "stage_steps": args.stage_steps if args.stage_steps is not None else spec.stage_steps,
-        "finetune_steps": args.finetune_steps if args.finetune_steps is not None else spec.finetune_steps,
-        "calibration_batches": (args.calibration_batches if args.calibration_batches is not None
-                             else spec.calibration_batches),
-        "lr": args.lr if args.lr is not None else spec.prune_lr, "distill": args.distill, "seed": args.seed,
+        **spec.prune_options(), **{k: v for k, v in given.items() if v is not None},
+        "distill": args.distill, "seed": args.seed,
         **{name: getattr(args, name) for name in SEARCH_OPTIONS},
         "checkpoint_dir": str(ckpt), "resume": args.resume, "progress": not args.quiet,
     }
     comp_vlm.PruneConfig(**settings)  # validate the options before loading or training anything
     src = _resolve_model(args, task, device, source)
     model, data = src["model"], src["data"]
-    length = args.text_length or round(_mean_text_length(data.loaders))
+    length = args.text_length or round(mean_text_length(data.loaders))
     reference = {"image_size": int(model.config.vision_config.image_size), "text_length": length}
     config = comp_vlm.PruneConfig(**settings, reference=reference)
-    _say(f"model: {src['source']} ({comp_vlm.count_params(model):,} params); data: {_describe_data(data.settings)}")
+    say(f"model: {src['source']} ({comp_vlm.count_params(model):,} params); data: {_describe_data(data.settings)}")
     dense_params = comp_vlm.count_params(model)
     dense_metrics = task.evaluate(model, data.loaders.test)
-    _say(f"dense test {task.primary_metric}: {dense_metrics[task.primary_metric]:.2f}")
-    _say(f"CoMP search ({args.strategy}) to ratio {args.ratio}; FLOPs reference {reference}; "
-         f"search checkpoints in {ckpt}" + (" (resuming)" if args.resume else ""))
+    say(f"dense test {task.primary_metric}: {dense_metrics[task.primary_metric]:.2f}")
+    say(f"CoMP search ({args.strategy}) to ratio {args.ratio}; FLOPs reference {reference}; "
+        f"search checkpoints in {ckpt}" + (" (resuming)" if args.resume else ""))
     result = comp_vlm.prune(model, task, data.loaders.train, data.loaders.val, config, test_data=data.loaders.test)
     extra = {"data": {**data.settings, "gallery_size": task.gallery_size or 0}, "dense_model": src["source"]}
     for r, (_, recipe) in result.snapshots.items():
@@ -506,115 +355,29 @@ def cmd_prune(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------------------------
 # eval
 # ---------------------------------------------------------------------------------------------------------------
-def _recorded_data(recorded: dict) -> DataSource:
-    """Without ``--data``: the data directory a pruned model was pruned on (recorded in its recipe), else the
-    synthetic world."""
-    if recorded.get("kind") == "karpathy":
-        _say(f"data: {recorded['json']}, as recorded with the model (--data to choose other data)")
-        return _check_data(recorded["json"], roles=("test",), what="the recorded data")
-    return DataSource("synthetic")
-
-
-def _eval_settings(args: argparse.Namespace, source: DataSource, model: Any, processor: Any,
-                   recorded: dict) -> dict:
-    """How the test split is made: a data directory's test split whole, or the synthetic test split of the
-    settings ``recorded`` with a pruned model (``--seed`` and ``--n-test`` override them)."""
-    from . import demo
-
-    spec = demo.BUILTINS["demo-clip"]
-    eval_batch_size = recorded.get("eval_batch_size", spec.eval_batch_size)
-    if source.kind == "karpathy":
-        if args.n_test is not None:
-            raise ConfigError("--n-test sizes the synthetic test split; the test split of a data directory is "
-                              "used whole")
-        if processor is None:
-            raise ConfigError(f"{args.model_dir} holds no image processor (preprocessor_config.json), needed to "
-                              f"read the images of {source.json}")
-        return {**source.record(), "n_test": source.pairs["test"], "eval_batch_size": eval_batch_size}
-    mean, std = demo.processor_stats(processor)
-    return {
-        "kind": "synthetic", "image_size": int(model.config.vision_config.image_size),
-        "max_objects": int(recorded.get("max_objects") or spec.max_objects),
-        "seed": args.seed if args.seed is not None else recorded.get("seed", 0),
-        "n_test": args.n_test if args.n_test is not None else recorded.get("n_test", spec.n_test),
-        "eval_batch_size": eval_batch_size,
-        "image_mean": mean or recorded.get("image_mean"), "image_std": std or recorded.get("image_std"),
-    }
-
-
-def _same_data(recorded: dict, source: DataSource) -> bool:
-    """Whether a model is evaluated on the data it was pruned on (so the settings recorded with it apply)."""
-    return recorded.get("kind", "synthetic") == source.kind and recorded.get("json") == source.record().get("json")
-
-
-def _eval_batches(settings: dict, model: Any, tokenizer: Any, processor: Any, progress: bool) -> list[dict]:
-    """The test batches ``settings`` describe."""
-    from . import demo
-
-    if settings["kind"] == "synthetic":
-        return demo.synthetic_test_split(tokenizer, settings)
-    from .data.karpathy import karpathy_batches
-
-    test = karpathy_batches(settings["json"], KARPATHY_ROLES["test"][0], tokenizer, processor,
-                            settings["eval_batch_size"], progress=progress)
-    _check_fit(model, test[0], max(b["input_ids"].shape[1] for b in test), settings["json"])
-    return test
-
-
 def cmd_eval(args: argparse.Namespace) -> int:
-    import comp_vlm
-
-    from . import demo
-    from .recipe import RECIPE_FILE
+    from .api import evaluate_dir
 
     device = _setup(args)
-    _check_task(args.task)
-    source = _check_data(args.data, roles=("test",)) if args.data is not None else None
     _check_json_path("--json", args.json)
-    path = Path(args.model_dir)
-    model = demo.load_clip_dir(path, device)
-    recipe = comp_vlm.read_recipe(path) if (path / RECIPE_FILE).is_file() else None
-    tokenizer = _load_tokenizer(path, model)
-    processor = demo.load_image_processor(path)
-    recorded = dict((recipe.extra.get("data") or {}) if recipe else {})
-    source = source or _recorded_data(recorded)
-    if not _same_data(recorded, source):
-        recorded = {}
-    settings = _eval_settings(args, source, model, processor, recorded)
-    gallery = args.gallery_size if args.gallery_size is not None else recorded.get("gallery_size")
-    task = _check_task(args.task, gallery, settings["n_test"])
-    test = _eval_batches(settings, model, tokenizer, processor, progress=not args.quiet)
-    t0 = time.perf_counter()
-    metrics = task.evaluate(model, test)
-    seconds = time.perf_counter() - t0
-    if recipe is not None:
-        reference = dict(recipe.reference)
-    else:  # a plain transformers model: count what it computes (no dead-compute option), at the test texts' length
-        from .adapters.base import AdapterOptions
-
-        comp_vlm.get_adapter(model).install(AdapterOptions(dead_compute=False))
-        lengths = [int(b["attention_mask"].sum()) / len(b["attention_mask"]) for b in test]
-        reference = {"image_size": int(model.config.vision_config.image_size),
-                     "text_length": round(sum(lengths) / len(lengths))}
-    flops = comp_vlm.count_flops(model, reference)
-    dense_flops = recipe.dense_flops if recipe else flops
-    result = {"model": str(path), "task": args.task, "data": settings, "split": "test", "n": settings["n_test"],
-              "gallery_size": task.gallery_size or settings["n_test"],
-              "seed": settings.get("seed"), "metrics": metrics, "flops": flops, "dense_flops": dense_flops,
-              "flops_kept": flops / dense_flops, "params": comp_vlm.count_params(model), "reference": reference,
-              "eval_seconds": seconds}
-    print(f"{path}: {'pruned (' + format(1 - flops / dense_flops, '.0%') + ' FLOPs removed)' if recipe else 'dense'}, "
-          f"{result['params']:,} params, {flops / 1e9:.4f} GFLOPs per sample at {reference}")
-    galleries = f"galleries of {task.gallery_size}" if task.gallery_size else "one gallery"
+    result = evaluate_dir(args.model_dir, data=args.data, task=args.task, gallery_size=args.gallery_size,
+                          n_test=args.n_test, seed=args.seed, device=device, progress=not args.quiet)
+    flops, dense_flops, settings = result["flops"], result["dense_flops"], result["data"]
+    kind = "pruned (" + format(1 - flops / dense_flops, ".0%") + " FLOPs removed)" if result["pruned"] else "dense"
+    print(f"{result['model']}: {kind}, {result['params']:,} params, {flops / 1e9:.4f} GFLOPs per sample at "
+          f"{result['reference']}")
+    galleries = "one gallery" if result["one_gallery"] else f"galleries of {result['gallery_size']}"
     if settings["kind"] == "synthetic":
         print(f"synthetic test split: {settings['n_test']} pairs ({galleries}), seed {settings['seed']}")
     else:
-        images = len({i for b in test for i in b["image_ids"]})
-        print(f"{settings['json']} test split: {settings['n_test']} captions of {images} image{'s' * (images != 1)} ({galleries})")
-    for k in [task.primary_metric] + [k for k in metrics if k != task.primary_metric]:
+        images = result["images"]
+        print(f"{settings['json']} test split: {settings['n_test']} captions of {images} image{'s' * (images != 1)} "
+              f"({galleries})")
+    metrics, key = result["metrics"], result["primary_metric"]
+    for k in [key] + [k for k in metrics if k != key]:
         print(f"  {k:10s} {metrics[k]:8.2f}")
     if args.json:
-        _write_json(args.json, result)
+        write_json(args.json, result)
         print(f"wrote {args.json}")
     return 0
 
@@ -622,88 +385,36 @@ def cmd_eval(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------------------------
 # bench
 # ---------------------------------------------------------------------------------------------------------------
-def _bench_inputs(model: Any, batch: int, length: int, seed: int = 0) -> dict:
-    import torch
-
-    cfg = model.config
-    g = torch.Generator().manual_seed(seed)
-    size = int(cfg.vision_config.image_size)
-    pixels = torch.randn(batch, 3, size, size, generator=g)
-    tc = cfg.text_config
-    bos, eos = int(tc.bos_token_id), int(tc.eos_token_id)
-    special = {bos, eos, int(tc.pad_token_id) if tc.pad_token_id is not None else -1}
-    words = torch.tensor([i for i in range(tc.vocab_size) if i not in special])
-    ids = words[torch.randint(len(words), (batch, max(length, 2)), generator=g)]
-    ids[:, 0], ids[:, -1] = bos, eos
-    return {"pixel_values": pixels, "input_ids": ids, "attention_mask": torch.ones_like(ids)}
-
-
-def cmd_bench(args: argparse.Namespace) -> int:
-    import comp_vlm
-
-    from . import demo
-    from .adapters.base import get_adapter, options_from_recipe
-
-    device = _setup(args)
-    _check_json_path("--json", args.json)
-    path = Path(args.model_dir)
-    pruned = demo.load_clip_dir(path, device)
-    recipe = comp_vlm.read_recipe(path)
-    if args.dense:
-        dense = demo.load_clip_dir(Path(args.dense), device)
-        dense_source = args.dense
-        from .adapters.base import config_hash
-
-        if config_hash(dense.config) != recipe.base_config_hash:
-            raise ConfigError(f"--dense {args.dense} is not the architecture {path} was pruned from "
-                              "(base-config hash differs)")
-    else:
-        from transformers import CLIPModel
-
-        dense = CLIPModel._from_config(pruned.config, attn_implementation="sdpa").to(device).eval()
-        dense_source = "dense architecture from the pruned model's base config (random weights: speed and FLOPs " \
-                       "do not depend on the weights)"
-    # the dense reference runs with the recipe's options (e.g. CLIP's dead compute), as its FLOPs are counted
-    get_adapter(dense).install(options_from_recipe(recipe.options))
-    max_len = int(pruned.config.text_config.max_position_embeddings)
-    ref_len = int(recipe.reference.get("text_length", 16))
-    lengths = args.text_lengths or tuple(sorted({min(ref_len, max_len), min(2 * ref_len, max_len)}))
-    if max(lengths) > max_len:
-        raise ConfigError(f"text length {max(lengths)} exceeds the model's max_position_embeddings ({max_len})")
-    image_size = int(pruned.config.vision_config.image_size)
-    results = []
+def _bench_table(results: list[dict]) -> list[str]:
+    """The lines of ``comp-vlm bench``'s table: dense and pruned at every batch size and text length."""
     header = (f"{'batch':>5s}{'text len':>9s}  {'model':8s}{'GFLOPs/sample':>14s}{'latency ms':>12s}"
               f"{'samples/s':>11s}{'speed-up':>10s}")
     lines = [header, "-" * len(header)]
-    for b in args.batch_sizes:
-        for length in lengths:
-            inputs = _bench_inputs(pruned, b, length, seed=args.seed)
-            ref = {"image_size": image_size, "text_length": length}
-            row = {"batch": b, "text_length": length}
-            times = demo.interleaved_latency_ms([dense, pruned], inputs, args.repeats, args.warmup)
-            for name, m, ms in (("dense", dense, times[0]), ("pruned", pruned, times[1])):
-                row[name] = {"latency_ms": ms, "throughput": b / ms * 1e3, "flops": comp_vlm.count_flops(m, ref)}
-            row["speedup"] = row["dense"]["latency_ms"] / row["pruned"]["latency_ms"]
-            results.append(row)
-            for name in ("dense", "pruned"):
-                r = row[name]
-                sp = f"{row['speedup']:9.2f}x" if name == "pruned" else f"{'':10s}"
-                lines.append(f"{b:5d}{length:9d}  {name:8s}{r['flops'] / 1e9:14.4f}{r['latency_ms']:12.2f}"
-                             f"{r['throughput']:11.1f}{sp}")
-    import torch
+    for row in results:
+        for name in ("dense", "pruned"):
+            r = row[name]
+            sp = f"{row['speedup']:9.2f}x" if name == "pruned" else f"{'':10s}"
+            lines.append(f"{row['batch']:5d}{row['text_length']:9d}  {name:8s}{r['flops'] / 1e9:14.4f}"
+                         f"{r['latency_ms']:12.2f}{r['throughput']:11.1f}{sp}")
+    return lines
 
-    print(f"pruned: {path} ({comp_vlm.count_params(pruned):,} params, {recipe.flops_kept:.1%} of dense FLOPs at "
-          f"{recipe.reference})")
-    print(f"dense:  {dense_source} ({comp_vlm.count_params(dense):,} params)")
-    print(f"one forward of image + text (both towers), median of {args.repeats} interleaved runs after {args.warmup} "
-          "warm-up; "
-          f"{device}, {torch.get_num_threads()} thread(s); dense runs with the pruned model's options "
-          f"({recipe.options})")
-    print("\n".join(lines))
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .api import bench_dir
+
+    device = _setup(args)
+    _check_json_path("--json", args.json)
+    out = bench_dir(args.model_dir, dense=args.dense, batch_sizes=args.batch_sizes, text_lengths=args.text_lengths,
+                    repeats=args.repeats, warmup=args.warmup, seed=args.seed, device=device)
+    print(f"pruned: {out['pruned']} ({out['pruned_params']:,} params, {out['flops_kept']:.1%} of dense FLOPs at "
+          f"{out['reference']})")
+    print(f"dense:  {out['dense']} ({out['dense_params']:,} params)")
+    print(f"one forward of image + text (both towers), median of {out['repeats']} interleaved runs after "
+          f"{out['warmup']} warm-up; {device}, {out['threads']} thread(s); dense runs with the pruned model's options "
+          f"({out['options']})")
+    print("\n".join(_bench_table(out["results"])))
     if args.json:
-        out = {"pruned": str(path), "dense": dense_source, "device": device, "threads": torch.get_num_threads(),
-               "repeats": args.repeats, "warmup": args.warmup, "image_size": image_size, "results": results}
-        _write_json(args.json, out)
+        write_json(args.json, out)
         print(f"wrote {args.json}")
     return 0
 
@@ -784,10 +495,9 @@ def _search_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .demo import BUILTINS
     from .engine import STRATEGIES
 
-    d = BUILTINS["demo-clip"]
+    d = zoo.BUILTINS["demo-clip"]
 
     parser = _Parser(
         prog="comp-vlm",
@@ -827,7 +537,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "recipe, tokenizer, image processor) plus a stage log and a report.")
     prune.add_argument("--model", required=True, metavar="DIR_OR_BUILTIN",
                        help="a local transformers CLIPModel directory (with its tokenizer), or a built-in model "
-                            f"({', '.join(BUILTINS)}: trained on the synthetic world, cached)")
+                            f"({', '.join(zoo.BUILTINS)}: trained on the synthetic world, cached)")
     prune.add_argument("--task", default="retrieval", choices=TASKS, help="task (default: retrieval)")
     prune.add_argument("--data", default="synthetic", metavar="synthetic|DIR",
                        help="training/validation/test data: 'synthetic' (the built-in shapes world; default), or a "
@@ -927,8 +637,6 @@ class _GlobalState:
     def __enter__(self):
         import torch
 
-        from .demo import set_progress_lines
-
         self.progress_lines = set_progress_lines(True)
         logger = logging.getLogger("comp_vlm")
         self.logger = (logger.handlers[:], logger.level, logger.propagate)
@@ -943,8 +651,6 @@ class _GlobalState:
 
     def __exit__(self, *exc: object) -> None:
         import torch
-
-        from .demo import set_progress_lines
 
         set_progress_lines(self.progress_lines)
         logger = logging.getLogger("comp_vlm")

@@ -5,6 +5,7 @@ import torch
 from transformers import CLIPConfig, CLIPModel
 
 from comp_vlm.data.text import build_word_tokenizer
+from comp_vlm.zoo import clip_config
 
 # tiny models: one thread is fastest, and two threads collapse when the other core is busy (measured ~70x)
 torch.set_num_threads(1)
@@ -16,19 +17,11 @@ def tiny_clip_config(
     vision_layers: int = 3, text_layers: int = 3, heads: int = 4, hidden: int = 32, mlp: int = 48,
     image_size: int = 16, patch: int = 4, eos_token_id: int | None = None, vocab: int | None = None,
 ) -> CLIPConfig:
-    tok = build_word_tokenizer(WORDS)
-    vocab = vocab or len(tok)
-    text = dict(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=text_layers,
-        num_attention_heads=heads, max_position_embeddings=24, bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id if eos_token_id is None else eos_token_id, pad_token_id=tok.pad_token_id,
-    )
     # a non-square vision MLP and a different width than text: catches transposed slicing
-    vision = dict(
-        hidden_size=hidden + 8, intermediate_size=mlp + 16, num_hidden_layers=vision_layers,
-        num_attention_heads=heads, image_size=image_size, patch_size=patch,
-    )
-    return CLIPConfig(text_config=text, vision_config=vision, projection_dim=24)
+    return clip_config(build_word_tokenizer(WORDS), vision_hidden=hidden + 8, text_hidden=hidden, layers=vision_layers,
+                       text_layers=text_layers, heads=heads, vision_mlp=mlp + 16, text_mlp=mlp, projection_dim=24,
+                       image_size=image_size, patch_size=patch, max_positions=24, vocab_size=vocab or None,
+                       eos_token_id=eos_token_id)
 
 
 def make_clip(seed: int = 0, attn: str = "sdpa", **kw) -> CLIPModel:

@@ -197,13 +197,13 @@ def dense_dir(tmp_path_factory):
     """A dense model directory with the quick built-in's architecture, tokenizer and processor (random weights)."""
     from transformers import CLIPModel
 
-    from comp_vlm import demo
+    from comp_vlm import demo, zoo
 
-    spec = demo.BUILTINS["demo-clip-quick"]
-    world = demo.make_world(spec.image_size, spec.max_objects, 0)
-    tokenizer = demo.build_tokenizer(world, spec)
+    spec = zoo.BUILTINS["demo-clip-quick"]
+    world = zoo.make_world(spec.image_size, spec.max_objects, 0)
+    tokenizer = zoo.build_tokenizer(world, spec)
     torch.manual_seed(0)
-    model = CLIPModel._from_config(demo.build_config(spec, tokenizer))
+    model = CLIPModel._from_config(zoo.build_config(spec, tokenizer))
     return demo.save_dense_dir(model, tmp_path_factory.mktemp("dense") / "dense", tokenizer,
                                world.image_processor())
 

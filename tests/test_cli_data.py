@@ -17,6 +17,7 @@ from comp_vlm.cli import main
 from comp_vlm.data.karpathy import caption_vocabulary, karpathy_batches, read_karpathy
 from comp_vlm.data.processor import make_image_processor
 from comp_vlm.data.text import build_word_tokenizer
+from comp_vlm.loading import load_dense_dir
 from comp_vlm.tasks.retrieval import RetrievalTask
 
 COCO = Path(__file__).parent / "fixtures" / "coco_karpathy"
@@ -58,7 +59,7 @@ def test_prune_and_eval_on_a_karpathy_directory(clip_dir, tokenizer, tmp_path, c
     assert comp_vlm.read_recipe(out).extra["data"]["json"] == str(COCO_JSON)
     # the reported dense metrics are those of the test split
     test = karpathy_batches(COCO, "test", tokenizer, processor(), batch_size=64)
-    dense = RetrievalTask().evaluate(demo.load_dense_dir(clip_dir), test)
+    dense = RetrievalTask().evaluate(load_dense_dir(clip_dir), test)
     assert report["dense"]["metrics"]["r1_mean"] == pytest.approx(dense["r1_mean"])
 
     path = tmp_path / "eval.json"

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import torch
-from transformers import CLIPConfig, CLIPModel
+from transformers import CLIPModel
 
 from comp_vlm.data.synthetic import SyntheticWorld, make_retrieval_loaders
 from comp_vlm.data.text import build_word_tokenizer
 from comp_vlm.dense import DenseTraining, cached_dense, load_cached_weights, lr_at, save_cached_weights
 from comp_vlm.tasks import RetrievalTask
+from comp_vlm.zoo import clip_config
 
 
 def test_lr_schedule():
@@ -21,14 +22,8 @@ def tiny_setup():
     world = SyntheticWorld(image_size=16, seed=0)
     tok = build_word_tokenizer(world.vocabulary())
     data = make_retrieval_loaders(world, tok, 64, 32, 32, 16, seed=0)
-    cfg = CLIPConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=24, bos_token_id=tok.bos_token_id,
-                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=16, patch_size=4),
-        projection_dim=16,
-    )
+    cfg = clip_config(tok, vision_hidden=32, text_hidden=32, layers=2, heads=4, mlp_ratio=2, projection_dim=16,
+                      image_size=16, patch_size=4, max_positions=24)
     return cfg, data
 
 

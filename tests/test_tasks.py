@@ -6,12 +6,13 @@ import math
 
 import pytest
 import torch
-from transformers import CLIPConfig, CLIPModel
+from transformers import CLIPModel
 
 from comp_vlm.data.synthetic import COLOURS, PairData, SyntheticWorld, make_retrieval_loaders
 from comp_vlm.data.text import build_word_tokenizer
 from comp_vlm.tasks.base import Task
 from comp_vlm.tasks.retrieval import RetrievalTask, batch_positives, contrastive_loss, retrieval_metrics
+from comp_vlm.zoo import clip_config
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -35,12 +36,8 @@ def tok(world):
 
 def tiny_clip(tok, seed: int = 0) -> CLIPModel:
     torch.manual_seed(seed)
-    text = {"vocab_size": len(tok), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-            "num_attention_heads": 4, "max_position_embeddings": 24, "bos_token_id": tok.bos_token_id,
-            "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
-    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-              "image_size": 16, "patch_size": 4}
-    cfg = CLIPConfig(text_config=text, vision_config=vision, projection_dim=32)
+    cfg = clip_config(tok, vision_hidden=32, text_hidden=32, layers=2, heads=4, mlp_ratio=2, projection_dim=32,
+                      image_size=16, patch_size=4, max_positions=24)
     return CLIPModel._from_config(cfg, attn_implementation="sdpa")
 
 

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import torch
-from transformers import CLIPConfig, CLIPModel
+from transformers import CLIPModel
 
 from comp_vlm import PruneConfig
 from comp_vlm.data.synthetic import SyntheticWorld, make_retrieval_loaders
 from comp_vlm.data.text import build_word_tokenizer
+from comp_vlm.zoo import clip_config
 
 REF = {"image_size": 16, "text_length": 10}
 
@@ -18,14 +19,8 @@ def tiny_setup(n_train: int = 96, n_val: int = 32, n_test: int = 32, batch_size:
     tok = build_word_tokenizer(world.vocabulary())
     loaders = make_retrieval_loaders(world, tok, n_train=n_train, n_val=n_val, n_test=n_test, batch_size=batch_size,
                                      seed=0)
-    cfg = CLIPConfig(
-        text_config={"vocab_size": len(tok), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3,
-                     "num_attention_heads": 4, "max_position_embeddings": 24, "bos_token_id": tok.bos_token_id,
-                     "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id},
-        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4,
-                       "image_size": 16, "patch_size": 4},
-        projection_dim=projection_dim,
-    )
+    cfg = clip_config(tok, vision_hidden=32, text_hidden=32, layers=3, heads=4, mlp_ratio=2,
+                      projection_dim=projection_dim, image_size=16, patch_size=4, max_positions=24)
     return cfg, tok, loaders
 
 

@@ -1,0 +1,212 @@
+"""User-facing functions behind the command line: :func:`prune` (the engine's), :func:`evaluate_dir` (``comp-vlm
+eval``) and :func:`bench_dir` (``comp-vlm bench``). Each returns plain data; printing is the caller's."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from .engine import prune
+from .errors import ConfigError
+from .loading import (
+    KARPATHY_ROLES,
+    DataSource,
+    check_data,
+    check_fit,
+    load_clip_dir,
+    load_image_processor,
+    load_model_tokenizer,
+    processor_stats,
+)
+from .report import say
+
+TASKS = ("retrieval",)
+DEFAULT_GALLERY = 100
+
+
+def check_task(task: str, gallery_size: int | None = 0, eval_pairs: int | None = None) -> Any:
+    """The task object; ``gallery_size`` 0 means one gallery of every evaluation pair, None the default (100, or
+    the whole split when it is smaller). ``eval_pairs``: the smallest split the task will evaluate (validation
+    or test), which must fill one gallery."""
+    from .tasks.retrieval import RetrievalTask
+
+    if task != "retrieval":
+        raise ConfigError(f"task {task!r} is not supported yet (supported: {', '.join(TASKS)})")
+    if gallery_size is None:
+        gallery_size = DEFAULT_GALLERY if eval_pairs is None or eval_pairs >= DEFAULT_GALLERY else 0
+    if gallery_size < 0 or gallery_size == 1:
+        raise ConfigError(f"--gallery-size must be 0 (whole split) or at least 2, got {gallery_size}")
+    if gallery_size and eval_pairs is not None and gallery_size > eval_pairs:
+        raise ConfigError(f"--gallery-size {gallery_size} exceeds the {eval_pairs} evaluation pairs of a split")
+    return RetrievalTask(gallery_size=gallery_size or None)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# evaluate
+# ---------------------------------------------------------------------------------------------------------------
+def _recorded_data(recorded: dict) -> DataSource:
+    """Without ``data``: the data directory a pruned model was pruned on (recorded in its recipe), else the
+    synthetic world."""
+    if recorded.get("kind") == "karpathy":
+        say(f"data: {recorded['json']}, as recorded with the model (--data to choose other data)")
+        return check_data(recorded["json"], roles=("test",), what="the recorded data")
+    return DataSource("synthetic")
+
+
+def _same_data(recorded: dict, source: DataSource) -> bool:
+    """Whether a model is evaluated on the data it was pruned on (so the settings recorded with it apply)."""
+    return recorded.get("kind", "synthetic") == source.kind and recorded.get("json") == source.record().get("json")
+
+
+def _eval_settings(path: Path, source: DataSource, model: Any, processor: Any, recorded: dict, n_test: int | None,
+                   seed: int | None) -> dict:
+    """How the test split is made: a data directory's test split whole, or the synthetic test split of the
+    settings ``recorded`` with a pruned model (``seed`` and ``n_test`` override them)."""
+    from .zoo import BUILTINS
+
+    spec = BUILTINS["demo-clip"]
+    eval_batch_size = recorded.get("eval_batch_size", spec.eval_batch_size)
+    if source.kind == "karpathy":
+        if n_test is not None:
+            raise ConfigError("--n-test sizes the synthetic test split; the test split of a data directory is "
+                              "used whole")
+        if processor is None:
+            raise ConfigError(f"{path} holds no image processor (preprocessor_config.json), needed to "
+                              f"read the images of {source.json}")
+        return {**source.record(), "n_test": source.pairs["test"], "eval_batch_size": eval_batch_size}
+    mean, std = processor_stats(processor)
+    return {
+        "kind": "synthetic", "image_size": int(model.config.vision_config.image_size),
+        "max_objects": int(recorded.get("max_objects") or spec.max_objects),
+        "seed": seed if seed is not None else recorded.get("seed", 0),
+        "n_test": n_test if n_test is not None else recorded.get("n_test", spec.n_test),
+        "eval_batch_size": eval_batch_size,
+        "image_mean": mean or recorded.get("image_mean"), "image_std": std or recorded.get("image_std"),
+    }
+
+
+def _eval_batches(settings: dict, model: Any, tokenizer: Any, processor: Any, progress: bool) -> list[dict]:
+    """The test batches ``settings`` describe."""
+    if settings["kind"] == "synthetic":
+        from .zoo import synthetic_test_split
+
+        return synthetic_test_split(tokenizer, settings)
+    from .data.karpathy import karpathy_batches
+
+    test = karpathy_batches(settings["json"], KARPATHY_ROLES["test"][0], tokenizer, processor,
+                            settings["eval_batch_size"], progress=progress)
+    check_fit(model, test[0], max(b["input_ids"].shape[1] for b in test), settings["json"])
+    return test
+
+
+def evaluate_dir(path: str | os.PathLike, data: str | None = None, task: str = "retrieval",
+                 gallery_size: int | None = None, n_test: int | None = None, seed: int | None = None,
+                 device: str = "cpu", progress: bool = True) -> dict[str, Any]:
+    """Task metrics of the model directory ``path`` (pruned, or a dense CLIPModel) on a test split, with its
+    analytic FLOPs and parameters. ``data``: 'synthetic' or a Karpathy-format directory (default: the data recorded
+    with a pruned model, else synthetic); ``gallery_size``, ``n_test`` and ``seed`` default to the recorded ones
+    when the data is the recorded data (0 galleries: one gallery of the whole split)."""
+    import comp_vlm
+
+    from .recipe import RECIPE_FILE
+
+    check_task(task)
+    source = check_data(data, roles=("test",)) if data is not None else None
+    path = Path(path)
+    model = load_clip_dir(path, device)
+    recipe = comp_vlm.read_recipe(path) if (path / RECIPE_FILE).is_file() else None
+    tokenizer = load_model_tokenizer(path, model)
+    processor = load_image_processor(path)
+    recorded = dict((recipe.extra.get("data") or {}) if recipe else {})
+    source = source or _recorded_data(recorded)
+    if not _same_data(recorded, source):
+        recorded = {}
+    settings = _eval_settings(path, source, model, processor, recorded, n_test, seed)
+    gallery = gallery_size if gallery_size is not None else recorded.get("gallery_size")
+    retrieval = check_task(task, gallery, settings["n_test"])
+    test = _eval_batches(settings, model, tokenizer, processor, progress=progress)
+    t0 = time.perf_counter()
+    metrics = retrieval.evaluate(model, test)
+    seconds = time.perf_counter() - t0
+    if recipe is not None:
+        reference = dict(recipe.reference)
+    else:  # a plain transformers model: count what it computes (no dead-compute option), at the test texts' length
+        from .adapters.base import AdapterOptions
+
+        comp_vlm.get_adapter(model).install(AdapterOptions(dead_compute=False))
+        lengths = [int(b["attention_mask"].sum()) / len(b["attention_mask"]) for b in test]
+        reference = {"image_size": int(model.config.vision_config.image_size),
+                     "text_length": round(sum(lengths) / len(lengths))}
+    flops = comp_vlm.count_flops(model, reference)
+    dense_flops = recipe.dense_flops if recipe else flops
+    images = len({i for b in test for i in b["image_ids"]}) if source.kind == "karpathy" else settings["n_test"]
+    return {"model": str(path), "pruned": recipe is not None, "task": task, "data": settings, "split": "test",
+            "n": settings["n_test"], "images": images, "gallery_size": retrieval.gallery_size or settings["n_test"],
+            "one_gallery": retrieval.gallery_size is None,
+            "seed": settings.get("seed"), "metrics": metrics, "primary_metric": retrieval.primary_metric,
+            "flops": flops, "dense_flops": dense_flops, "flops_kept": flops / dense_flops,
+            "params": comp_vlm.count_params(model), "reference": reference, "eval_seconds": seconds}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# bench
+# ---------------------------------------------------------------------------------------------------------------
+def bench_dir(path: str | os.PathLike, dense: str | os.PathLike | None = None, batch_sizes: tuple[int, ...] = (1, 8),
+              text_lengths: tuple[int, ...] | None = None, repeats: int = 9, warmup: int = 2, seed: int = 0,
+              device: str = "cpu") -> dict[str, Any]:
+    """Measured latency and throughput of the pruned model directory ``path`` against its dense model (the
+    directory ``dense``, or the dense architecture rebuilt from the pruned model's base config, random weights),
+    with analytic FLOPs, at every batch size and text length (default: the recipe's reference length and twice
+    it). Timing: median of ``repeats`` interleaved runs after ``warmup``."""
+    import torch
+
+    import comp_vlm
+
+    from .adapters.base import get_adapter, options_from_recipe
+    from .measure import bench_inputs, interleaved_latency_ms
+
+    path = Path(path)
+    pruned = load_clip_dir(path, device)
+    recipe = comp_vlm.read_recipe(path)
+    if dense:
+        dense_model = load_clip_dir(Path(dense), device)
+        dense_source = str(dense)
+        from .adapters.base import config_hash
+
+        if config_hash(dense_model.config) != recipe.base_config_hash:
+            raise ConfigError(f"--dense {dense} is not the architecture {path} was pruned from "
+                              "(base-config hash differs)")
+    else:
+        from transformers import CLIPModel
+
+        dense_model = CLIPModel._from_config(pruned.config, attn_implementation="sdpa").to(device).eval()
+        dense_source = "dense architecture from the pruned model's base config (random weights: speed and FLOPs " \
+                       "do not depend on the weights)"
+    # the dense reference runs with the recipe's options (e.g. CLIP's dead compute), as its FLOPs are counted
+    get_adapter(dense_model).install(options_from_recipe(recipe.options))
+    max_len = int(pruned.config.text_config.max_position_embeddings)
+    ref_len = int(recipe.reference.get("text_length", 16))
+    lengths = text_lengths or tuple(sorted({min(ref_len, max_len), min(2 * ref_len, max_len)}))
+    if max(lengths) > max_len:
+        raise ConfigError(f"text length {max(lengths)} exceeds the model's max_position_embeddings ({max_len})")
+    image_size = int(pruned.config.vision_config.image_size)
+    results = []
+    for b in batch_sizes:
+        for length in lengths:
+            inputs = bench_inputs(pruned, b, length, seed=seed)
+            ref = {"image_size": image_size, "text_length": length}
+            row: dict[str, Any] = {"batch": b, "text_length": length}
+            times = interleaved_latency_ms([dense_model, pruned], inputs, repeats, warmup)
+            for name, m, ms in (("dense", dense_model, times[0]), ("pruned", pruned, times[1])):
+                row[name] = {"latency_ms": ms, "throughput": b / ms * 1e3, "flops": comp_vlm.count_flops(m, ref)}
+            row["speedup"] = row["dense"]["latency_ms"] / row["pruned"]["latency_ms"]
+            results.append(row)
+    return {"pruned": str(path), "dense": dense_source, "device": device, "threads": torch.get_num_threads(),
+            "repeats": repeats, "warmup": warmup, "image_size": image_size, "results": results,
+            "pruned_params": comp_vlm.count_params(pruned), "dense_params": comp_vlm.count_params(dense_model),
+            "flops_kept": recipe.flops_kept, "reference": recipe.reference, "options": recipe.options}
+
+
+__all__ = ["bench_dir", "check_task", "evaluate_dir", "prune"]

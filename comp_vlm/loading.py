@@ -1,0 +1,196 @@
+"""Loading what a user names: model directories (a comp-vlm pruned model or a transformers CLIPModel, safetensors
+only, never a pickle), their tokenizers and image processors, and retrieval data (``--data``: the built-in
+synthetic world or a Karpathy-format directory), each refused with a one-line error before any work when unfit."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from torch import nn
+
+from . import outputs
+from .errors import CheckpointError, ConfigError
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# model directories
+# ---------------------------------------------------------------------------------------------------------------
+def load_clip_dir(path: str | os.PathLike, device: str = "cpu") -> nn.Module:
+    """A model directory: a comp-vlm pruned model (``comp_recipe.json``) or a plain transformers CLIPModel."""
+    from .io import load_pruned
+    from .recipe import RECIPE_FILE
+
+    p = Path(path)
+    if not p.is_dir():
+        raise CheckpointError(f"model directory {p} does not exist" + outputs.leftovers_note(p))
+    if (p / RECIPE_FILE).is_file():
+        return load_pruned(p, device=device)
+    return load_dense_dir(p, device)
+
+
+def load_dense_dir(path: Path, device: str = "cpu") -> nn.Module:
+    from transformers import AutoConfig, CLIPModel
+
+    from .errors import UnsupportedModelError
+
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"{path} holds no config.json: not a transformers model directory")
+    if not any((path / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json")):
+        pickles = ", ".join(sorted(p.name for p in path.glob("*.bin")))
+        raise CheckpointError(f"{path} holds no model.safetensors" + (f" (only {pickles})" if pickles else "")
+                              + ": comp-vlm loads safetensors weights only, never a pickle; convert it with "
+                              "transformers' save_pretrained(..., safe_serialization=True)")
+    try:
+        config = AutoConfig.from_pretrained(str(path))
+    except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}/config.json is unreadable: {str(exc).splitlines()[0]}") from None
+    if getattr(config, "model_type", None) != "clip":
+        raise UnsupportedModelError(
+            f"{path} holds a {getattr(config, 'model_type', '?')!r} model; comp-vlm prunes CLIPModel checkpoints")
+    from safetensors import SafetensorError
+
+    try:
+        model = CLIPModel.from_pretrained(str(path), attn_implementation="sdpa", use_safetensors=True)
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as exc:
+        raise CheckpointError(f"cannot load the model in {path}: {str(exc).strip().splitlines()[0]}") from None
+    return model.to(device).eval()
+
+
+def load_tokenizer(path: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path} holds no usable tokenizer (needed to tokenize captions): "
+                              f"{str(exc).strip().splitlines()[0]}") from None
+
+
+def load_model_tokenizer(path: Path, model: Any) -> Any:
+    """The tokenizer saved with the model in ``path``. Refused when there is none (transformers would build an
+    empty one) or when its ids run past the model's vocabulary."""
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise CheckpointError(f"{path} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}), needed to "
+                              "tokenize captions: save the model's tokenizer with it")
+    tokenizer = load_tokenizer(path)
+    vocab = int(model.config.text_config.vocab_size)
+    if len(tokenizer) > vocab:
+        raise ConfigError(f"the tokenizer in {path} has {len(tokenizer)} tokens, more than the model's vocabulary "
+                          f"({vocab}): not the model's tokenizer")
+    return tokenizer
+
+
+def load_image_processor(path: Path) -> Any | None:
+    from transformers import AutoImageProcessor
+
+    if not (path / "preprocessor_config.json").is_file():
+        return None
+    try:
+        return AutoImageProcessor.from_pretrained(str(path))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path}/preprocessor_config.json is unreadable: {str(exc).strip().splitlines()[0]}") \
+            from None
+
+
+def processor_stats(processor: Any) -> tuple[list[float] | None, list[float] | None]:
+    if processor is None:
+        return None, None
+    mean, std = getattr(processor, "image_mean", None), getattr(processor, "image_std", None)
+    if mean is None or std is None:
+        return None, None
+    return [float(v) for v in mean], [float(v) for v in std]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# data: the synthetic world or a Karpathy-format directory
+# ---------------------------------------------------------------------------------------------------------------
+#: the Karpathy splits each role reads: COCO's restval joins train for the search and fine-tuning
+KARPATHY_ROLES = {"train": ("train", "restval"), "val": ("val",), "test": ("test",)}
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """What ``--data`` names: the built-in synthetic world, or a Karpathy-format directory (COCO, Flickr30K): its
+    JSON file and the caption pairs of each role it was checked for (see :data:`KARPATHY_ROLES`)."""
+
+    kind: str  # "synthetic" or "karpathy"
+    dir: Path | None = None
+    json: Path | None = None
+    pairs: dict[str, int] = field(default_factory=dict)
+
+    def record(self) -> dict[str, Any]:
+        """How reports and recipes name the data."""
+        if self.kind == "synthetic":
+            return {"kind": "synthetic"}
+        return {"kind": "karpathy", "dir": str(self.dir), "json": str(self.json)}
+
+
+class LoadedData(NamedTuple):
+    """Retrieval loaders (``train``, ``val``, ``test``) and how they were made (recorded in the report and recipe);
+    :class:`comp_vlm.zoo.SyntheticData` has the same two fields."""
+
+    loaders: Any
+    settings: dict[str, Any]
+
+
+def check_data(data: str, roles: tuple[str, ...] = tuple(KARPATHY_ROLES), what: str = "--data") -> DataSource:
+    """The data ``data`` names. A directory (or file) must hold a Karpathy JSON whose ``roles`` all have captions;
+    the JSON is read here (not the images), so bad data is refused before any model is loaded."""
+    if data == "synthetic":
+        return DataSource("synthetic")
+    path = Path(data)
+    if not path.exists():
+        raise ConfigError(f"{what} {data}: no such directory (use --data synthetic for the built-in shapes world, "
+                          "or a directory holding a Karpathy-format dataset_*.json)")
+    from .data.files import require_nonempty
+    from .data.karpathy import find_karpathy_json, read_karpathy
+
+    found = find_karpathy_json(path).resolve()
+    images = read_karpathy(found, check_images=False)
+    pairs = {}
+    for role in roles:
+        chosen = [im for im in images if im.split in KARPATHY_ROLES[role]]
+        require_nonempty(chosen, found, "+".join(KARPATHY_ROLES[role]), "images")
+        pairs[role] = sum(len(im.captions) for im in chosen)
+    return DataSource("karpathy", found.parent, found, pairs)
+
+
+def karpathy_data(source: DataSource, tokenizer: Any, processor: Any, batch_size: int, eval_batch_size: int,
+                  seed: int, progress: bool) -> LoadedData:
+    """The retrieval loaders of a Karpathy directory, its images through ``processor``, its captions through
+    ``tokenizer``; the training batches are reshuffled every epoch from ``seed``."""
+    from .data.karpathy import karpathy_loaders
+
+    roles = KARPATHY_ROLES
+    loaders = karpathy_loaders(source.json, tokenizer, processor, batch_size, eval_batch_size=eval_batch_size,
+                               seed=seed, train_splits=roles["train"], val_split=roles["val"][0],
+                               test_split=roles["test"][0], progress=progress)
+    settings = {**source.record(), "splits": {r: list(s) for r, s in roles.items()},
+                **{f"n_{r}": source.pairs[r] for r in roles}, "batch_size": batch_size,
+                "eval_batch_size": eval_batch_size, "seed": seed}
+    return LoadedData(loaders, settings)
+
+
+def mean_text_length(loaders: Any) -> float:
+    """Mean unpadded caption length (tokens, BOS/EOS included) of the training texts: the FLOPs reference length."""
+    return float(loaders.train.data.attention_mask.sum(1).float().mean())
+
+
+def check_fit(model: Any, batch: dict, text_length: int, data: str) -> None:
+    """Refuse inputs ``model`` cannot take: images (``batch``'s) of another size than its own (the image
+    processor's crop), captions (up to ``text_length`` tokens) longer than its text positions."""
+    size = int(model.config.vision_config.image_size)
+    positions = int(model.config.text_config.max_position_embeddings)
+    shape = tuple(batch["pixel_values"].shape[-2:])
+    if shape != (size, size):
+        raise ConfigError(f"the image processor makes {shape[0]}x{shape[1]} images of {data}, but the model takes "
+                          f"{size}x{size}: save the model with its own image processor")
+    if text_length > positions:
+        raise ConfigError(f"the tokenizer makes captions of {text_length} tokens from {data}, but the model has "
+                          f"{positions} text positions: save the tokenizer with model_max_length={positions}")
