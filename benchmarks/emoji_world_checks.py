@@ -146,6 +146,18 @@ def load_data(world: Path, attempt: Attempt, settings: Settings) -> tuple[Any, R
     return tok, loaders, record
 
 
+def text_positions(tok: Any, world: Path) -> int:
+    """Text positions for every caption of the world, rounded up to a multiple of 8."""
+    images = read_karpathy(world / "karpathy")
+    return 8 * -(-max(len(tok(c)["input_ids"]) for im in images for c in im.captions) // 8)
+
+
+def world_data_id(record: dict) -> str:
+    """The dense cache's data id of a world: its config and sources (the same world, the same images)."""
+    world_id = json.dumps([record["config"], record["sources"]], sort_keys=True)
+    return f"emoji-world-{hashlib.sha256(world_id.encode()).hexdigest()[:12]}"
+
+
 def model_config(tok: Any, attempt: Attempt, canvas: int, max_positions: int, width_scale: float = 1.0) -> Any:
     width = int(attempt.width * width_scale)
     return clip_config(tok, vision_hidden=width, text_hidden=width, layers=attempt.layers, heads=attempt.heads,
@@ -176,12 +188,10 @@ def run_attempt(attempt: Attempt, world: Path, settings: Settings, cache: Path, 
     tok, loaders, record = load_data(world, attempt, settings)
     task = RetrievalTask(gallery_size=settings.gallery_size)
     canvas = record["config"]["canvas"]
-    images = read_karpathy(world / "karpathy")
-    max_positions = 8 * -(-max(len(tok(c)["input_ids"]) for im in images for c in im.captions) // 8)
+    max_positions = text_positions(tok, world)
     training = DenseTraining(steps=attempt.steps, lr=attempt.lr, warmup=settings.warmup,
                              weight_decay=settings.weight_decay)
-    world_id = json.dumps([record["config"], record["sources"]], sort_keys=True)  # the same world, the same images
-    data_id = f"emoji-world-{hashlib.sha256(world_id.encode()).hexdigest()[:12]}"
+    data_id = world_data_id(record)
 
     def dense(width_scale: float) -> tuple[torch.nn.Module, dict, float]:
         loaders.train.load_state_dict({"epoch": 0, "position": 0})

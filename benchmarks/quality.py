@@ -49,6 +49,7 @@ from comp_vlm.dense import cache_key
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import downsample
+import emoji_bench
 from bench_world import FULL, SMOKE, Bench, BenchSettings, make_bench
 
 MAIN = ("comp", "param-only", "token-only", "sjp", "cycle", "random-mode")
@@ -833,7 +834,10 @@ def strategy_floors(bench: Bench, dense: torch.nn.Module, arms: list[str], base:
     for arm in arms:
         config = dataclasses.replace(arm_config(base, arm, 0), ratio=0.01, snapshots=(),
                                      reference={"text_length": length})
-        floors[arm] = comp_vlm.Pruner(copy.deepcopy(dense), bench.task, bench.data.val[:1], config).floor_flops()
+        try:
+            floors[arm] = comp_vlm.Pruner(copy.deepcopy(dense), bench.task, bench.data.val[:1], config).floor_flops()
+        except comp_vlm.ConfigError:  # no usable mode on this model (e.g. no token site): it can remove nothing
+            floors[arm] = 1.0
     return floors
 
 
@@ -973,7 +977,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tag", default="", help="record into quality-TAG.* (e.g. a K=50 investigation)")
     parser.add_argument("--out", default=None)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--world", choices=("synthetic", "emoji"), default="synthetic",
+                        help="synthetic: the built-in benchmark world; emoji: a written emoji world (make emoji-world) "
+                             "with the model of its calibration (benchmarks/emoji_world_checks.py); records go to "
+                             "quality-emoji.* unless --tag says otherwise")
+    parser.add_argument("--emoji-dir", default="data/emoji-world", help="the emoji world's folder")
+    parser.add_argument("--attempt", default=None,
+                        help="the calibration attempt whose model the emoji world uses (default: the first passed)")
     args = parser.parse_args(argv)
+    if args.world == "emoji" and not args.tag:
+        args.tag = "emoji"
     torch.set_num_threads(args.threads)
     out = Path(args.out or ("/tmp/comp_quality_smoke" if args.smoke else "benchmarks/results"))
     stem = f"quality-{args.tag}" if args.tag else "quality"
@@ -982,7 +995,12 @@ def main(argv: list[str] | None = None) -> int:
         report(load_records(results), load_stages(stages_path), out, stem)
         print(f"wrote {out / (stem + '.md')}" if results.is_file() else f"no records in {results}")
         return 0
-    bench = make_bench(args.smoke, **({"stage_steps": args.stage_steps} if args.stage_steps else {}))
+    overrides = {"stage_steps": args.stage_steps} if args.stage_steps else {}
+    try:
+        bench = (emoji_bench.make_emoji_bench(Path(args.emoji_dir), args.attempt, args.smoke, **overrides)
+                 if args.world == "emoji" else make_bench(args.smoke, **overrides))
+    except emoji_bench.CalibrationMissing as exc:
+        raise SystemExit(f"quality.py: {exc}") from None
     ratios = [float(r) for r in args.ratios.split(",")]
     strategies = args.strategies.split(",")
     progress = not args.smoke

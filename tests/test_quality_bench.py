@@ -4,6 +4,7 @@ legacy records, the FLOPs-went-where sums and the repeat commands. Pure function
 from __future__ import annotations
 
 import dataclasses
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -305,3 +306,20 @@ def test_git_state_flags_changed_code_but_not_results(tmp_path):
     (tmp_path / "comp_vlm/engine.py").write_text("v2\n")
     assert q.git_state(tmp_path) == (head, True)
     assert q.git_state(tmp_path.parent / "not-a-repo") == (None, None)
+
+
+def test_emoji_bench_takes_the_first_passed_calibration(tmp_path):
+    import emoji_bench
+    import emoji_world_checks as checks
+
+    path = tmp_path / "checks.json"
+    with pytest.raises(emoji_bench.CalibrationMissing, match="no passed calibration"):
+        emoji_bench.calibrated_attempt(path, None)
+    first, second = checks.ATTEMPTS[0], checks.ATTEMPTS[1]
+    path.write_text(json.dumps({"attempts": [
+        {"name": first.name, "passed": False, "attempt": dataclasses.asdict(first)},
+        {"name": second.name, "passed": True, "attempt": dataclasses.asdict(second)}]}))
+    assert emoji_bench.calibrated_attempt(path, None) == second
+    assert emoji_bench.calibrated_attempt(path, first.name) == first  # named: taken even if it failed
+    with pytest.raises(emoji_bench.CalibrationMissing, match="no calibration attempt 'nope'"):
+        emoji_bench.calibrated_attempt(path, "nope")
