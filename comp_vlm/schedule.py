@@ -296,7 +296,8 @@ class MultiModeScheduler:
         elif untried:
             mode, how = untried[0], "warmup"
         elif self.spec.use_re and self._rng.random() < self.config.rho:
-            probs = exploration_probabilities([t - self.last_run[m] for m in cands], self.config.tau)
+            # I_m = T - T_m (Eq. 9); a mode that never ran (its cost seen by observe(), as under the probe) has T_m = 0
+            probs = exploration_probabilities([t - (self.last_run[m] or 0) for m in cands], self.config.tau)
             mode, how = cands[_sample_index(self._rng, probs)], "random"
         else:
             mode, how = min(cands, key=lambda m: self.costs[m]), "greedy"  # min keeps the first on ties

@@ -243,6 +243,16 @@ def test_probe_feeds_every_live_mode_cost_before_the_choice(setup):
         assert r["b_removed"] is not None
 
 
+def test_exploration_after_probe_costs_counts_never_run_modes_from_the_start():
+    """Under the probe every mode has a cost before it ever ran; random exploration (Eq. 9) then takes I_m = T for
+    those modes (it crashed on their missing T_m)."""
+    sched = MultiModeScheduler(["P_v", "T_v", "P_l"], MPSConfig(rho=1.0), seed=0)
+    for m, c in (("P_v", 3.0), ("T_v", 1.0), ("P_l", 2.0)):
+        sched.observe(m, c)
+    m = sched.choose()
+    assert sched.history[-1]["how"] == "random" and m in ("P_v", "T_v", "P_l")
+
+
 def test_observe_applies_history():
     sched = MultiModeScheduler(["P_v", "T_v"], MPSConfig(), seed=0)
     assert sched.observe("P_v", 3.0) == 3.0 and sched.observe("T_v", 1.0) == 1.0
