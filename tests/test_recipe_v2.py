@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,6 +16,7 @@ from transformers import CLIPConfig, CLIPModel
 
 import comp_vlm
 from comp_vlm import Recipe, RecipeError, get_adapter, load_pruned, read_recipe, save_pruned
+from comp_vlm.adapters.base import options_from_recipe
 from comp_vlm.recipe import RECIPE_FILE, RECIPE_FORMAT_VERSION, TOKEN_POOL, LayerRecipe, migrate_v1
 
 V1_DIR = Path(__file__).parent / "fixtures" / "v1_pruned_clip"
@@ -86,19 +88,24 @@ def test_v1_fixture_recipe_migrates_field_by_field():
 
 def test_v1_fixture_round_trips_as_v2(tmp_path):
     model = load_pruned(V1_MODEL)
-    assert get_adapter(model).recipe() == read_recipe(V1_MODEL)
+    v1 = read_recipe(V1_MODEL)
+    # options written before a newer adapter option existed read as its default (options_from_recipe)
+    assert options_from_recipe(v1.options) == get_adapter(model).options
+    assert dataclasses.replace(get_adapter(model).recipe(), options=v1.options) == v1
     saved = save_pruned(model, tmp_path / "m")
     doc = json.loads((saved / RECIPE_FILE).read_text())
     assert doc["format_version"] == RECIPE_FORMAT_VERSION
     assert all(set(lay) == {"units", "keep_ratios"} for layers in doc["towers"].values() for lay in layers)
-    assert read_recipe(saved) == read_recipe(V1_MODEL)
+    assert dataclasses.replace(read_recipe(saved), options=v1.options) == v1
     assert_reference_outputs(load_pruned(saved))
 
 
 def test_v1_recipe_applies_to_a_dense_model():
     model = v1_dense()
-    comp_vlm.apply_recipe(model, read_recipe(V1_MODEL))
-    assert get_adapter(model).recipe() == read_recipe(V1_MODEL)
+    v1 = read_recipe(V1_MODEL)
+    comp_vlm.apply_recipe(model, v1)
+    assert dataclasses.replace(get_adapter(model).recipe(), options=v1.options) == v1
+    assert options_from_recipe(v1.options) == get_adapter(model).options
 
 
 # ---- migrate_v1 on hand-written recipes --------------------------------------------------------------------------
