@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from comp_vlm import get_adapter
-from comp_vlm.budget import nominal_search_steps
+from comp_vlm.search.budget import nominal_search_steps
 
 
 def resize_pixels(batch: dict, size: int) -> dict:

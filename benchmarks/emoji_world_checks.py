@@ -38,7 +38,7 @@ import torch
 from transformers import CLIPModel
 
 import comp_vlm
-import comp_vlm.engine
+import comp_vlm.training
 from comp_vlm.data.emoji_sources import SpriteFolder, load_concepts
 from comp_vlm.data.emoji_world import (
     WorldConfig,
@@ -204,7 +204,7 @@ def run_attempt(attempt: Attempt, world: Path, settings: Settings, cache: Path, 
 
     half, half_metrics, half_s = dense(0.5)
     full, full_metrics, full_s = dense(1.0)
-    length = comp_vlm.engine.training_text_length(loaders.train)
+    length = comp_vlm.training.training_text_length(loaders.train)
     flops = {t.name: tower_flops(t).total for t in comp_vlm.get_adapter(full).structure({"text_length": length})}
     patches = (canvas // attempt.patch) ** 2
     background = background_share(world, attempt.patch)

@@ -44,7 +44,7 @@ from typing import Any
 import torch
 
 import comp_vlm
-import comp_vlm.engine
+import comp_vlm.training
 from comp_vlm.dense import cache_key
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -830,7 +830,7 @@ def stage_record(identity: dict[str, Any], res: Any, dense: torch.nn.Module) -> 
 def strategy_floors(bench: Bench, dense: torch.nn.Module, arms: list[str], base: Any) -> dict[str, float]:
     """FLOPs fraction each arm keeps at its floors (all floors hit / one token per site)."""
     floors = {}
-    length = comp_vlm.engine.training_text_length(bench.train_order(0))  # the reference prune() uses
+    length = comp_vlm.training.training_text_length(bench.train_order(0))  # the reference prune() uses
     for arm in arms:
         config = dataclasses.replace(arm_config(base, arm, 0), ratio=0.01, snapshots=(),
                                      reference={"text_length": length})
@@ -874,17 +874,17 @@ def run_downsample(bench: Bench, dense: torch.nn.Module, dense_metric: float, co
     """The ``downsample`` arm (benchmarks/downsample.py): resolution for sjp's token share, fine-tuning at it, then
     param-only to the rest; ratios, FLOPs and steps against the full-resolution dense model."""
     t0 = time.perf_counter()
-    text_length = comp_vlm.engine.training_text_length(bench.train_order(config.seed))
+    text_length = comp_vlm.training.training_text_length(bench.train_order(config.seed))
     plan = downsample.plan(dense, ratios, config, text_length)
     print(downsample.downsample_steps_note(plan), flush=True)
-    comp_vlm.engine.seed_everything(config.seed)
+    comp_vlm.training.seed_everything(config.seed)
     model = downsample.at_resolution(dense, plan.image_size)
     train = downsample.ResizedBatches(bench.train_order(config.seed), plan.image_size)
     val = [downsample.resize_pixels(b, plan.image_size) for b in bench.data.val]
     test = [downsample.resize_pixels(b, plan.image_size) for b in bench.data.test]
     if plan.adapt_steps:
-        comp_vlm.engine.train_steps(model, bench.task, comp_vlm.engine.cycle_batches(train), plan.adapt_steps,
-                                    config, None, desc=f"{plan.image_size} px")
+        comp_vlm.training.train_steps(model, bench.task, comp_vlm.training.cycle_batches(train), plan.adapt_steps,
+                                      config, None, desc=f"{plan.image_size} px")
     model.eval()
     low = {r: v for r, v in plan.ratios.items() if v > 0}
     res = comp_vlm.prune(model, bench.task, train, val, downsample.param_config(config, plan), test_data=test) \
@@ -926,19 +926,11 @@ def run_dense_control(bench: Bench, dense: torch.nn.Module, dense_metric: float,
                       identity: dict[str, Any], search_steps: int) -> dict:
     """The dense model trained as a comp run of the suite trains (``config``, ``search_steps`` search steps, then
     the fine-tuning), same data order: how much of a pruned arm's number the training alone could explain. Uses
-    the engine's ``train_dense_control`` (same optimizer, lr schedule and distillation as the search) where it
-    exists, else constant-lr AdamW over the search and fine-tuning steps."""
+    :func:`comp_vlm.training.train_dense_control` (same optimizer, lr schedule and distillation as the search)."""
     t0 = time.perf_counter()
-    comp_vlm.engine.seed_everything(config.seed)
+    comp_vlm.training.seed_everything(config.seed)
     model = copy.deepcopy(dense)
-    train = getattr(comp_vlm.engine, "train_dense_control", None)
-    if train is not None:
-        trained = train(model, bench.task, bench.train_order(config.seed), config, search_steps)
-        model = trained if isinstance(trained, torch.nn.Module) else model
-    else:
-        teacher = copy.deepcopy(dense).eval().requires_grad_(False) if config.distill > 0 else None
-        comp_vlm.engine.train_steps(model, bench.task, comp_vlm.engine.cycle_batches(bench.train_order(config.seed)),
-                                    search_steps + config.finetune_steps, config, teacher)
+    comp_vlm.training.train_dense_control(model, bench.task, bench.train_order(config.seed), config, search_steps)
     metric = bench.task.evaluate(model, bench.data.test)["r1_mean"]
     return {"strategy": CONTROL, "ratio": 0.0, "seed": config.seed, "metric_name": "r1_mean", "metric": metric,
             "dense_metric": dense_metric, "flops_kept": 1.0, "reached": True,

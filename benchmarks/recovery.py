@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 
 import comp_vlm
-from comp_vlm.engine import train_dense_control
+from comp_vlm.search import budget
+from comp_vlm.training import train_dense_control
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_world import make_bench
@@ -55,7 +56,7 @@ def run(bench, dense, dense_metric: float, name: str, seed: int) -> dict:
     s = bench.settings
     config = comp_vlm.PruneConfig(ratio=RATIO, seed=seed, stage_steps=s.stage_steps, flops_step=s.flops_step,
                                   finetune_steps=s.finetune_steps, progress=False, **SETTINGS[name])
-    search_steps = comp_vlm.budget.nominal_search_steps(RATIO, s.flops_step, s.stage_steps)
+    search_steps = budget.nominal_search_steps(RATIO, s.flops_step, s.stage_steps)
     t0 = time.perf_counter()
     model = copy.deepcopy(dense)
     steps = train_dense_control(model, bench.task, bench.train_order(seed), config, search_steps)

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 import comp_vlm
-import comp_vlm.engine
+import comp_vlm.training
 from comp_vlm.adapters.runtime import attention_scores
 from comp_vlm.importance import normalize_scores
 
@@ -167,12 +167,12 @@ def r1_with(bench: Bench, model: torch.nn.Module, scorer: str, labels: list[torc
 def finetuned(bench: Bench, model: torch.nn.Module, scorer: str | None, steps: int, seed: int) -> torch.nn.Module:
     """``model`` trained ``steps`` steps (suite lr and data order of ``seed``) with its sites active, ranking
     vision tokens by ``scorer`` during training (None: a model without sites, trained as it is)."""
-    comp_vlm.engine.seed_everything(seed)
+    comp_vlm.training.seed_everything(seed)
     config = comp_vlm.PruneConfig(lr=bench.settings.prune_lr, progress=False)
     if scorer is not None:
         ScoringSwitch(scorer, seed=seed).install(model)
-    comp_vlm.engine.train_steps(model, bench.task, comp_vlm.engine.cycle_batches(bench.train_order(seed)),
-                                steps, config)
+    comp_vlm.training.train_steps(model, bench.task, comp_vlm.training.cycle_batches(bench.train_order(seed)),
+                                  steps, config)
     return model
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 import comp_vlm
+import comp_vlm.training
 from comp_vlm.flops import tower_flops
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     s = bench.settings
     half, half_metrics = bench.dense(width_scale=0.5, progress=not args.smoke)
     dense, dense_metrics = bench.dense(progress=not args.smoke)
-    length = comp_vlm.engine.training_text_length(bench.train_order(0))
+    length = comp_vlm.training.training_text_length(bench.train_order(0))
     towers = comp_vlm.get_adapter(dense).structure({"text_length": length})
     flops = {t.name: tower_flops(t).total for t in towers}
     total = sum(flops.values())

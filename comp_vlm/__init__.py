@@ -7,7 +7,6 @@ from torch import nn
 from . import adapters  # noqa: F401  (registers the adapters)
 from .adapters.base import AdapterOptions, ModelAdapter, get_adapter, register_adapter
 from .api import bench_dir, evaluate_dir
-from .engine import PruneConfig, Pruner, PruneResult, prune
 from .errors import (
     CheckpointError,
     CompVLMError,
@@ -20,6 +19,7 @@ from .errors import (
 )
 from .io import load_pruned, read_recipe, save_pruned
 from .recipe import Recipe
+from .search import PruneConfig, Pruner, PruneResult, prune
 
 __version__ = "0.1.0"
 

@@ -1,4 +1,4 @@
-"""User-facing functions behind the command line: :func:`prune` (the engine's), :func:`evaluate_dir` (``comp-vlm
+"""User-facing functions behind the command line: :func:`prune` (the search's), :func:`evaluate_dir` (``comp-vlm
 eval``) and :func:`bench_dir` (``comp-vlm bench``). Each returns plain data; printing is the caller's."""
 
 from __future__ import annotations
@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .engine import prune
 from .errors import ConfigError
 from .loading import (
     KARPATHY_ROLES,
@@ -21,6 +20,7 @@ from .loading import (
     processor_stats,
 )
 from .report import say
+from .search import prune
 
 TASKS = ("retrieval",)
 DEFAULT_GALLERY = 100

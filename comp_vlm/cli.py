@@ -449,13 +449,15 @@ SEARCH_OPTIONS = ("cost_measure", "selection", "token_plan", "token_max_cut", "t
 def _search_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of :data:`SEARCH_OPTIONS`: defaults from ``PruneConfig()``, choices from the engine's tables,
     ranges from :data:`comp_vlm.validation.RANGES` (checked by ``PruneConfig``)."""
-    from . import budget, engine, importance
+    from . import importance
     from .adapters.runtime import TOKEN_SCORERS
+    from .search import budget
+    from .search.config import COST_MEASURES, FINETUNE_BUDGETS, LR_SCHEDULES, WARMUP_ORDERS, PruneConfig
     from .validation import RANGES
 
-    default = engine.PruneConfig()
+    default = PruneConfig()
     specs: dict[str, tuple[Any, str]] = {
-        "cost_measure": (engine.COST_MEASURES, (
+        "cost_measure": (COST_MEASURES, (
             "MPS stage cost: validation loss after the stage's recovery training ('recovered'), right after the "
             "removal, before training ('immediate'), or 'probe': measure every live mode's immediate cost at every "
             "stage start, then choose")),
@@ -471,15 +473,15 @@ def _search_arguments(parser: argparse.ArgumentParser) -> None:
         "token_scorer": (tuple(TOKEN_SCORERS), (
             "how token sites rank tokens: attention (CIT, Eq. 6-7) or 'random' (uniform, seeded by --seed: the "
             "token-random baseline)")),
-        "warmup_order": (engine.WARMUP_ORDERS,
+        "warmup_order": (WARMUP_ORDERS,
                          "order in which MPS first tries each mode: a seeded permutation or the adapter's order"),
         "sliver_fraction": (float, (
             "a stage is enlarged rather than leave a remainder below this share of --flops-step before a snapshot; "
             "such a sliver's cost does not steer MPS")),
-        "lr_schedule": (engine.LR_SCHEDULES, "search learning rate: constant, or cosine decay to 0 over the search"),
-        "finetune_schedule": (engine.LR_SCHEDULES,
+        "lr_schedule": (LR_SCHEDULES, "search learning rate: constant, or cosine decay to 0 over the search"),
+        "finetune_schedule": (LR_SCHEDULES,
                               "fine-tuning learning rate: warm-up then cosine decay to 0, or constant"),
-        "finetune_budget": (engine.FINETUNE_BUDGETS, (
+        "finetune_budget": (FINETUNE_BUDGETS, (
             "fine-tuning steps per saved model: --finetune-steps each ('fixed'), or topped up so every saved model "
             "gets the same total of search and fine-tuning steps ('equal-total')")),
     }
@@ -495,7 +497,7 @@ def _search_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .engine import STRATEGIES
+    from .search import STRATEGIES
 
     d = zoo.BUILTINS["demo-clip"]
 

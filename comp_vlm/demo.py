@@ -65,8 +65,9 @@ def run_demo(out: str, ratio: float | None = None, seed: int = 0, device: str = 
              cache_dir: str | None = "cache", progress: bool = True) -> dict:
     """The offline demo end to end; returns the report dict (also written to ``out/report.json``)."""
     import comp_vlm
-    from comp_vlm.engine import bootstrap_se, train_dense_control
+    from comp_vlm.search import bootstrap_se
     from comp_vlm.tasks.retrieval import RetrievalTask
+    from comp_vlm.training import train_dense_control
 
     t_start = time.perf_counter()
     spec = BUILTINS["demo-clip-quick" if quick else "demo-clip"]

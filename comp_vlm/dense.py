@@ -50,7 +50,7 @@ def lr_at(step: int, training: DenseTraining) -> float:
 
 def train_dense(model: nn.Module, task: Any, train_data: Any, training: DenseTraining,
                 progress: bool = True) -> nn.Module:
-    from .engine import cycle_batches, seed_everything, training_loss
+    from .training import cycle_batches, seed_everything, training_loss
 
     seed_everything(training.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=training.lr, weight_decay=training.weight_decay)

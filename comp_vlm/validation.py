@@ -1,6 +1,6 @@
 """Type and range checks of configuration dataclasses, driven by their fields' annotations plus a small table.
 
-:func:`validate_prune_config` checks every field of a :class:`~comp_vlm.engine.PruneConfig` against its type
+:func:`validate_prune_config` checks every field of a :class:`~comp_vlm.search.PruneConfig` against its type
 annotation (so a new field is type-checked without touching this module), then the numeric ranges in
 :data:`RANGES` and the content checks in :data:`CONTENT`. Every failure is a :class:`ConfigError` naming the
 field. Rules that need the engine's own tables (strategy names, cost measures) stay in ``PruneConfig``.

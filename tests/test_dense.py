@@ -82,10 +82,10 @@ def test_cache_entry_that_does_not_fit_leaves_the_model_untouched(tmp_path, capl
 
 
 def test_progress_bar_ends_on_the_last_steps_loss(monkeypatch):
-    from comp_vlm import dense, engine
+    from comp_vlm import dense, training
 
     losses, shown = [], []
-    real = engine.training_loss
+    real = training.training_loss
 
     def recording(*args, **kwargs):
         loss = real(*args, **kwargs)
@@ -102,7 +102,7 @@ def test_progress_bar_ends_on_the_last_steps_loss(monkeypatch):
         def set_postfix(self, **kwargs):
             shown.append(kwargs["loss"])
 
-    monkeypatch.setattr(engine, "training_loss", recording)
+    monkeypatch.setattr(training, "training_loss", recording)
     monkeypatch.setattr(dense, "tqdm", Bar)
     cfg, data = tiny_setup()
     torch.manual_seed(0)

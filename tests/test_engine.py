@@ -180,9 +180,9 @@ def test_resume_after_interruption_gives_the_same_recipe(setup, tmp_path, monkey
                       quick(ratio=0.4, finetune_steps=0, checkpoint_dir=str(tmp_path / "a")))
     assert len(reference.stage_log) >= 3
 
-    from comp_vlm import engine
+    from comp_vlm.search import state
 
-    real_save = engine._save_search_checkpoint
+    real_save = state.save_search_checkpoint
     calls = {"n": 0}
 
     def save_then_die(*args, **kwargs):
@@ -191,12 +191,12 @@ def test_resume_after_interruption_gives_the_same_recipe(setup, tmp_path, monkey
         if calls["n"] == 3:  # calibration + 2 stages written, then the process "dies"
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(engine, "_save_search_checkpoint", save_then_die)
+    monkeypatch.setattr(state, "save_search_checkpoint", save_then_die)
     first = loaders()
     with pytest.raises(KeyboardInterrupt):
         prune(fresh(cfg), RetrievalTask(), first.train, first.val,
               quick(ratio=0.4, finetune_steps=0, checkpoint_dir=str(tmp_path / "b")))
-    monkeypatch.setattr(engine, "_save_search_checkpoint", real_save)
+    monkeypatch.setattr(state, "save_search_checkpoint", real_save)
     again = loaders()
     resumed = prune(fresh(cfg), RetrievalTask(), again.train, again.val,
                     quick(ratio=0.4, finetune_steps=0, checkpoint_dir=str(tmp_path / "b"), resume=True))
@@ -262,7 +262,7 @@ def test_nonfinite_training_loss_is_named(setup):
 
 def test_reference_text_length_is_the_mean_training_length(setup):
     cfg, _, loaders = setup
-    from comp_vlm.engine import training_text_length
+    from comp_vlm.training import training_text_length
 
     expected = training_text_length(loaders.train)
     state = loaders.train.state_dict()
@@ -278,7 +278,7 @@ def test_materialized_snapshot_equals_masked_search_model(setup):
     model = fresh(cfg)
     task = RetrievalTask()
     pruner = Pruner(model, task, loaders.val, quick(ratio=0.4, snapshots=(0.2,)))
-    from comp_vlm.engine import cycle_batches
+    from comp_vlm.training import cycle_batches
 
     pruner.calibrate(cycle_batches(loaders.train))
     batches = cycle_batches(loaders.train)

@@ -291,7 +291,7 @@ def test_git_state_flags_changed_code_but_not_results(tmp_path):
         subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
                        capture_output=True)
 
-    for name in ("comp_vlm/engine.py", "benchmarks/results/quality.json", "README.md"):
+    for name in ("comp_vlm/search/pruner.py", "benchmarks/results/quality.json", "README.md"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text("v1\n")
     git("init", "-q")
@@ -303,7 +303,7 @@ def test_git_state_flags_changed_code_but_not_results(tmp_path):
     (tmp_path / "README.md").write_text("v2\n")
     (tmp_path / "comp_vlm/new.py").write_text("untracked\n")
     assert q.git_state(tmp_path) == (head, False)
-    (tmp_path / "comp_vlm/engine.py").write_text("v2\n")
+    (tmp_path / "comp_vlm/search/pruner.py").write_text("v2\n")
     assert q.git_state(tmp_path) == (head, True)
     assert q.git_state(tmp_path.parent / "not-a-repo") == (None, None)
 

@@ -201,7 +201,7 @@ def test_unknown_scorer_is_a_config_error_everywhere():
 
 
 def test_pruner_installs_the_configured_scorer_and_records_it():
-    from comp_vlm.engine import Pruner
+    from comp_vlm.search import Pruner
     from comp_vlm.tasks import RetrievalTask
 
     model = make_clip(0)

@@ -9,9 +9,10 @@ import pytest
 import torch
 from tiny_clip import fresh, quick, tiny_setup
 
-from comp_vlm import Pruner, budget, importance, prune
+from comp_vlm import Pruner, importance, prune
 from comp_vlm.flops import tower_flops
 from comp_vlm.schedule import MPSConfig, MultiModeScheduler
+from comp_vlm.search import budget
 from comp_vlm.tasks.retrieval import RetrievalTask
 
 

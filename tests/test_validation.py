@@ -18,7 +18,7 @@ from transformers import CLIPModel
 
 import comp_vlm
 from comp_vlm import CompVLMError, ConfigError, PruneConfig
-from comp_vlm.engine import STRATEGIES
+from comp_vlm.search import STRATEGIES
 from comp_vlm.tasks.retrieval import RetrievalTask
 
 PROPERTY = settings(derandomize=True, database=None, deadline=None,

@@ -1,9 +1,10 @@
 """The staged CoMP search (method.md §3): pick a mode (MPS) -> raise its threshold by one FLOPs step -> train K
-steps with the symmetric decay/recovery schedule -> measure the cost -> ... -> snapshot -> fine-tune -> slice.
+steps with the symmetric decay/recovery schedule -> measure the cost -> ... -> snapshot.
 
-Architecture-free: it talks to a model adapter (units, sites, masks, structure) and a task (loss, validation).
-:class:`Pruner` is driven step by step (``pruner.step()`` after each optimizer step, from the user's own loop);
-:func:`prune` is the one-call loop built on it.
+Architecture-free: it talks to a model adapter (units, sites, masks, structure) through the adapter protocol and
+to a task (loss, validation). :class:`Pruner` is driven step by step (``pruner.step()`` after each optimizer step,
+from the user's own loop); :func:`comp_vlm.search.prune` is the one-call loop built on it. The numbers of the
+plan (steps, floors, token levels) are :mod:`comp_vlm.search.budget`'s.
 """
 
 from __future__ import annotations
@@ -12,129 +13,33 @@ import copy
 import json
 import logging
 import math
-import random
 import time
-from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from . import budget, checkpoint, importance
-from .adapters.base import AdapterOptions, ModelAdapter, Site, dense_units, get_adapter
-from .adapters.units import UnitGroup, UnitKey, UnitSpec
-from .collect import StatsCollector
-from .errors import ConfigError, NonFiniteError
-from .flops import model_flops, tower_flops
-from .recipe import Recipe
-from .schedule import MPSConfig, MultiModeScheduler, NoModeLeftError, mode_kind, stage_cost
-from .structure import TowerStructure
-from .validation import validate_prune_config
+from .. import importance
+from ..adapters.base import AdapterOptions, ModelAdapter, Site, dense_units, get_adapter
+from ..adapters.units import UnitGroup, UnitKey, UnitSpec
+from ..collect import StatsCollector
+from ..errors import ConfigError, NonFiniteError
+from ..flops import model_flops, tower_flops
+from ..recipe import Recipe
+from ..schedule import MPSConfig, MultiModeScheduler, NoModeLeftError, mode_kind, stage_cost
+from ..structure import TowerStructure
+from ..tasks.base import model_device
+from . import budget
+from .config import PruneConfig
 
 log = logging.getLogger("comp_vlm")
 
-STRATEGIES = ("comp", "param-only", "token-only", "sjp", "cycle", "random-mode", "greedy",
-              "no-cip", "uniform-rms", "no-cit", "no-re", "no-hi")
-COST_MEASURES = ("recovered", "immediate", "probe")
-LR_SCHEDULES = ("constant", "cosine")
-FINETUNE_BUDGETS = ("fixed", "equal-total")
-WARMUP_ORDERS = ("random", "fixed")
-PARAM_ALL = "P"
-TOKEN_KINDS = {"T_v": "vision_tokens", "T_l": "text_tokens"}  # names of the token modes in stage logs  # param-only ranks every parameter mode together (UPop-like global ranking)
-
-
-@dataclass
-class PruneConfig:
-    """Everything that shapes a search. ``ratio`` is the fraction of dense FLOPs removed (0.8 keeps 20%)."""
-
-    ratio: float = 0.8
-    snapshots: tuple[float, ...] = ()
-    strategy: str = "comp"
-    flops_step: float = 0.04
-    stage_steps: int = 50
-    calibration_batches: int = 8
-    finetune_steps: int = 100
-    lr: float = 5e-5
-    weight_decay: float = 0.0
-    lr_schedule: str = "constant"  # search learning rate: constant, or cosine to 0 over the nominal search
-    finetune_schedule: str = "cosine"  # fine-tuning: warm-up then cosine decay to 0, or constant
-    finetune_warmup: float = 0.1  # share of the fine-tuning steps spent warming up
-    finetune_budget: str = "fixed"  # or "equal-total": fine-tuning tops every snapshot up to the same total steps
-    budget_slack_stages: int = 4  # equal-total: the total allows this many stages beyond the nominal search
-    seed: int = 0
-    badness: str = "val_loss"  # or "metric" (B = -metric, the paper's choice)
-    cost_measure: str = "recovered"  # or "immediate": B with the stage's units/tokens removed, before any training
-    normalization: str = "rank"  # per-layer normaliser of the per-flop selection rule
-    selection: str = "kind-rank"  # unit selection rule (importance.SELECTIONS; "per-flop" = the first rule)
-    token_plan: str = "linear"  # per-site pyramid of a token mode (budget.TOKEN_PLANS; "legacy" = the first rule)
-    token_max_cut: float = 0.5  # a stage removes at most this share of the tokens left at any site
-    token_floor: float = 0.1  # every site keeps >= this share of the prunable tokens entering its tower
-    warmup_order: str = "random"  # MPS warm-up order of the untried modes: seeded permutation or adapter order
-    sliver_fraction: float = 0.25  # no remainder below this share of flops_step before a snapshot; no HI from it
-    head_floor: int = 1
-    neuron_floor: float = 0.05
-    sjp_token_share: float = 0.5
-    min_stage_fraction: float = 0.25  # a mode at its floors that can remove less than this share is exhausted
-    distill: float = 0.0  # weight of the distillation loss towards the dense model (search and fine-tuning)
-    stage_metric: bool = True  # also log the task metric on the validation batches after every stage
-    bootstrap: int = 200
-    rho: float = 0.2
-    tau: float = 5.0
-    lambda0: float = 0.4
-    i_max: int = 5
-    dead_compute: bool = True
-    site_start: int = 1
-    site_every: int = 1
-    token_scorer: str = "attention"  # how token sites rank tokens (adapters.runtime.TOKEN_SCORERS), seeded by seed
-    reference: dict | None = None
-    log_path: str | None = None
-    checkpoint_dir: str | None = None  # search checkpoints at every stage boundary
-    resume: bool = False  # continue from checkpoint_dir (same arguments) if a checkpoint is there
-    progress: bool = True
-
-    def fingerprint(self) -> dict:
-        """The fields a resumed run must share with the run that wrote the checkpoint."""
-        skip = {"log_path", "checkpoint_dir", "resume", "progress"}
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items() if k not in skip}
-
-    def __post_init__(self) -> None:
-        validate_prune_config(self)  # types of every field, ranges from validation.RANGES
-        if not (0.0 < self.ratio < 1.0):
-            raise ConfigError(f"ratio must lie in (0, 1) (fraction of FLOPs removed), got {self.ratio}")
-        for s in self.snapshots:
-            if not (0.0 < s < 1.0):
-                raise ConfigError(f"snapshot ratios must lie in (0, 1), got {s}")
-        if self.strategy not in STRATEGIES:
-            raise ConfigError(f"unknown strategy {self.strategy!r}; choose from {', '.join(STRATEGIES)}")
-        if not (0.0 <= self.min_stage_fraction < 1.0):
-            raise ConfigError(f"min_stage_fraction must lie in [0, 1), got {self.min_stage_fraction}")
-        if not (0.0 < self.flops_step <= 1.0) or self.stage_steps < 2:
-            raise ConfigError("flops_step must lie in (0, 1] and stage_steps be >= 2")
-        if self.badness not in ("val_loss", "metric"):
-            raise ConfigError(f"badness must be 'val_loss' or 'metric', got {self.badness!r}")
-        if self.cost_measure not in COST_MEASURES:
-            raise ConfigError(f"cost_measure must be one of {', '.join(COST_MEASURES)}, got {self.cost_measure!r}")
-        if self.normalization not in importance.NORMALIZATIONS:
-            raise ConfigError(f"normalization must be one of {importance.NORMALIZATIONS}")
-        for name, allowed in (("selection", importance.SELECTIONS), ("token_plan", budget.TOKEN_PLANS),
-                              ("warmup_order", WARMUP_ORDERS), ("lr_schedule", LR_SCHEDULES),
-                              ("finetune_schedule", LR_SCHEDULES), ("finetune_budget", FINETUNE_BUDGETS)):
-            if getattr(self, name) not in allowed:
-                raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
-
-    @property
-    def targets(self) -> list[float]:
-        return sorted(set(self.snapshots) | {self.ratio})
-
-    def weighting(self) -> str:
-        return {"no-cip": "no-cip", "uniform-rms": "uniform-rms"}.get(self.strategy, "cip")
-
-    def scheduler_strategy(self) -> str:
-        return {"no-cip": "comp", "uniform-rms": "comp", "no-cit": "comp"}.get(self.strategy, self.strategy)
+PARAM_ALL = "P"  # param-only ranks every parameter mode together (UPop-like global ranking)
+TOKEN_KINDS = {"T_v": "vision_tokens", "T_l": "text_tokens"}  # names of the token modes in stage logs
 
 
 @dataclass
@@ -172,6 +77,7 @@ def bootstrap_se(deltas: list[float], resamples: int, seed: int) -> float:
     arr = np.asarray(deltas)
     means = arr[rng.integers(0, len(arr), size=(resamples, len(arr)))].mean(axis=1)
     return float(means.std(ddof=1))
+
 
 
 class Pruner:
@@ -234,7 +140,7 @@ class Pruner:
         params = strategy != "token-only"
         tokens = strategy != "param-only"
         towers = []
-        floor_level = 1e-9 if self.config.token_plan == "legacy" else self.config.token_floor  # legacy: one token
+        floor_level = budget.floor_level(self.config.token_plan, self.config.token_floor)
         for t in self.structural_towers():
             spec = self.specs[t.name]
             keeps = self._site_keeps(t.name, floor_level)
@@ -251,22 +157,14 @@ class Pruner:
 
     def _site_keeps(self, tower: str, level: float) -> dict[int, float]:
         """Per-site keep ratios of a tower's token mode at ``level`` (its deepest site's cumulative keep)."""
-        sites = self.adapter.site_layers(self.specs[tower])
-        if not sites:
-            return {}
-        return dict(zip(sites, budget.pyramid_keep_ratios(level, len(sites), self.config.token_plan)))
+        return budget.site_keeps(self.adapter.site_layers(self.specs[tower]), level, self.config.token_plan)
 
     def _unit_floor(self, unit: UnitSpec) -> int:
-        """Units of a kind a layer keeps at least: ``neuron_floor`` of its dense neurons (>= 1), ``head_floor``
-        of any attention kind."""
-        if unit.kind == "neuron":
-            return max(1, math.ceil(self.config.neuron_floor * unit.dense))
-        return self.config.head_floor
+        return budget.unit_floor(unit.kind, unit.dense, self.config.head_floor, self.config.neuron_floor)
 
     def _check_floors(self) -> None:
         floor = self.floor_flops()
-        reachable = [t for t in self.pending_targets if (1 - t) >= floor - 1e-9]
-        self.not_reached = [t for t in self.pending_targets if t not in reachable]
+        reachable, self.not_reached = budget.reachable_targets(self.pending_targets, floor)
         if not reachable:
             raise ConfigError(
                 f"strategy {self.config.strategy!r} cannot remove {max(self.pending_targets):.0%} of FLOPs: its floor "
@@ -324,7 +222,7 @@ class Pruner:
         was = self.model.training
         self.model.train()
         self.collector.reset()
-        device = _model_device(self.model)
+        device = model_device(self.model)
         for i, batch in enumerate(batches):
             if i >= self.config.calibration_batches:
                 break
@@ -350,7 +248,7 @@ class Pruner:
         removed = before - plan.flops_after
         if plan.token_level is not None:
             plan.removed_by = {TOKEN_KINDS.get(mode, mode): removed}
-        if removed <= 1e-12 or (plan.floor_limited and removed < self.config.min_stage_fraction * plan.requested):
+        if budget.mode_exhausted(removed, plan.requested, plan.floor_limited, self.config.min_stage_fraction):
             # at its floors: nothing (or, by option, only a sliver) left to remove
             log.info("mode %s can remove only %.4f of %.4f requested: exhausted", mode, max(removed, 0.0),
                      plan.requested)
@@ -486,7 +384,7 @@ class Pruner:
 
     def _plan_tokens(self, mode: str, target: float) -> StagePlan:
         """Bisection on the mode's level q (its deepest site's cumulative keep; the per-site pyramid follows from
-        it, :mod:`comp_vlm.budget`) for the FLOPs step, within the stage bound and the mode's floor."""
+        it, :mod:`comp_vlm.search.budget`) for the FLOPs step, within the stage bound and the mode's floor."""
         current = self.token_levels[mode]
         goal = self.flops_kept() - target / self.dense_flops
 
@@ -496,22 +394,11 @@ class Pruner:
 
         lo, hi = budget.token_level_range(current, self.config.token_plan, self.config.token_floor,
                                           self.config.token_max_cut)
-        short = kept_at(lo) > goal
-        if short:  # cannot reach the step within this stage's range: go to its lower end
-            best = lo
-        else:
-            for _ in range(40):
-                mid = 0.5 * (lo + hi)
-                if kept_at(mid) <= goal:
-                    lo = mid
-                else:
-                    hi = mid
-            best = lo
-        # a shortfall is the floor's unless the per-stage bound stopped the stage above the floor
-        bounded = self.config.token_plan != "legacy" and best > self.config.token_floor + 1e-12
+        best, short = budget.bisect_level(kept_at, lo, hi, goal)  # short: the range's lower end
+        floor_limited = budget.token_floor_limited(short, best, self.config.token_plan, self.config.token_floor)
         # structurally counted from now on; the live keep ratios switch at K/2
         return StagePlan(mode, token_level=best, prev_level=current, flops_after=kept_at(best),
-                         floor_limited=not (short and bounded))
+                         floor_limited=floor_limited)
 
     def _mode_site_keeps(self, mode: str, level: float | None = None) -> dict[Site, float]:
         """Per-site keep ratios of a token mode at ``level`` (default: its planned level)."""
@@ -586,7 +473,7 @@ class Pruner:
         self.stage_log.append(record)
         self._write_log(record)
         self._b_last = (b_after, losses_after)
-        if f_before - f_after < 0.999 * plan.requested and plan.floor_limited:  # floors reached before the full step
+        if budget.short_of_step(f_before - f_after, plan.requested, plan.floor_limited):  # floors hit before the step
             log.info("mode %s removed %.4f of %.4f requested: exhausted", plan.mode, f_before - f_after, plan.requested)
             self.scheduler.mark_exhausted(plan.mode)
         if self.config.strategy == "sjp" and self.scheduler.phase == "token":
@@ -607,7 +494,7 @@ class Pruner:
     def _take_snapshots(self) -> None:
         kept = self.flops_kept()
         for t in sorted(self.pending_targets):
-            if kept <= (1 - t) + 1e-9:
+            if budget.target_reached(kept, t):
                 recipe = self.adapter.recipe(self.reference)
                 recipe.extra.update({"strategy": self.config.strategy, "ratio": t, "seed": self.config.seed,
                                      "stage": self.stage_index})
@@ -698,242 +585,4 @@ class Pruner:
         return model
 
 
-@dataclass
-class PruneResult:
-    """What :func:`prune` returns: the pruned model at the final ratio, every snapshot's model and recipe, the
-    per-stage log, and the ratios not reached."""
-
-    model: nn.Module
-    recipe: Recipe
-    snapshots: dict[float, tuple[nn.Module, Recipe]]
-    stage_log: list[dict]
-    not_reached: list[float]
-    metrics: dict[float, dict[str, float]]
-    seconds: float = 0.0  # search + fine-tuning, the interrupted runs a resumed search continues included
-
-    def save(self, directory: str, **extras: Any) -> Path:
-        from .io import save_pruned
-
-        return save_pruned(self.model, directory, recipe=self.recipe, **extras)
-
-
-def cycle_batches(data: Iterable) -> Iterator:
-    """Endless batches. A stateful re-iterable (it resumes mid-epoch) may yield nothing once at an epoch end;
-    two empty passes in a row mean there is no data."""
-    empty_passes = 0
-    while True:
-        empty = True
-        for batch in data:
-            empty, empty_passes = False, 0
-            yield batch
-        if empty:
-            empty_passes += 1
-            if empty_passes >= 2:
-                raise ConfigError("the training data yielded no batch")
-
-
-def _save_search_checkpoint(path: Path, model: nn.Module, pruner: Pruner, opt: torch.optim.Optimizer,
-                            train_data: Any, config: PruneConfig) -> None:
-    meta, tensors = pruner.state_dict()
-    opt_meta, opt_tensors = checkpoint.optimizer_state(opt)
-    rng_meta, rng_tensors = checkpoint.rng_state()
-    tensors.update(opt_tensors)
-    tensors.update(rng_tensors)
-    tensors.update({f"model/{k}": v for k, v in model.state_dict().items()})
-    data_state = train_data.state_dict() if hasattr(train_data, "state_dict") else None
-    state = {"config": config.fingerprint(), "pruner": meta, "optimizer": opt_meta, "rng": rng_meta, "data": data_state}
-    checkpoint.write_checkpoint(path, state, tensors)
-
-
-def _load_search_checkpoint(path: Path, model: nn.Module, pruner: Pruner, opt: torch.optim.Optimizer,
-                            train_data: Any, config: PruneConfig) -> None:
-    from .errors import CheckpointError
-
-    state, tensors = checkpoint.read_checkpoint(path)
-    if state["config"] != config.fingerprint():
-        changed = sorted(k for k in config.fingerprint() if state["config"].get(k) != config.fingerprint()[k])
-        raise CheckpointError(f"checkpoint {path} was written with other arguments ({', '.join(changed)}); "
-                              "resume with the same arguments")
-    model.load_state_dict({k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")})
-    pruner.load_state_dict(state["pruner"], tensors)
-    checkpoint.load_optimizer_state(opt, state["optimizer"], tensors)
-    checkpoint.set_rng_state(state["rng"], tensors)
-    if state["data"] is not None and hasattr(train_data, "load_state_dict"):
-        train_data.load_state_dict(state["data"])
-    elif state["data"] is None:
-        log.warning("the training data has no state_dict(): the resumed run restarts its data order")
-
-
-def search_lr_factor(config: PruneConfig, step: int) -> float:
-    """The search's learning-rate multiplier at search step ``step`` (cosine: over the nominal search)."""
-    total = budget.nominal_search_steps(config.ratio, config.flops_step, config.stage_steps)
-    return budget.lr_factor(step, total, config.lr_schedule)
-
-
-def snapshot_finetune_steps(config: PruneConfig, ratio: float, search_steps: int) -> int:
-    return budget.finetune_steps_for(ratio, search_steps, config.finetune_steps, config.finetune_budget,
-                                     config.flops_step, config.stage_steps, config.budget_slack_stages)
-
-
-def train_dense_control(model: nn.Module, task: Any, train_data: Iterable, config: PruneConfig,
-                        search_steps: int) -> int:
-    """The 'dense + the same training' control: ``search_steps`` steps exactly as the search trains (optimizer,
-    learning-rate schedule, distillation from a frozen copy of the dense model), then the fine-tuning a snapshot
-    at ``config.ratio`` reached after that many steps gets. Returns the total steps trained."""
-    seed_everything(config.seed)
-    teacher = copy.deepcopy(model).eval().requires_grad_(False) if config.distill > 0 else None
-    batches = cycle_batches(train_data)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr,
-                            weight_decay=config.weight_decay)
-    model.train()
-    for step in tqdm(range(search_steps), desc="dense control", disable=not config.progress, leave=False):
-        set_lr(opt, config.lr * search_lr_factor(config, step))
-        loss = training_loss(task, model, next(batches), teacher, config.distill, "dense control")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    ft = snapshot_finetune_steps(config, config.ratio, search_steps)
-    seed_everything(config.seed)
-    train_steps(model, task, cycle_batches(train_data), ft, config, teacher, desc="dense control fine-tune")
-    model.eval()
-    return search_steps + ft
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def mean_text_length(batches: Iterable) -> int | None:
-    """Mean unpadded text length (rounded) over batches holding an ``attention_mask`` (None if none do)."""
-    total, count = 0.0, 0
-    for batch in batches:
-        mask = batch.get("attention_mask") if isinstance(batch, dict) else None
-        if mask is not None:
-            total += float(mask.sum())
-            count += mask.shape[0]
-    return round(total / count) if count else None
-
-
-def training_text_length(train_data: Any) -> int | None:
-    """Mean unpadded length of one pass over the training data, leaving a stateful loader where it was."""
-    state = train_data.state_dict() if hasattr(train_data, "state_dict") else None
-    try:  # a stateful loader at the end of an epoch yields nothing once: then read the next pass
-        return mean_text_length(train_data) or mean_text_length(train_data)
-    finally:
-        if state is not None:
-            train_data.load_state_dict(state)
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-def training_loss(task: Any, model: nn.Module, batch: Any, teacher: nn.Module | None, distill: float,
-                  where: str) -> torch.Tensor:
-    """Task loss (+ distillation towards ``teacher``), on the model's device; non-finite losses stop the run."""
-    batch = task.batch_to(batch, _model_device(model))
-    if teacher is not None and distill > 0:
-        loss = task.loss_with_distill(model, teacher, batch, distill)
-    else:
-        loss = task.loss(model, batch)
-    if not torch.isfinite(loss):
-        raise NonFiniteError(f"training loss is {loss.item()} during {where}")
-    return loss
-
-
-def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
-    for group in opt.param_groups:
-        group["lr"] = lr
-
-
-def train_steps(model: nn.Module, task: Any, batches: Iterator, steps: int, config: PruneConfig,
-                teacher: nn.Module | None = None, desc: str = "train") -> None:
-    """Fine-tuning: AdamW, ``steps`` batches, ``config.finetune_schedule`` (warm-up + cosine decay to 0 by default;
-    method.md §3 "Recovery must not hurt"), with the same distillation option as the search."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    model.train()
-    for i in tqdm(range(steps), desc=desc, disable=not config.progress, leave=False):
-        set_lr(opt, config.lr * budget.lr_factor(i, steps, config.finetune_schedule, config.finetune_warmup))
-        loss = training_loss(task, model, next(batches), teacher, config.distill, desc)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    model.eval()
-
-
-def prune(model: nn.Module, task: Any, train_data: Iterable, val_batches: list, config: PruneConfig | None = None,
-          test_data: Iterable | None = None) -> PruneResult:
-    """One-call CoMP: calibrate, search with MPS to ``config.ratio`` (snapshotting ``config.snapshots`` on the
-    way), fine-tune every snapshot ``config.finetune_steps`` steps, slice, and (if ``test_data``) evaluate."""
-    config = config or PruneConfig()
-    seed_everything(config.seed)
-    if not (config.reference or {}).get("text_length"):
-        length = training_text_length(train_data)
-        if length is not None:  # method.md §1: FLOPs at the mean unpadded length of the training texts
-            config = replace(config, reference={**(config.reference or {}), "text_length": length})
-            log.info("FLOPs reference text length: %d (mean unpadded length of the training texts)", length)
-    teacher = None
-    if config.distill > 0:
-        teacher = copy.deepcopy(model).eval().requires_grad_(False)
-    pruner = Pruner(model, task, val_batches, config)
-    batches = cycle_batches(train_data)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    if config.resume and not config.checkpoint_dir:
-        raise ConfigError("resume needs a checkpoint directory")
-    ckpt = Path(config.checkpoint_dir) if config.checkpoint_dir else None
-    if config.resume and ckpt is not None and checkpoint.has_checkpoint(ckpt):
-        with checkpoint.reading(ckpt):
-            _load_search_checkpoint(ckpt, model, pruner, opt, train_data, config)
-        log.info("resumed the search from %s at stage %d", ckpt, pruner.stage_index)
-    else:
-        pruner.calibrate(cycle_batches(train_data))
-        if ckpt is not None:
-            _save_search_checkpoint(ckpt, model, pruner, opt, train_data, config)
-    bar = tqdm(desc=f"CoMP {config.strategy}", total=None, disable=not config.progress)
-    model.train()
-    while not pruner.done:
-        set_lr(opt, config.lr * search_lr_factor(config, pruner.search_steps))
-        loss = training_loss(task, model, next(batches), teacher, config.distill, f"search stage {pruner.stage_index}")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        pruner.step()
-        if pruner.stage_step == 0 and pruner.stage_log:
-            last = pruner.stage_log[-1]
-            bar.set_postfix(stage=last["stage"], mode=last["mode"], flops=f"{last['flops_kept']:.3f}",
-                            val=f"{last['b_after']:.3f}")
-            bar.update(1)
-            if ckpt is not None:
-                _save_search_checkpoint(ckpt, model, pruner, opt, train_data, config)
-    bar.close()
-    results: dict[float, tuple[nn.Module, Recipe]] = {}
-    metrics: dict[float, dict[str, float]] = {}
-    for snap in pruner.snapshots:
-        seed_everything(config.seed)
-        pruned = pruner.materialize(snap)
-        steps = snapshot_finetune_steps(config, snap.ratio, snap.stage * config.stage_steps)
-        snap.recipe.extra["finetune_steps"] = steps
-        if steps > 0:
-            train_steps(pruned, task, cycle_batches(train_data), steps, config, teacher,
-                        desc=f"fine-tune {snap.ratio:.2f}")
-        pruned.eval()
-        if test_data is not None:
-            metrics[snap.ratio] = task.evaluate(pruned, test_data)
-        results[snap.ratio] = (pruned, snap.recipe)
-    if config.ratio not in results:
-        reached = sorted(results)
-        if not reached:
-            raise ConfigError(f"no requested ratio was reached (not reached: {pruner.not_reached})")
-        final_ratio = reached[-1]
-    else:
-        final_ratio = config.ratio
-    final_model, final_recipe = results[final_ratio]
-    return PruneResult(final_model, final_recipe, results, pruner.stage_log, sorted(pruner.not_reached), metrics,
-                       pruner.elapsed_s)
-
-
-__all__ = ["STRATEGIES", "PruneConfig", "PruneResult", "Pruner", "Snapshot", "prune"]
+__all__ = ["PARAM_ALL", "TOKEN_KINDS", "Pruner", "Snapshot", "StagePlan", "bootstrap_se"]

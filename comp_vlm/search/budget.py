@@ -1,17 +1,23 @@
-"""FLOPs budget of the staged search, pure numbers (method.md §1 keep ratios, §3 steps and slivers).
+"""FLOPs budget of the staged search, pure numbers (method.md §1 keep ratios, §3 steps, slivers and floors).
 
 - Token plans: a token mode's state is one *level* q, the cumulative keep of the prunable tokens at its deepest
   site. :func:`pyramid_keep_ratios` turns q into per-site keep ratios r_j (each site keeps r_j of the prunable
   tokens that reach it) whose cumulative keep c_j = r_0 ... r_j forms a pyramid: c_j decreases with depth and
   c_last = q. :func:`token_level_range` bounds one stage (no site loses more than ``max_cut`` of what is left
   there) and the mode as a whole (every site keeps at least ``floor`` of the tokens entering the tower).
+  :func:`bisect_level` finds the level of one stage's FLOPs step within that range.
 - Steps: :func:`next_step` plans the FLOPs one stage removes, cut short to land on the next snapshot, and enlarged
-  so that no remainder below the sliver bound is left before it.
+  so that no remainder below the sliver bound is left before it; :func:`mode_exhausted` and :func:`short_of_step`
+  say when a mode at its floors leaves the search.
+- Floors: :func:`unit_floor` (units a layer keeps), :func:`floor_level` (a token mode's lowest level),
+  :func:`reachable_targets` (the ratios a strategy's floors allow).
+- Training steps: :func:`lr_factor`, :func:`nominal_search_steps`, :func:`finetune_steps_for`.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 
 TOKEN_PLANS = ("linear", "geometric", "legacy")
 """``linear``: c_j = 1 - (1 - q)(j + 1)/n (shallow sites keep most); ``geometric``: c_j = q^((j + 1)/n), every site
@@ -19,6 +25,7 @@ keeps the same share of what reaches it (PDrop's pyramid); ``legacy``: the first
 reaches it (c_j = q^(j + 1): compounds), with no stage bound and a one-token floor."""
 
 LEGACY_MIN_LEVEL = 1e-6  # the first rule's lower end of the bisection (a site then keeps a single token)
+LEGACY_FLOOR_LEVEL = 1e-9  # the first rule's floor: every site keeps one token
 
 
 def cumulative_keep(level: float, n_sites: int, plan: str) -> list[float]:
@@ -72,7 +79,71 @@ def is_sliver(removed: float, step: float, sliver: float) -> bool:
     return removed < sliver * step
 
 
+def site_keeps(sites: Sequence[int], level: float, plan: str) -> dict[int, float]:
+    """Keep ratio per site (by layer index) of a tower whose token mode is at ``level``
+    (:func:`pyramid_keep_ratios`); empty without sites."""
+    if not sites:
+        return {}
+    return dict(zip(sites, pyramid_keep_ratios(level, len(sites), plan)))
 
+
+def bisect_level(kept_at: Callable[[float], float], lo: float, hi: float, goal: float,
+                 iterations: int = 40) -> tuple[float, bool]:
+    """The token level of one stage: the highest level in ``[lo, hi]`` (by bisection) whose FLOPs kept
+    ``kept_at(level)`` (increasing in the level) is at most ``goal``. Returns ``(level, short)``; ``short``: even
+    ``lo`` keeps more than ``goal``, and the level is ``lo``."""
+    if kept_at(lo) > goal:
+        return lo, True
+    for _ in range(iterations):
+        mid = 0.5 * (lo + hi)
+        if kept_at(mid) <= goal:
+            lo = mid
+        else:
+            hi = mid
+    return lo, False
+
+
+def token_floor_limited(short: bool, level: float, plan: str, floor: float) -> bool:
+    """Whether a token stage's shortfall (if ``short``) is the mode's floor's: not when the per-stage bound stopped
+    it at ``level`` above the floor (``legacy`` has no stage bound)."""
+    return not (short and plan != "legacy" and level > floor + 1e-12)
+
+
+def mode_exhausted(removed: float, requested: float, floor_limited: bool, min_fraction: float) -> bool:
+    """A planned stage that removes nothing, or, stopped by the floors, less than ``min_fraction`` of the
+    ``requested`` step: its mode is exhausted and the stage does not run."""
+    return removed <= 1e-12 or (floor_limited and removed < min_fraction * requested)
+
+
+def short_of_step(removed: float, requested: float, floor_limited: bool) -> bool:
+    """A finished stage that removed less than its ``requested`` step because the floors stopped it: its mode is
+    exhausted from now on."""
+    return removed < 0.999 * requested and floor_limited
+
+
+def unit_floor(kind: str, dense: int, head_floor: int, neuron_floor: float) -> int:
+    """Units of ``kind`` a layer keeps at least: ``neuron_floor`` of its ``dense`` neurons (>= 1), ``head_floor``
+    of any attention kind."""
+    if kind == "neuron":
+        return max(1, math.ceil(neuron_floor * dense))
+    return head_floor
+
+
+def floor_level(plan: str, floor: float) -> float:
+    """The lowest level of a token mode: ``floor``, or for ``legacy`` one token at every site."""
+    return LEGACY_FLOOR_LEVEL if plan == "legacy" else floor
+
+
+def reachable_targets(targets: Sequence[float], floor_kept: float) -> tuple[list[float], list[float]]:
+    """``targets`` (ratios of FLOPs removed) split into those a strategy whose floors keep ``floor_kept`` of the
+    dense FLOPs can reach, and the rest."""
+    reachable = [t for t in targets if (1 - t) >= floor_kept - 1e-9]
+    return reachable, [t for t in targets if t not in reachable]
+
+
+def target_reached(kept: float, target: float) -> bool:
+    """Whether a search keeping ``kept`` of the dense FLOPs has removed the ratio ``target`` (the snapshot rule)."""
+    return kept <= (1 - target) + 1e-9
 
 
 def lr_factor(step: int, total: int, schedule: str, warmup: float = 0.0) -> float:
@@ -107,5 +178,7 @@ def finetune_steps_for(ratio: float, search_steps: int, finetune_steps: int, bud
     return max(0, total - search_steps)
 
 
-__all__ = ["TOKEN_PLANS", "cumulative_keep", "finetune_steps_for", "is_sliver", "lr_factor", "next_step",
-           "nominal_search_steps", "pyramid_keep_ratios", "token_level_range"]
+__all__ = ["TOKEN_PLANS", "bisect_level", "cumulative_keep", "finetune_steps_for", "floor_level", "is_sliver",
+           "lr_factor", "mode_exhausted", "next_step", "nominal_search_steps", "pyramid_keep_ratios",
+           "reachable_targets", "short_of_step", "site_keeps", "target_reached", "token_floor_limited",
+           "token_level_range", "unit_floor"]

@@ -1,0 +1,111 @@
+"""The search configuration: :class:`PruneConfig`, the strategy names and the option tables its own checks use
+(field types and ranges are :mod:`comp_vlm.validation`'s)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from .. import importance
+from ..errors import ConfigError
+from ..validation import validate_prune_config
+from . import budget
+
+STRATEGIES = ("comp", "param-only", "token-only", "sjp", "cycle", "random-mode", "greedy",
+              "no-cip", "uniform-rms", "no-cit", "no-re", "no-hi")
+COST_MEASURES = ("recovered", "immediate", "probe")
+LR_SCHEDULES = ("constant", "cosine")
+FINETUNE_BUDGETS = ("fixed", "equal-total")
+WARMUP_ORDERS = ("random", "fixed")
+
+
+@dataclass
+class PruneConfig:
+    """Everything that shapes a search. ``ratio`` is the fraction of dense FLOPs removed (0.8 keeps 20%)."""
+
+    ratio: float = 0.8
+    snapshots: tuple[float, ...] = ()
+    strategy: str = "comp"
+    flops_step: float = 0.04
+    stage_steps: int = 50
+    calibration_batches: int = 8
+    finetune_steps: int = 100
+    lr: float = 5e-5
+    weight_decay: float = 0.0
+    lr_schedule: str = "constant"  # search learning rate: constant, or cosine to 0 over the nominal search
+    finetune_schedule: str = "cosine"  # fine-tuning: warm-up then cosine decay to 0, or constant
+    finetune_warmup: float = 0.1  # share of the fine-tuning steps spent warming up
+    finetune_budget: str = "fixed"  # or "equal-total": fine-tuning tops every snapshot up to the same total steps
+    budget_slack_stages: int = 4  # equal-total: the total allows this many stages beyond the nominal search
+    seed: int = 0
+    badness: str = "val_loss"  # or "metric" (B = -metric, the paper's choice)
+    cost_measure: str = "recovered"  # or "immediate": B with the stage's units/tokens removed, before any training
+    normalization: str = "rank"  # per-layer normaliser of the per-flop selection rule
+    selection: str = "kind-rank"  # unit selection rule (importance.SELECTIONS; "per-flop" = the first rule)
+    token_plan: str = "linear"  # per-site pyramid of a token mode (budget.TOKEN_PLANS; "legacy" = the first rule)
+    token_max_cut: float = 0.5  # a stage removes at most this share of the tokens left at any site
+    token_floor: float = 0.1  # every site keeps >= this share of the prunable tokens entering its tower
+    warmup_order: str = "random"  # MPS warm-up order of the untried modes: seeded permutation or adapter order
+    sliver_fraction: float = 0.25  # no remainder below this share of flops_step before a snapshot; no HI from it
+    head_floor: int = 1
+    neuron_floor: float = 0.05
+    sjp_token_share: float = 0.5
+    min_stage_fraction: float = 0.25  # a mode at its floors that can remove less than this share is exhausted
+    distill: float = 0.0  # weight of the distillation loss towards the dense model (search and fine-tuning)
+    stage_metric: bool = True  # also log the task metric on the validation batches after every stage
+    bootstrap: int = 200
+    rho: float = 0.2
+    tau: float = 5.0
+    lambda0: float = 0.4
+    i_max: int = 5
+    dead_compute: bool = True
+    site_start: int = 1
+    site_every: int = 1
+    token_scorer: str = "attention"  # how token sites rank tokens (adapters.runtime.TOKEN_SCORERS), seeded by seed
+    reference: dict | None = None
+    log_path: str | None = None
+    checkpoint_dir: str | None = None  # search checkpoints at every stage boundary
+    resume: bool = False  # continue from checkpoint_dir (same arguments) if a checkpoint is there
+    progress: bool = True
+
+    def fingerprint(self) -> dict:
+        """The fields a resumed run must share with the run that wrote the checkpoint."""
+        skip = {"log_path", "checkpoint_dir", "resume", "progress"}
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items() if k not in skip}
+
+    def __post_init__(self) -> None:
+        validate_prune_config(self)  # types of every field, ranges from validation.RANGES
+        if not (0.0 < self.ratio < 1.0):
+            raise ConfigError(f"ratio must lie in (0, 1) (fraction of FLOPs removed), got {self.ratio}")
+        for s in self.snapshots:
+            if not (0.0 < s < 1.0):
+                raise ConfigError(f"snapshot ratios must lie in (0, 1), got {s}")
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"unknown strategy {self.strategy!r}; choose from {', '.join(STRATEGIES)}")
+        if not (0.0 <= self.min_stage_fraction < 1.0):
+            raise ConfigError(f"min_stage_fraction must lie in [0, 1), got {self.min_stage_fraction}")
+        if not (0.0 < self.flops_step <= 1.0) or self.stage_steps < 2:
+            raise ConfigError("flops_step must lie in (0, 1] and stage_steps be >= 2")
+        if self.badness not in ("val_loss", "metric"):
+            raise ConfigError(f"badness must be 'val_loss' or 'metric', got {self.badness!r}")
+        if self.cost_measure not in COST_MEASURES:
+            raise ConfigError(f"cost_measure must be one of {', '.join(COST_MEASURES)}, got {self.cost_measure!r}")
+        if self.normalization not in importance.NORMALIZATIONS:
+            raise ConfigError(f"normalization must be one of {importance.NORMALIZATIONS}")
+        for name, allowed in (("selection", importance.SELECTIONS), ("token_plan", budget.TOKEN_PLANS),
+                              ("warmup_order", WARMUP_ORDERS), ("lr_schedule", LR_SCHEDULES),
+                              ("finetune_schedule", LR_SCHEDULES), ("finetune_budget", FINETUNE_BUDGETS)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+
+    @property
+    def targets(self) -> list[float]:
+        return sorted(set(self.snapshots) | {self.ratio})
+
+    def weighting(self) -> str:
+        return {"no-cip": "no-cip", "uniform-rms": "uniform-rms"}.get(self.strategy, "cip")
+
+    def scheduler_strategy(self) -> str:
+        return {"no-cip": "comp", "uniform-rms": "comp", "no-cit": "comp"}.get(self.strategy, self.strategy)
+
+
+__all__ = ["COST_MEASURES", "FINETUNE_BUDGETS", "LR_SCHEDULES", "STRATEGIES", "WARMUP_ORDERS", "PruneConfig"]
