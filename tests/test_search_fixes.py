@@ -242,6 +242,7 @@ def test_probe_feeds_every_live_mode_cost_before_the_choice(setup):
     assert res.stage_log[0]["chosen"] in ("greedy", "random")  # no warm-up: every mode was measured first
     for r in res.stage_log:
         assert r["b_removed"] is not None
+        assert r["probe_s"] > 0  # the probe's own time, logged apart from the stage's
 
 
 def test_exploration_after_probe_costs_counts_never_run_modes_from_the_start():

@@ -67,6 +67,7 @@ class StagePlan:
     losses_removed: list[float] = field(default_factory=list)
     floor_limited: bool = True  # a shortfall of this stage means floors, not the per-stage token bound
     removed_by: dict[str, float] = field(default_factory=dict)  # FLOPs fraction removed per unit kind / token kind
+    probe_s: float = 0.0  # cost_measure "probe": seconds spent measuring every live mode before this stage began
 
 
 def bootstrap_se(deltas: list[float], resamples: int, seed: int) -> float:
@@ -274,7 +275,9 @@ class Pruner:
         return measured
 
     def _start_stage(self) -> None:
+        t_probe = time.perf_counter()
         probed = self._probe_costs() if self.config.cost_measure == "probe" else {}
+        probe_s = time.perf_counter() - t_probe if probed else 0.0
         while True:
             try:
                 mode = self.scheduler.choose()
@@ -294,6 +297,7 @@ class Pruner:
             self.stage_index += 1
             self._stage_t0 = time.perf_counter()
             self.collector.reset()
+            plan.probe_s = probe_s
             if mode in probed:
                 plan.b_removed, plan.losses_removed = probed[mode]
             elif self.config.cost_measure == "immediate":  # part of the stage: its wall time, its index in errors
@@ -468,7 +472,7 @@ class Pruner:
             "token_level": plan.token_level,
             **{f"{kind}s_pruned": sum(len(v) for key, v in plan.units.items() if key[0] == kind) for kind in self.kinds},
             "removed_by": dict(plan.removed_by), "sliver": sliver,
-            "wall_s": time.perf_counter() - self._stage_t0,
+            "wall_s": time.perf_counter() - self._stage_t0, "probe_s": plan.probe_s,
         }
         self.stage_log.append(record)
         self._write_log(record)
