@@ -2,22 +2,26 @@
 
 FLOPs = 2 x MACs of matmuls and convolutions only (the convention of ``torch.utils.flop_counter``), per sample.
 A token site at layer l sits between the attention and the MLP of that layer, so the layer's own MLP already
-runs on the kept tokens. Pure functions: no model, no weights.
+runs on the kept tokens. A model's FLOPs are those of all its towers together (:func:`model_flops`): its
+couplings carry the tokens one tower keeps into the towers it feeds. Pure functions: no model, no weights.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
-from .structure import LayerStructure, TowerStructure
+from .structure import (
+    Coupling,
+    LayerStructure,
+    TowerStructure,
+    kept_token_count,
+    resolve_couplings,
+    site_token_counts,
+)
 
-
-def kept_token_count(prunable: int, keep_ratio: float) -> int:
-    """Tokens a site keeps of ``prunable`` ones: ``max(1, floor(r*m + 0.5))`` (0 when there are none)."""
-    if prunable <= 0:
-        return 0
-    return max(1, math.floor(keep_ratio * prunable + 0.5))
+__all__ = ["TowerFlops", "attention_flops", "cross_attention_flops", "kept_token_count", "mlp_flops", "model_flops",
+           "model_tower_flops", "tower_flops", "unit_flops"]
 
 
 def attention_flops(tokens: int, layer: LayerStructure) -> int:
@@ -33,9 +37,12 @@ def attention_flops(tokens: int, layer: LayerStructure) -> int:
 
 
 def cross_attention_flops(tokens: int, layer: LayerStructure) -> int:
-    """Cross-attention (BLIP): queries from ``tokens``, keys/values from ``cross_kv_tokens`` encoder tokens."""
+    """Cross-attention (BLIP): queries from ``tokens``, keys/values from ``cross_kv_tokens`` encoder tokens (the
+    K/V projections of those tokens included). Raises ValueError if the K/V tokens were never filled in."""
     if layer.cross_heads == 0:
         return 0
+    if layer.cross_kv_tokens <= 0 or layer.cross_kv_hidden <= 0:
+        raise ValueError("cross-attention with no K/V tokens or width: declare cross_kv_hidden, resolve the couplings")
     width = layer.cross_heads * layer.head_dim
     q_out = 2 * tokens * layer.hidden * width * 2
     kv = 2 * layer.cross_kv_tokens * layer.cross_kv_hidden * width * 2
@@ -55,12 +62,20 @@ def _neuron_flops(layer: LayerStructure, tokens_in: int, tokens_mlp: int) -> int
     return mlp_flops(tokens_mlp, LayerStructure(layer.hidden, 0, layer.head_dim, 1, layer.mlp_matrices))
 
 
-_UNIT_FLOPS = {"head": _head_flops, "neuron": _neuron_flops}
+def _cross_head_flops(layer: LayerStructure, tokens_in: int, tokens_mlp: int) -> int:
+    """A cross-attention head: its q/out share on the layer's tokens after the site (those the MLP sees: a
+    cross-attention layer is never pooled-only), its K/V share on the source's tokens, and its mixing."""
+    return cross_attention_flops(tokens_mlp, replace(layer, cross_heads=1))
+
+
+_UNIT_FLOPS = {"head": _head_flops, "neuron": _neuron_flops, "cross_head": _cross_head_flops}
 
 
 def unit_flops(kind: str, layer: LayerStructure, tokens_in: int, tokens_mlp: int) -> int:
     """FLOPs one unit of ``kind`` costs in ``layer`` when ``tokens_in`` tokens enter its attention and
-    ``tokens_mlp`` its MLP (the :func:`tower_flops` counts): what removing it saves, to first order."""
+    ``tokens_mlp`` its MLP (the :func:`tower_flops` counts): what removing it saves, to first order. ``layer``
+    must come from resolved towers (:func:`comp_vlm.structure.resolve_couplings`) for the kinds that read
+    another tower's tokens (``cross_head``)."""
     if kind not in _UNIT_FLOPS:
         raise ValueError(f"no FLOPs model for unit kind {kind!r} (known: {', '.join(_UNIT_FLOPS)})")
     return _UNIT_FLOPS[kind](layer, tokens_in, tokens_mlp)
@@ -75,24 +90,23 @@ class TowerFlops:
 
 
 def tower_flops(tower: TowerStructure) -> TowerFlops:
-    """FLOPs of one tower at its reference shape, following the token counts through every site."""
-    n = tower.tokens
-    prunable = tower.tokens - tower.always_kept
+    """FLOPs of one tower at its reference shape, following the token counts through every site (its couplings,
+    if any, already resolved: :func:`model_tower_flops`)."""
     per_layer, tin, tmlp = [], [], []
-    for layer in tower.layers:
-        f = attention_flops(n, layer)
-        tin.append(n)
-        if layer.site_keep is not None and layer.heads > 0:
-            prunable = kept_token_count(prunable, layer.site_keep)
-            n = prunable + tower.always_kept
-        f += cross_attention_flops(n, layer)
+    for layer, (n_in, n) in zip(tower.layers, site_token_counts(tower)):
+        tin.append(n_in)
         n_mlp = 1 if layer.mlp_tokens_pooled_only else n
         tmlp.append(n_mlp)
-        f += mlp_flops(n_mlp, layer)
-        per_layer.append(f)
+        per_layer.append(attention_flops(n_in, layer) + cross_attention_flops(n, layer) + mlp_flops(n_mlp, layer))
     return TowerFlops(tower.extra_flops + sum(per_layer), tuple(per_layer), tuple(tin), tuple(tmlp))
 
 
-def model_flops(towers: list[TowerStructure] | tuple[TowerStructure, ...]) -> int:
-    """Total per-sample FLOPs of all towers."""
-    return sum(tower_flops(t).total for t in towers)
+def model_tower_flops(towers: Sequence[TowerStructure], couplings: Sequence[Coupling]) -> dict[str, TowerFlops]:
+    """Per tower, its FLOPs once ``couplings`` carry every source's kept tokens into the towers it feeds (the
+    cross-attention K/V projections count in the tower that holds the cross-attention)."""
+    return {t.name: tower_flops(t) for t in resolve_couplings(towers, couplings)}
+
+
+def model_flops(towers: Sequence[TowerStructure], couplings: Sequence[Coupling]) -> int:
+    """Total per-sample FLOPs of a model: all its towers together, through its couplings (method.md §1)."""
+    return sum(tower_flops(t).total for t in resolve_couplings(towers, couplings))

@@ -9,15 +9,22 @@ P_c    cross-modal parameters (cross-attention heads)
 T_v    vision tokens
 T_l    language tokens
 =====  ==========================================================
+
+A model's towers may feed one another (:class:`Coupling`: BLIP's vision tokens are the K/V of the text tower's
+cross-attention, LLaVA's image features are a span of the LLM's input): :func:`resolve_couplings` fills the token
+counts a tower takes from another, so the FLOPs of every tower follow the tokens the others keep.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 
 PARAM_MODES = ("P_v", "P_l", "P_c")
 TOKEN_MODES = ("T_v", "T_l")
 MODES = PARAM_MODES + TOKEN_MODES
+COUPLING_KINDS = ("cross_kv", "token_span")
 
 
 @dataclass(frozen=True)
@@ -26,7 +33,9 @@ class LayerStructure:
 
     ``heads``/``neurons`` are the units still computed (kept). ``site_keep`` is the keep ratio of the token site
     that sits between this layer's attention and its MLP (``None``: no active site). ``mlp_tokens_pooled_only``
-    marks CLIP's dead-compute option: the MLP runs on the pooled token alone.
+    marks CLIP's dead-compute option: the MLP runs on the pooled token alone. ``cross_heads`` query the tokens
+    after the site; their keys/values come from ``cross_kv_tokens`` tokens of width ``cross_kv_hidden`` (a layer
+    with ``cross_kv_hidden > 0`` has cross-attention; a ``cross_kv`` coupling fills its ``cross_kv_tokens``).
     """
 
     hidden: int
@@ -41,12 +50,17 @@ class LayerStructure:
     site_keep: float | None = None
     mlp_tokens_pooled_only: bool = False
 
+    def __post_init__(self) -> None:
+        if self.cross_heads and self.mlp_tokens_pooled_only:  # cross-attention and MLP see the same tokens
+            raise ValueError("a layer with cross-attention cannot run its MLP on the pooled token alone")
+
 
 @dataclass(frozen=True)
 class TowerStructure:
     """A stack of layers run on ``tokens`` input tokens (at the reference shape), of which ``always_kept``
     can never be dropped by a token site. ``extra_flops`` covers the tower's matmuls outside the layers
-    (patch embedding, projection heads)."""
+    (patch embedding, projection heads). ``span_tokens``: of ``tokens``, those other towers bring in through
+    ``token_span`` couplings (set by :func:`resolve_couplings`)."""
 
     name: str
     tokens: int
@@ -54,3 +68,106 @@ class TowerStructure:
     layers: tuple[LayerStructure, ...]
     extra_flops: int = 0
     meta: dict = field(default_factory=dict, compare=False)
+    span_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class Coupling:
+    """Output tokens of tower ``source`` feeding tower ``target`` (design.md item 4).
+
+    ``cross_kv``: the target's cross-attention layers take keys/values from them (BLIP). ``token_span``: they
+    enter the target's input sequence (LLaVA's image span in the LLM). Of the source's n output tokens the target
+    receives ceil((n - skip) / per_token): ``skip`` it never sees (LLaVA's default feature selection drops the
+    CLS token), ``per_token`` source tokens per token received (a projector that merges tokens).
+    """
+
+    kind: str
+    source: str
+    target: str
+    per_token: int = 1
+    skip: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in COUPLING_KINDS:
+            raise ValueError(f"unknown coupling kind {self.kind!r}; expected one of {COUPLING_KINDS}")
+        if self.source == self.target or self.per_token < 1 or self.skip < 0:
+            raise ValueError(f"coupling {self.source!r} -> {self.target!r}: towers must differ, per_token >= 1, "
+                             "skip >= 0")
+
+    def received(self, source_tokens: int) -> int:
+        """Tokens the target receives when the source outputs ``source_tokens``."""
+        return math.ceil(max(0, source_tokens - self.skip) / self.per_token)
+
+
+def kept_token_count(prunable: int, keep_ratio: float) -> int:
+    """Tokens a site keeps of ``prunable`` ones: ``max(1, floor(r*m + 0.5))`` (0 when there are none; method.md §1)."""
+    if prunable <= 0:
+        return 0
+    return max(1, math.floor(keep_ratio * prunable + 0.5))
+
+
+def site_token_counts(tower: TowerStructure) -> tuple[tuple[int, int], ...]:
+    """Per layer, (tokens entering its attention, tokens after its site) at the reference shape. A site keeps
+    :func:`kept_token_count` of the prunable tokens reaching it; a layer with no heads has no attention map, so
+    its site is off (method.md §1)."""
+    n, prunable, counts = tower.tokens, tower.tokens - tower.always_kept, []
+    for layer in tower.layers:
+        n_in = n
+        if layer.site_keep is not None and layer.heads > 0:
+            prunable = kept_token_count(prunable, layer.site_keep)
+            n = prunable + tower.always_kept
+        counts.append((n_in, n))
+    return tuple(counts)
+
+
+def source_output_tokens(tower: TowerStructure) -> int:
+    """Tokens leaving ``tower``'s last layer: those surviving every site."""
+    counts = site_token_counts(tower)
+    return counts[-1][1] if counts else tower.tokens
+
+
+def _couple(tower: TowerStructure, fed: Sequence[tuple[Coupling, int]]) -> TowerStructure:
+    """``tower`` with the token counts its incoming couplings bring: (coupling, tokens received) pairs."""
+    kv = [(c, n) for c, n in fed if c.kind == "cross_kv"]
+    if len(kv) > 1:
+        raise ValueError(f"tower {tower.name!r} takes cross-attention K/V from several towers "
+                         f"({', '.join(c.source for c, _ in kv)}); one source per tower")
+    layers = tower.layers
+    if kv:
+        coupling, n_kv = kv[0]
+        if not any(lay.cross_kv_hidden > 0 for lay in layers):
+            raise ValueError(f"cross_kv coupling {coupling.source!r} -> {tower.name!r}: {tower.name!r} has no "
+                             "cross-attention layer (cross_kv_hidden > 0)")
+        layers = tuple(replace(lay, cross_kv_tokens=n_kv) if lay.cross_kv_hidden > 0 else lay for lay in layers)
+    span = sum(n for c, n in fed if c.kind == "token_span")
+    return replace(tower, layers=layers, tokens=tower.tokens - tower.span_tokens + span, span_tokens=span)
+
+
+def resolve_couplings(towers: Sequence[TowerStructure], couplings: Sequence[Coupling]) -> tuple[TowerStructure, ...]:
+    """``towers`` (same order) with the K/V token counts and input spans their couplings take from their sources'
+    output tokens at the reference shape; a source is resolved before the towers it feeds. Idempotent; pure.
+    Raises ValueError on repeated or unknown tower names, a cycle, or a source whose last MLP is pooled-only (dead
+    compute: its other tokens would not be computed)."""
+    by_name = {t.name: t for t in towers}
+    if len(by_name) < len(towers):
+        raise ValueError(f"tower names must be unique, got {[t.name for t in towers]}")
+    for c in couplings:
+        missing = [name for name in (c.source, c.target) if name not in by_name]
+        if missing:
+            raise ValueError(f"coupling {c.source!r} -> {c.target!r} names unknown tower(s) {missing} "
+                             f"(towers: {list(by_name)})")
+        if any(lay.mlp_tokens_pooled_only for lay in by_name[c.source].layers):
+            raise ValueError(f"tower {c.source!r} feeds {c.target!r} ({c.kind}) but runs its last MLP on the pooled "
+                             "token alone: turn dead compute off")
+    done: dict[str, TowerStructure] = {}
+
+    def resolve(name: str, path: tuple[str, ...]) -> TowerStructure:
+        if name in path:
+            raise ValueError(f"tower couplings form a cycle: {' -> '.join((*path[path.index(name):], name))}")
+        if name not in done:
+            fed = [(c, c.received(source_output_tokens(resolve(c.source, (*path, name)))))
+                   for c in couplings if c.target == name]
+            done[name] = _couple(by_name[name], fed) if fed else by_name[name]
+        return done[name]
+
+    return tuple(resolve(t.name, ()) for t in towers)

@@ -23,7 +23,7 @@ from .. import masks
 from ..errors import ConfigError, RecipeError, UnsupportedModelError
 from ..flops import model_flops, unit_flops
 from ..recipe import TOKEN_POOL, LayerRecipe, Recipe
-from ..structure import LayerStructure, TowerStructure
+from ..structure import Coupling, LayerStructure, TowerStructure
 from . import units
 from .runtime import KEEP_ATTR, TokenScorer, check_token_scorer, make_token_scorer, site_keep
 from .units import UnitGroup, UnitKey, UnitSpec
@@ -156,6 +156,11 @@ class ModelAdapter(ABC):
         """Restore the class forwards."""
 
     supports_dead_compute: ClassVar[bool] = False
+
+    def couplings(self) -> tuple[Coupling, ...]:
+        """How the towers feed one another (cross-attention K/V, an input span), for the FLOPs model; none by
+        default. A family with couplings declares them here and nothing else (method.md §1)."""
+        return ()
 
     def pooled_only_last_mlp(self) -> bool:
         """Whether each tower's last MLP runs on the pooled token alone (dead compute)."""
@@ -391,7 +396,12 @@ class ModelAdapter(ABC):
         return towers
 
     def count_flops(self, reference: dict | None = None) -> int:
-        return model_flops(self.structure(reference))
+        """FLOPs of what the model computes now, all towers together (:func:`comp_vlm.flops.model_flops`)."""
+        return model_flops(self.structure(reference), self.couplings())
+
+    def dense_flops(self, reference: dict | None = None) -> int:
+        """FLOPs of the unpruned model with the same options (:meth:`dense_structure`)."""
+        return model_flops(self.dense_structure(reference), self.couplings())
 
     def dense_structure(self, reference: dict | None = None) -> list[TowerStructure]:
         """The unpruned model (all units, all tokens) with the same options."""
@@ -448,7 +458,7 @@ class ModelAdapter(ABC):
             options=asdict(self.options),
             reference=ref,
             towers=towers,
-            dense_flops=model_flops(self.dense_structure(ref)),
+            dense_flops=self.dense_flops(ref),
             pruned_flops=self.count_flops(ref),
         )
 

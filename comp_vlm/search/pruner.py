@@ -31,7 +31,7 @@ from ..errors import ConfigError, NonFiniteError
 from ..flops import model_flops, tower_flops
 from ..recipe import Recipe
 from ..schedule import MPSConfig, MultiModeScheduler, NoModeLeftError, mode_kind, stage_cost
-from ..structure import TowerStructure
+from ..structure import TowerStructure, resolve_couplings
 from ..tasks.base import model_device
 from . import budget
 from .config import PruneConfig
@@ -97,7 +97,8 @@ class Pruner:
                                             token_scorer_seed=config.seed))
         self.reference = self.adapter.reference(config.reference)
         object.__setattr__(model, "comp_vlm_reference", dict(self.reference))
-        self.dense_flops = float(model_flops(self.adapter.dense_structure(self.reference)))
+        self.couplings = self.adapter.couplings()
+        self.dense_flops = float(self.adapter.dense_flops(self.reference))
         self.collector = StatsCollector(config.weighting())
         self.collector.enabled = True  # collects in train-mode forwards until the search ends (also after resume)
         self.adapter.attach_collector(self.collector)
@@ -154,7 +155,12 @@ class Pruner:
                     lay = replace(lay, site_keep=keeps[i])
                 layers.append(lay)
             towers.append(replace(t, layers=tuple(layers)))
-        return model_flops(towers) / self.dense_flops
+        return self._kept(towers)
+
+    def _kept(self, towers: list[TowerStructure]) -> float:
+        """FLOPs fraction of the dense model that ``towers`` keep, all towers together through the model's
+        couplings (a T_v stage is credited with what the towers its tokens feed save)."""
+        return model_flops(towers, self.couplings) / self.dense_flops
 
     def _site_keeps(self, tower: str, level: float) -> dict[int, float]:
         """Per-site keep ratios of a tower's token mode at ``level`` (its deepest site's cumulative keep)."""
@@ -198,7 +204,7 @@ class Pruner:
         return max(0, self.stage_index - 1) * self.config.stage_steps + self.stage_step
 
     def flops_kept(self) -> float:
-        return model_flops(self.structural_towers()) / self.dense_flops
+        return self._kept(self.structural_towers())
 
     @property
     def elapsed_s(self) -> float:
@@ -340,7 +346,8 @@ class Pruner:
     def _plan_params(self, mode: str, target: float) -> StagePlan:
         """Greedy fill of the FLOPs step with the mode's unselected units in the order of the selection rule
         (method.md §2 "Selection": importance decides which units go, ΔF how many fill the step)."""
-        towers = {t.name: t for t in self.structural_towers()}
+        # resolved: a unit's layer sees the tokens its sources keep (a cross-attention head's K/V)
+        towers = {t.name: t for t in resolve_couplings(self.structural_towers(), self.couplings)}
         modes = self._param_modes(mode)
         flops = {name: tower_flops(t) for name, t in towers.items() if self.specs[name].param_mode in modes}
         keys, scores, costs, groups, floors, kinds = [], [], [], [], [], []
@@ -493,7 +500,7 @@ class Pruner:
     def _token_only_kept(self) -> float:
         towers = [replace(t, layers=tuple(dense_units(lay, self.specs[t.name]) for lay in t.layers))
                   for t in self.structural_towers()]
-        return model_flops(towers) / self.dense_flops
+        return self._kept(towers)
 
     def _take_snapshots(self) -> None:
         kept = self.flops_kept()
