@@ -73,9 +73,9 @@ def report(records: list[dict], path: Path) -> None:
         return
     dense = records[0]["dense_metric"]
     lines = ["# Recovery training on the unpruned dense model", "",
-             "`python benchmarks/recovery.py` — the benchmark's dense model trained further as a pruning run trains "
+             ("`python benchmarks/recovery.py` — the benchmark's dense model trained further as a pruning run trains "
              f"({records[0]['search_steps']} search steps + fine-tuning, {records[0]['steps']} steps in all), "
-             f"nothing pruned; R@1 (mean of both directions, galleries of 100) on the test split. Dense: {dense:.2f}.",
+             f"nothing pruned; R@1 (mean of both directions, galleries of 100) on the test split. Dense: {dense:.2f}."),
              "", "| setting | search lr | search schedule | fine-tuning | distill | seeds | R@1 | − dense |",
              "|---|---|---|---|---|---|---|---|"]
     for name in sorted({r["setting"] for r in records}):

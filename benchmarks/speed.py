@@ -26,22 +26,22 @@ import comp_vlm
 from comp_vlm import AdapterOptions, get_adapter
 from comp_vlm.measure import interleaved_latency_ms
 
-VIT_B16 = dict(
-    text_config=dict(vocab_size=49408, hidden_size=512, intermediate_size=2048, num_hidden_layers=12,
-                     num_attention_heads=8, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
-                     pad_token_id=1),
-    vision_config=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                       image_size=224, patch_size=16),
-    projection_dim=512,
-)
-QUICK = dict(
-    text_config=dict(vocab_size=100, hidden_size=64, intermediate_size=256, num_hidden_layers=4,
-                     num_attention_heads=4, max_position_embeddings=32, bos_token_id=98, eos_token_id=99,
-                     pad_token_id=1),
-    vision_config=dict(hidden_size=64, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
-                       image_size=32, patch_size=4),
-    projection_dim=32,
-)
+VIT_B16 = {
+    "text_config": {"vocab_size": 49408, "hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 12,
+                     "num_attention_heads": 8, "max_position_embeddings": 77, "bos_token_id": 49406, "eos_token_id": 49407,
+                     "pad_token_id": 1},
+    "vision_config": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
+                       "image_size": 224, "patch_size": 16},
+    "projection_dim": 512,
+}
+QUICK = {
+    "text_config": {"vocab_size": 100, "hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 4,
+                     "num_attention_heads": 4, "max_position_embeddings": 32, "bos_token_id": 98, "eos_token_id": 99,
+                     "pad_token_id": 1},
+    "vision_config": {"hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4,
+                       "image_size": 32, "patch_size": 4},
+    "projection_dim": 32,
+}
 
 
 def build(cfg: dict, seed: int = 0) -> CLIPModel:
@@ -137,9 +137,9 @@ def main(argv: list[str] | None = None) -> int:
             "command": " ".join(["python benchmarks/speed.py", *(sys.argv[1:] if argv is None else argv)])}
     (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     lines = [f"# Speed: measured vs ideal speedup ({meta['model']})", "",
-             f"`{meta['command']}` — torch {meta['torch']}, {args.threads} threads, median of {args.repeats} "
+             (f"`{meta['command']}` — torch {meta['torch']}, {args.threads} threads, median of {args.repeats} "
              f"interleaved runs; dense = sdpa + dead-compute option, {flops['dense'] / 1e9:.2f} GFLOPs per "
-             f"image-text pair at {reference}.", "",
+             f"image-text pair at {reference}."), "",
              "| batch | variant | FLOPs kept | dense ms | pruned ms | measured speedup | ideal speedup | measured/ideal |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -95,15 +95,15 @@ def main(argv: list[str] | None = None) -> int:
     lines = ["# Benchmark world checks", "", "Command: `python benchmarks/world_checks.py`", "",
              "- dense FLOPs share: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in share.items())
              + f" (text at its mean training length, {length} tokens)",
-             f"- dense R@1 {result['dense_r1']:.2f} ({result['dense_params']:,} params); half-width model trained "
-             f"the same way from scratch: {result['half_width_r1']:.2f} ({result['half_width_params']:,} params)",
+             (f"- dense R@1 {result['dense_r1']:.2f} ({result['dense_params']:,} params); half-width model trained "
+             f"the same way from scratch: {result['half_width_r1']:.2f} ({result['half_width_params']:,} params)"),
              "- dropping 50% of the prunable tokens at the first site, no fine-tuning (R@1):"]
     for mode, d in drops.items():
         lines.append(f"  - {mode}: attention (CIT) {d['attention']:.2f} vs random {d['random_mean']:.2f} "
                      f"(seeds: {', '.join(f'{x:.2f}' for x in d['random'])})")
-    lines += [f"- test pairs {len(keys)} in galleries of {s.gallery_size}; pairs whose content repeats inside their "
+    lines += [(f"- test pairs {len(keys)} in galleries of {s.gallery_size}; pairs whose content repeats inside their "
               f"gallery: {100 * result['pairs_sharing_content_in_gallery']:.2f}% (matched by content key); unique "
-              f"caption strings {100 * result['unique_caption_fraction']:.1f}%",
+              f"caption strings {100 * result['unique_caption_fraction']:.1f}%"),
               f"- identical images across splits: {result['split_overlap_images']}"]
     (out / "world_checks.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

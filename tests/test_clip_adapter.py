@@ -106,7 +106,7 @@ def test_site_in_layer_without_heads_is_disabled(pixels):
         model.get_image_features(pixel_values=pixels)
     h.remove()
     assert seen == [17]  # nothing dropped
-    tower = [t for t in adapter.structure() if t.name == "vision"][0]
+    tower = next(t for t in adapter.structure() if t.name == "vision")
     assert tower.layers[1].heads == 0
 
 

@@ -63,8 +63,8 @@ def test_same_seed_same_recipe(setup):
 def test_mode_that_can_remove_only_a_sliver_is_exhausted_before_its_stage(setup):
     cfg, _, loaders = setup
     # every head kept and 62 of 64 neurons per layer: a parameter mode can remove ~1% of FLOPs, far below the step
-    tight = dict(ratio=0.3, strategy="cycle", finetune_steps=0, head_floor=4, neuron_floor=0.97, min_stage_fraction=0.25,
-                 token_plan="legacy")
+    tight = {"ratio": 0.3, "strategy": "cycle", "finetune_steps": 0, "head_floor": 4, "neuron_floor": 0.97,
+             "min_stage_fraction": 0.25, "token_plan": "legacy"}
     res = prune(fresh(cfg), RetrievalTask(), loaders.train, loaders.val, quick(**tight))
     assert {r["mode"] for r in res.stage_log} == {"T_v", "T_l"}
     assert all(r["flops_removed_step"] > 0.25 * 0.1 - 1e-9 or r["flops_kept"] <= 0.7 + 1e-9 for r in res.stage_log)
