@@ -272,7 +272,7 @@ def test_lr_factor_warmup_then_cosine_to_zero():
     f = [budget.lr_factor(i, 10, "cosine", 0.2) for i in range(10)]
     assert f[:2] == [0.5, 1.0]
     assert f[2] == pytest.approx(1.0) and f[-1] == pytest.approx(0.5 * (1 + math.cos(math.pi * 7 / 8)))
-    assert all(a >= b for a, b in itertools.pairwise(f))
+    assert all(a >= b for a, b in itertools.pairwise(f[1:]))  # non-increasing after the warm-up
     assert budget.lr_factor(10, 10, "cosine", 0.2) == pytest.approx(0.0)
     assert budget.lr_factor(3, 10, "constant") == 1.0
 
