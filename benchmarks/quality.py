@@ -841,6 +841,14 @@ def strategy_floors(bench: Bench, dense: torch.nn.Module, arms: list[str], base:
     return floors
 
 
+def ratio_record(identity: dict[str, Any], config: Any, ratio: float, dense_metric: float, reached: bool,
+                 metric: float, flops_kept: float, steps: int, search_steps: int, wall: float, **extra: Any) -> dict:
+    """One record of a run at one ratio (``steps``: the training steps of that snapshot; 0 when not reached)."""
+    return {"strategy": identity["strategy"], "ratio": ratio, "seed": config.seed, "metric_name": "r1_mean",
+            "metric": metric, "dense_metric": dense_metric, "flops_kept": flops_kept, "reached": reached,
+            "steps": steps if reached else 0, "search_steps": search_steps, **extra, "wall_s": wall, **identity}
+
+
 def run_arm(bench: Bench, dense: torch.nn.Module, dense_metric: float, config: Any, identity: dict[str, Any],
             ratios: list[float]) -> tuple[list[dict], dict | None]:
     """One search of an arm (``config``) through every ratio: a record per ratio and the stage record."""
@@ -858,14 +866,12 @@ def run_arm(bench: Bench, dense: torch.nn.Module, dense_metric: float, config: A
         reached = res is not None and ratio in res.snapshots
         extra = res.snapshots[ratio][1].extra if reached else {}
         snap_search = extra.get("stage", 0) * config.stage_steps
-        records.append({
-            "strategy": identity["strategy"], "ratio": ratio, "seed": config.seed, "metric_name": "r1_mean",
-            "metric": res.metrics[ratio]["r1_mean"] if reached else float("nan"), "dense_metric": dense_metric,
-            "flops_kept": res.snapshots[ratio][1].flops_kept if reached else float("nan"), "reached": reached,
+        records.append(ratio_record(
+            identity, config, ratio, dense_metric, reached,
+            res.metrics[ratio]["r1_mean"] if reached else float("nan"),
+            res.snapshots[ratio][1].flops_kept if reached else float("nan"),
             # steps that trained this snapshot: the search up to it plus its own fine-tuning
-            "steps": snap_search + extra.get("finetune_steps", config.finetune_steps) if reached else 0,
-            "search_steps": search,
-            "wall_s": wall, **identity})
+            snap_search + extra.get("finetune_steps", config.finetune_steps), search, wall))
     return records, (stage_record(identity, res, dense) if res is not None else None)
 
 
@@ -902,13 +908,10 @@ def run_downsample(bench: Bench, dense: torch.nn.Module, dense_metric: float, co
             metric = res.metrics[v]["r1_mean"] if reached else float("nan")
             kept = res.snapshots[v][1].flops_kept * plan.kept_low if reached else float("nan")
             steps = plan.adapt_steps + extra.get("stage", 0) * config.stage_steps + extra.get("finetune_steps", 0)
-        records.append({
-            "strategy": identity["strategy"], "ratio": ratio, "seed": config.seed, "metric_name": "r1_mean",
-            "metric": metric, "dense_metric": dense_metric, "flops_kept": kept, "reached": reached,
-            "steps": steps if reached else 0,
-            "search_steps": plan.adapt_steps + (len(res.stage_log) * config.stage_steps if res else 0),
-            "downsample": {"image_size": plan.image_size, "kept_low": plan.kept_low, "adapt_steps": plan.adapt_steps},
-            "wall_s": wall, **identity})
+        records.append(ratio_record(
+            identity, config, ratio, dense_metric, reached, metric, kept, steps,
+            plan.adapt_steps + (len(res.stage_log) * config.stage_steps if res else 0), wall,
+            downsample={"image_size": plan.image_size, "kept_low": plan.kept_low, "adapt_steps": plan.adapt_steps}))
     return records, (stage_record(identity, res, dense) if res is not None else None)
 
 
