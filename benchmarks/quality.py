@@ -230,7 +230,8 @@ def parse_overrides(items: list[str], config_type: type = comp_vlm.PruneConfig) 
 # ---- provenance --------------------------------------------------------------------------------------------------
 def git_state(root: Path) -> tuple[str | None, bool | None]:
     """HEAD of the repository at ``root`` and whether tracked files under comp_vlm/ or benchmarks/ (results
-    excluded: the suite writes them) differ from it; (None, None) outside git."""
+    excluded: the suite writes them) differ from it. Outside git (a copied checkout, e.g. on another machine):
+    ``COMP_VLM_COMMIT`` if set by whoever copied it (dirty unknown), else (None, None)."""
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout
 
@@ -239,7 +240,7 @@ def git_state(root: Path) -> tuple[str | None, bool | None]:
         changed = git("status", "--porcelain", "--untracked-files=no", "--", "comp_vlm", "benchmarks",
                       ":(exclude)benchmarks/results")
     except (OSError, subprocess.CalledProcessError):
-        return None, None
+        return os.environ.get("COMP_VLM_COMMIT") or None, None
     return head, bool(changed.strip())
 
 
@@ -278,6 +279,7 @@ class Invocation:
     commit: str | None
     dirty: bool | None
     default_selection: Any
+    device: str = "cpu"  # recorded with every run, not part of the suite key (the same suite on other hardware)
 
     @property
     def suite(self) -> str:
@@ -287,7 +289,7 @@ class Invocation:
         """The identity fields of one run of ``arm`` with ``config``."""
         return {"strategy": arm, "arm": arm_label(arm, getattr(config, "selection", None), self.default_selection),
                 "seed": config.seed, "suite": self.suite, **self.identity, "commit": self.commit,
-                "dirty": self.dirty, "overrides": self.overrides, "config": config_dict(config)}
+                "dirty": self.dirty, "overrides": self.overrides, "device": self.device, "config": config_dict(config)}
 
 
 # ---- results files -----------------------------------------------------------------------------------------------
@@ -320,6 +322,47 @@ def update_json(path: Path, change: Callable[[Any], Any], empty: Any) -> None:
         with os.fdopen(fd, "w") as fh:
             json.dump(value, fh, indent=1)
         os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def claimed(claims: Path, suite: str, arm: str, seed: int) -> Iterator[bool]:
+    """Claim the run (suite, arm, seed) for this process while it runs: yields False when another live process
+    holds it, so suite processes side by side (one per core, or per GPU share) split the work instead of repeating
+    it. A claim is a file naming host and pid; one left by a dead process on this host is taken over, one from
+    another host is respected (delete it by hand if that machine is gone)."""
+    import socket
+
+    claims.mkdir(parents=True, exist_ok=True)
+    path = claims / f"{suite}-{arm}-{seed}"
+    me = f"{socket.gethostname()} {os.getpid()}"
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            host, _, pid = path.read_text().partition(" ") if path.is_file() else ("", "", "")
+            if host != socket.gethostname() or not pid.strip().isdigit() or _alive(int(pid)):
+                yield False
+                return
+            path.unlink(missing_ok=True)  # its process is gone: the run was never recorded
+            continue
+        with os.fdopen(fd, "w") as fh:
+            fh.write(me)
+        try:
+            yield True
+        finally:
+            path.unlink(missing_ok=True)
+        return
+    yield False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def append_records(path: Path, new: list[dict]) -> None:
@@ -972,6 +1015,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tag", default="", help="record into quality-TAG.* (e.g. a K=50 investigation)")
     parser.add_argument("--out", default=None)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="where the searches run (recorded with every run; CPU numbers are the reference)")
     parser.add_argument("--world", choices=("synthetic", "emoji"), default="synthetic",
                         help="synthetic: the built-in benchmark world; emoji: a written emoji world (make emoji-world) "
                              "with the model of its calibration (benchmarks/emoji_world_checks.py); records go to "
@@ -983,9 +1028,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.world == "emoji" and not args.tag:
         args.tag = "emoji"
     torch.set_num_threads(args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("quality.py: --device cuda was given but torch sees no GPU")
     out = Path(args.out or ("/tmp/comp_quality_smoke" if args.smoke else "benchmarks/results"))
     stem = f"quality-{args.tag}" if args.tag else "quality"
     results, stages_path = out / f"{stem}.json", out / f"{stem}_stages.jsonl"
+    claims = out / f"{stem}.claims"
     if args.report:
         report(load_records(results), load_stages(stages_path), out, stem)
         print(f"wrote {out / (stem + '.md')}" if results.is_file() else f"no records in {results}")
@@ -1001,6 +1049,7 @@ def main(argv: list[str] | None = None) -> int:
     progress = not args.smoke
     try:
         inv = make_invocation(bench, ratios, args.set)
+        inv.device = "cpu" if args.device == "cpu" else f"cuda ({torch.cuda.get_device_name()})"
         for arm in dict.fromkeys(strategies + list(MAIN)):  # every arm's options exist and validate
             arm_config(inv.base, arm, 0)
     except (ValueError, comp_vlm.ConfigError) as exc:
@@ -1008,6 +1057,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"suite {inv.suite} (commit {(inv.commit or 'unknown')[:10]}{', uncommitted changes' if inv.dirty else ''}"
           f"; --set {' '.join(args.set) or 'none'})")
     dense, dense_metrics = bench.dense(progress=progress)
+    dense = dense.to(args.device)
     print(f"dense {bench.settings.name}: r1_mean {dense_metrics['r1_mean']:.2f} on {bench.settings.n_test} test pairs "
           f"(galleries of {bench.settings.gallery_size})")
     floors = strategy_floors(bench, dense, list(dict.fromkeys(strategies + list(MAIN))), inv.base)
@@ -1020,13 +1070,17 @@ def main(argv: list[str] | None = None) -> int:
         for arm in strategies:
             config = arm_config(inv.base, arm, seed, progress)
             identity = inv.run_identity(arm, config)
-            if (inv.suite, identity["arm"], seed) in done_runs(load_records(results)):  # also other processes' runs
+            key = (inv.suite, identity["arm"], seed)
+            if key in done_runs(load_records(results)):  # also other processes' runs
                 continue
-            runner = SPECIAL.get(arm, run_arm)
-            records, stage = runner(bench, dense, dense_metrics["r1_mean"], config, identity, ratios)
-            append_records(results, records)
-            if stage is not None:
-                append_line(stages_path, stage)
+            with claimed(claims, *key) as mine:
+                if not mine or key in done_runs(load_records(results)):  # running, or finished meanwhile
+                    continue
+                runner = SPECIAL.get(arm, run_arm)
+                records, stage = runner(bench, dense, dense_metrics["r1_mean"], config, identity, ratios)
+                append_records(results, records)
+                if stage is not None:
+                    append_line(stages_path, stage)
             print(f"{identity['arm']} seed {seed}: " + ", ".join(f"{r['ratio']}: {r['metric']:.2f}" for r in records)
                   + f"  ({records[0]['wall_s']:.0f} s)", flush=True)
     for seed in [int(x) for x in args.control_seeds.split(",") if x.strip()]:
@@ -1034,9 +1088,13 @@ def main(argv: list[str] | None = None) -> int:
         identity = inv.run_identity(CONTROL, config)
         recorded = load_records(results)
         steps = control_search_steps(recorded, inv.suite, config.finetune_steps)
-        if steps is None or (inv.suite, identity["arm"], seed) in done_runs(recorded):
+        key = (inv.suite, identity["arm"], seed)
+        if steps is None or key in done_runs(recorded):
             continue
-        append_records(results, [run_dense_control(bench, dense, dense_metrics["r1_mean"], config, identity, steps)])
+        with claimed(claims, *key) as mine:
+            if mine and key not in done_runs(load_records(results)):
+                append_records(results, [run_dense_control(bench, dense, dense_metrics["r1_mean"], config, identity,
+                                                           steps)])
     report(load_records(results), load_stages(stages_path), out, stem)
     print(f"wrote {results} and {out / (stem + '.md')}")
     return 0

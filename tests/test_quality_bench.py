@@ -308,6 +308,45 @@ def test_git_state_flags_changed_code_but_not_results(tmp_path):
     assert q.git_state(tmp_path.parent / "not-a-repo") == (None, None)
 
 
+def test_git_state_outside_git_takes_the_commit_its_copier_names(tmp_path, monkeypatch):
+    monkeypatch.delenv("COMP_VLM_COMMIT", raising=False)
+    assert q.git_state(tmp_path) == (None, None)
+    monkeypatch.setenv("COMP_VLM_COMMIT", "abc123")
+    assert q.git_state(tmp_path) == ("abc123", None)
+
+
+# ---- claims: suite processes side by side split the work -------------------------------------------------------------
+def test_a_claim_is_held_while_the_run_runs_and_released_after(tmp_path):
+    with q.claimed(tmp_path, "s1", "comp", 3) as mine:
+        assert mine and (tmp_path / "s1-comp-3").is_file()
+        with q.claimed(tmp_path, "s1", "comp", 3) as again:  # this very process is alive: held
+            assert not again
+        with q.claimed(tmp_path, "s1", "comp", 4) as other_seed:
+            assert other_seed
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_claim_is_released_when_the_run_fails(tmp_path):
+    with pytest.raises(RuntimeError), q.claimed(tmp_path, "s1", "sjp", 0) as mine:
+        assert mine
+        raise RuntimeError("run crashed")
+    assert not (tmp_path / "s1-sjp-0").exists()
+
+
+def test_a_dead_processs_claim_is_taken_over_and_another_hosts_respected(tmp_path):
+    import socket
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    (tmp_path / "s1-comp-0").write_text(f"{socket.gethostname()} {gone.pid}")
+    with q.claimed(tmp_path, "s1", "comp", 0) as mine:
+        assert mine
+    (tmp_path / "s1-comp-1").write_text(f"{socket.gethostname()}-elsewhere {gone.pid}")
+    with q.claimed(tmp_path, "s1", "comp", 1) as mine:
+        assert not mine
+    assert (tmp_path / "s1-comp-1").is_file()  # not ours to remove
+
+
 def test_emoji_bench_takes_the_first_passed_calibration(tmp_path):
     import emoji_bench
     import emoji_world_checks as checks
@@ -323,3 +362,9 @@ def test_emoji_bench_takes_the_first_passed_calibration(tmp_path):
     assert emoji_bench.calibrated_attempt(path, first.name) == first  # named: taken even if it failed
     with pytest.raises(emoji_bench.CalibrationMissing, match="no calibration attempt 'nope'"):
         emoji_bench.calibrated_attempt(path, "nope")
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the error without a GPU")
+def test_device_cuda_without_a_gpu_is_one_line(tmp_path):
+    with pytest.raises(SystemExit, match="--device cuda was given but torch sees no GPU"):
+        q.main(["--device", "cuda", "--smoke", "--out", str(tmp_path)])
