@@ -21,6 +21,8 @@ test: $(STAMP)
 
 # The emoji world (README "Datasets"): three Debian packages, then the Karpathy, NLVR2 and VQAv2 datasets.
 EMOJI_WORLD ?= data/emoji-world
+# processes drawing the world (the same files, byte for byte, with any number; 1 where nproc is missing)
+EMOJI_WORKERS ?= $(shell nproc 2>/dev/null || echo 1)
 EMOJI_PACKAGES := fonts-noto-color-emoji unicode-cldr-core unicode-data
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
@@ -29,7 +31,7 @@ emoji-sources:
 		($(SUDO) apt-get update && $(SUDO) apt-get install -y $(EMOJI_PACKAGES))
 
 emoji-world: $(STAMP) emoji-sources
-	$(BIN)/python -m comp_vlm.data.emoji_world $(EMOJI_WORLD)
+	$(BIN)/python -m comp_vlm.data.emoji_world $(EMOJI_WORLD) --workers $(EMOJI_WORKERS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check comp_vlm tests benchmarks

@@ -26,7 +26,9 @@ from comp_vlm.data.emoji_world import (
     COUNT_WORDS,
     SpriteBank,
     WorldConfig,
+    _chunks,
     caption,
+    main,
     mask_path,
     neighbours,
     patch_foreground,
@@ -374,6 +376,33 @@ def test_world_is_determined_by_its_seed(world, concepts, tmp_path):
     assert (other / "karpathy/dataset_emoji.json").read_bytes() != (out / "karpathy/dataset_emoji.json").read_bytes()
 
 
+def tree(root):
+    """Every file under ``root`` by its relative path, with its bytes."""
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_world_written_by_two_workers_is_the_same_bytes(world, concepts, tmp_path):
+    # each split of SMALL is drawn in several chunks, so chunk results gathered out of order would show
+    assert all(len(_chunks(n, 2)) > 1 for sizes in (SMALL.retrieval, SMALL.nlvr2, SMALL.vqav2)
+               for n in sizes.values())
+    out, record = world
+    two = tmp_path / "two"
+    again = write_world(two, SMALL, concepts, SpriteFolder(SPRITES), {"emoji_test": TEST_TXT, "cldr": EN_XML},
+                        progress=False, workers=2)
+    assert again == record and read_world(two) == read_world(out)
+    ones, twos = tree(out), tree(two)
+    assert sorted(ones) == sorted(twos)
+    assert [f for f in ones if ones[f] != twos[f]] == []
+
+
+def test_chunks_cover_each_split_in_order():
+    for n in (1, 3, 12, 100, 30000):
+        for workers in (2, 3, 16):
+            chunks = _chunks(n, workers)
+            assert [i for a, b in chunks for i in range(a, b)] == list(range(n))
+            assert all(b - a <= 64 for a, b in chunks)
+
+
 def test_write_world_keeps_a_finished_world_and_refuses_other_settings(world, concepts):
     out, record = world
     stamp = (out / "world.json").stat().st_mtime_ns
@@ -409,5 +438,9 @@ def test_world_config_checks():
         WorldConfig(canvas=42)
     with pytest.raises(ConfigError, match="min_emoji"):
         WorldConfig(min_emoji=3, max_emoji=2)
+    with pytest.raises(ConfigError, match="workers must be at least 1"):
+        write_world("unused", SMALL, workers=0)
+    with pytest.raises(SystemExit):
+        main(["unused", "--workers", "0"])
     scaled = WorldConfig().scaled(0.001)
     assert scaled.retrieval == {"train": 30, "val": 1, "test": 5} and scaled.canvas == 40

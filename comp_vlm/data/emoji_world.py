@@ -24,12 +24,14 @@ Everything is determined by the sources and :class:`WorldConfig` (each item draw
 vocabulary, the training images' mean/std and the measured background share of patches.
 
     python -m comp_vlm.data.emoji_world data/emoji-world      # needs the three Debian packages (see emoji_sources)
+    python -m comp_vlm.data.emoji_world data/emoji-world --workers 16   # 16 processes, the same files byte for byte
 """
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -328,15 +330,17 @@ def questions(scene: Scene, concepts: Sequence[Concept], near: Sequence[tuple[li
 
 # -- writing ----------------------------------------------------------------------------------------------------
 class _Stats:
-    """Running per-channel pixel mean/std (training images) and patch background counts (all images)."""
+    """Per-channel pixel sums (training images) and patch background counts (all images), kept as integers so that
+    stats gathered over any split of the items into chunks add up to the same totals; floats only in
+    :meth:`summary`."""
 
     def __init__(self, patch: int) -> None:
         self.patch = patch
-        self.sum, self.sq, self.pixels = np.zeros(3), np.zeros(3), 0
+        self.sum, self.sq, self.pixels = np.zeros(3, dtype=np.int64), np.zeros(3, dtype=np.int64), 0
         self.patches, self.empty, self.below_5pct = 0, 0, 0
 
     def add_pixels(self, image: Any) -> None:
-        px = np.asarray(image, dtype=np.float64).reshape(-1, 3) / 255.0
+        px = np.asarray(image, dtype=np.int64).reshape(-1, 3)  # 8-bit levels
         self.sum += px.sum(0)
         self.sq += (px * px).sum(0)
         self.pixels += px.shape[0]
@@ -347,20 +351,43 @@ class _Stats:
         self.empty += int((share == 0).sum())
         self.below_5pct += int((share < 0.05).sum())
 
+    def merge(self, other: _Stats) -> None:
+        self.sum += other.sum
+        self.sq += other.sq
+        self.pixels += other.pixels
+        self.patches += other.patches
+        self.empty += other.empty
+        self.below_5pct += other.below_5pct
+
     def summary(self) -> dict[str, Any]:
-        mean = self.sum / max(1, self.pixels)
-        std = np.sqrt(np.maximum(self.sq / max(1, self.pixels) - mean * mean, 0.0))
+        n = max(1, self.pixels)
+        mean = self.sum / (255.0 * n)  # of pixels scaled to [0, 1]
+        std = np.sqrt(np.maximum(self.sq / (255.0 * 255.0 * n) - mean * mean, 0.0))
         return {"image_mean": [round(float(v), 4) for v in mean], "image_std": [round(float(v), 4) for v in std],
                 "patch_background": {"patch": self.patch, "patches": self.patches,
                                      "no_foreground": self.empty / max(1, self.patches),
                                      "foreground_below_5pct": self.below_5pct / max(1, self.patches)}}
 
 
-class _Writer:
-    """Draws and saves images with their masks; every item has its own generator."""
+def _chunks(n: int, workers: int, most: int = 64) -> list[tuple[int, int]]:
+    """``[start, stop)`` ranges covering ``range(n)`` in order, about four per worker and at most ``most`` long."""
+    size = max(1, min(most, -(-n // (4 * workers))))
+    return [(a, min(n, a + size)) for a in range(0, n, size)]
 
-    def __init__(self, out: Path, concepts: Sequence[Concept], bank: SpriteBank, config: WorldConfig) -> None:
-        self.out, self.concepts, self.bank, self.config = out, concepts, bank, config
+
+def _offset(sizes: dict[str, int], split: str) -> int:
+    """How many items the splits before ``split`` hold (ids run on across splits)."""
+    splits = list(sizes)
+    return sum(sizes[s] for s in splits[:splits.index(split)])
+
+
+class _Writer:
+    """Draws and saves images with their masks; every item has its own generator, so items can be drawn in any order
+    and in any process (:func:`_draw_chunk`); their records and texts are gathered back in index order."""
+
+    def __init__(self, out: Path, concepts: Sequence[Concept], bank: SpriteBank, config: WorldConfig,
+                 workers: int = 1) -> None:
+        self.out, self.concepts, self.bank, self.config, self.workers = out, concepts, bank, config, workers
         self.near = neighbours(concepts)
         self.stats = _Stats(config.patch)
         self.texts: list[str] = []
@@ -386,55 +413,112 @@ class _Writer:
         return [{"emoji": self.concepts[o.concept].char, "name": self.concepts[o.concept].name,
                  "box": list(o.box)} for o in scene.objects]
 
-    def retrieval(self, progress: bool) -> None:
-        root, images, image_id = self.out / "karpathy", [], 0
-        for split, n in self.config.retrieval.items():
-            for i in tqdm(range(n), desc=f"retrieval {split}", disable=not progress):
-                rng = self.rng("retrieval", split, i)
-                filename = f"emoji_{split}_{i:06d}.png"
-                scene = self.draw(rng, root, f"images/{filename}", train=split == "train")
-                captions = tuple(caption(scene, self.concepts, rng, self.config.keyword_rate)
-                                 for _ in range(self.config.captions_per_image))
-                self.texts += captions
-                images.append(CaptionedImage(filename, split, captions, image_id, "images",
-                                             extra={"objects": self.annotations(scene)}))
-                image_id += 1
-        write_karpathy(root / "dataset_emoji.json", images, "emoji")
+    def item(self, kind: str, split: str, i: int) -> tuple[Any, list[str]]:
+        """Draw and save item ``i`` of a split of ``kind`` ("retrieval", "nlvr2", "vqav2"): its record (a list of
+        questions for "vqav2") and its texts."""
+        rng = self.rng(kind, split, i)
+        if kind == "retrieval":
+            filename = f"emoji_{split}_{i:06d}.png"
+            scene = self.draw(rng, self.out / "karpathy", f"images/{filename}", train=split == "train")
+            captions = tuple(caption(scene, self.concepts, rng, self.config.keyword_rate)
+                             for _ in range(self.config.captions_per_image))
+            image_id = _offset(self.config.retrieval, split) + i
+            return CaptionedImage(filename, split, captions, image_id, "images",
+                                  extra={"objects": self.annotations(scene)}), list(captions)
+        if kind == "nlvr2":
+            root = self.out / "nlvr2"
+            identifier = f"{split}-{i // 4}-{i % 4}-0"
+            directory = (i // 4) % 100 if split == "train" else None
+            folder = f"images/{split}/" + (f"{directory}/" if directory is not None else "")
+            left_name, right_name = (f"{split}-{i // 4}-{i % 4}-img{k}.png" for k in (0, 1))
+            left = self.draw(rng, root, folder + left_name, train=False)
+            right = self.draw(rng, root, folder + right_name, train=False)
+            sentence, label = statement(left, right, self.concepts, self.near, rng, self.config)
+            return NLVR2Example(identifier, sentence, label, directory, extra={
+                "left_url": folder + left_name, "right_url": folder + right_name, "writer": "emoji-world",
+                "left_objects": self.annotations(left), "right_objects": self.annotations(right)}), [sentence]
+        image_id = _offset(self.config.vqav2, split) + i + 1
+        scene = self.draw(rng, self.out / "vqav2", f"{split}/{image_file_name(split, image_id, 'EMOJI', 'png')}",
+                          train=False)
+        items, texts = [], []
+        for k, (question, answers, qtype, atype) in enumerate(
+                questions(scene, self.concepts, self.near, rng, self.config)):
+            texts += [question, *answers]
+            items.append(VQAQuestion(image_id * 1000 + k, image_id, question, tuple(answers),
+                                     most_common_answer(answers), qtype, atype))
+        return items, texts
 
-    def nlvr2(self, progress: bool) -> None:
-        root = self.out / "nlvr2"
+    def items(self, kind: str, split: str, n: int, progress: bool, pool: Any = None) -> list[Any]:
+        """The records of items ``0..n-1`` of a split in index order, drawn here or by ``pool`` in chunks; their texts
+        and stats are added to the writer's."""
+        desc = f"{kind} {split}"
+        if pool is None:
+            done = [self.item(kind, split, i) for i in tqdm(range(n), desc=desc, disable=not progress)]
+        else:
+            done = []
+            with tqdm(total=n, desc=desc, disable=not progress) as bar:
+                tasks = [(kind, split, start, stop) for start, stop in _chunks(n, self.workers)]
+                for results, stats in pool.imap(_draw_chunk, tasks):  # imap keeps the order of the tasks
+                    done += results
+                    self.stats.merge(stats)
+                    bar.update(len(results))
+        for _, texts in done:
+            self.texts += texts
+        return [record for record, _ in done]
+
+    def retrieval(self, progress: bool, pool: Any = None) -> None:
+        images = [image for split, n in self.config.retrieval.items()
+                  for image in self.items("retrieval", split, n, progress, pool)]
+        write_karpathy(self.out / "karpathy" / "dataset_emoji.json", images, "emoji")
+
+    def nlvr2(self, progress: bool, pool: Any = None) -> None:
         for split, n in self.config.nlvr2.items():
-            examples = []
-            for i in tqdm(range(n), desc=f"nlvr2 {split}", disable=not progress):
-                rng = self.rng("nlvr2", split, i)
-                identifier = f"{split}-{i // 4}-{i % 4}-0"
-                directory = (i // 4) % 100 if split == "train" else None
-                folder = f"images/{split}/" + (f"{directory}/" if directory is not None else "")
-                left_name, right_name = (f"{split}-{i // 4}-{i % 4}-img{k}.png" for k in (0, 1))
-                left = self.draw(rng, root, folder + left_name, train=False)
-                right = self.draw(rng, root, folder + right_name, train=False)
-                sentence, label = statement(left, right, self.concepts, self.near, rng, self.config)
-                self.texts.append(sentence)
-                examples.append(NLVR2Example(identifier, sentence, label, directory, extra={
-                    "left_url": folder + left_name, "right_url": folder + right_name, "writer": "emoji-world",
-                    "left_objects": self.annotations(left), "right_objects": self.annotations(right)}))
-            write_nlvr2(root / "data" / f"{split}.json", examples)
+            examples = self.items("nlvr2", split, n, progress, pool)
+            write_nlvr2(self.out / "nlvr2" / "data" / f"{split}.json", examples)
 
-    def vqav2(self, progress: bool) -> None:
-        root, image_id = self.out / "vqav2", 0
+    def vqav2(self, progress: bool, pool: Any = None) -> None:
         for subtype, n in self.config.vqav2.items():
-            items = []
-            for i in tqdm(range(n), desc=f"vqav2 {subtype}", disable=not progress):
-                image_id += 1
-                rng = self.rng("vqav2", subtype, i)
-                scene = self.draw(rng, root, f"{subtype}/{image_file_name(subtype, image_id, 'EMOJI', 'png')}",
-                                  train=False)
-                for k, (question, answers, qtype, atype) in enumerate(
-                        questions(scene, self.concepts, self.near, rng, self.config)):
-                    self.texts += [question, *answers]
-                    items.append(VQAQuestion(image_id * 1000 + k, image_id, question, tuple(answers),
-                                             most_common_answer(answers), qtype, atype))
-            write_vqav2(root, subtype, items, data_type="emoji", info={"description": "comp-vlm emoji world"})
+            items = [q for qs in self.items("vqav2", subtype, n, progress, pool) for q in qs]
+            write_vqav2(self.out / "vqav2", subtype, items, data_type="emoji",
+                        info={"description": "comp-vlm emoji world"})
+
+
+_CHUNK_WRITER: _Writer | None = None  # a pool worker's writer (inherited on fork, unpickled once on spawn)
+
+
+def _init_chunk_writer(writer: _Writer) -> None:
+    global _CHUNK_WRITER
+    _CHUNK_WRITER = writer
+
+
+def _draw_chunk(task: tuple[str, str, int, int]) -> tuple[list[tuple[Any, list[str]]], _Stats]:
+    """In a pool worker: draw and save items ``start..stop-1`` of a split; their records and texts, and their stats."""
+    kind, split, start, stop = task
+    writer = _CHUNK_WRITER
+    assert writer is not None, "_draw_chunk runs in a pool made by _writer_pool"
+    writer.stats = _Stats(writer.config.patch)
+    return [writer.item(kind, split, i) for i in range(start, stop)], writer.stats
+
+
+@contextmanager
+def _writer_pool(writer: _Writer) -> Iterator[Any]:
+    """``None`` for one worker (everything in this process), else a pool of ``writer.workers`` processes each holding
+    the writer: forked where the platform can (the sprites are inherited, not pickled), spawned elsewhere."""
+    if writer.workers == 1:
+        yield None
+        return
+    import multiprocessing
+
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    pool = multiprocessing.get_context(method).Pool(writer.workers, _init_chunk_writer, (writer,))
+    try:
+        yield pool
+        pool.close()
+    except BaseException:
+        pool.terminate()
+        raise
+    finally:
+        pool.join()
 
 
 def choose_concepts(concepts: Sequence[Concept], config: WorldConfig) -> list[Concept]:
@@ -448,15 +532,18 @@ def choose_concepts(concepts: Sequence[Concept], config: WorldConfig) -> list[Co
 
 def write_world(out: PathLike, config: WorldConfig | None = None, concepts: Sequence[Concept] | None = None,
                 glyphs: GlyphSource | None = None, sources: dict[str, PathLike] | None = None,
-                overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+                overwrite: bool = False, progress: bool = True, workers: int = 1) -> dict[str, Any]:
     """Write the world's three datasets into ``out`` and return its ``world.json`` record.
 
     ``concepts`` (default: the installed sources, filtered by ``config.max_code_points`` and ``include_flags``) and
     ``glyphs`` (default: the installed font) name a missing Debian package in a :class:`DataError`;
     ``sources`` names the source files recorded with their sha256. ``world.json`` is written last: a folder that
     has it with the same settings is complete and is returned as it is; one with other settings needs
-    ``overwrite``."""
+    ``overwrite``. ``workers`` processes draw the items (in chunks of each split): the same files, byte for byte,
+    as one."""
     config = config or WorldConfig()
+    if workers < 1:
+        raise ConfigError(f"workers must be at least 1, not {workers}")
     out = Path(out)
     marker = out / "world.json"
     if marker.is_file():
@@ -477,10 +564,11 @@ def write_world(out: PathLike, config: WorldConfig | None = None, concepts: Sequ
     concepts = [concepts[i] for i in keep]
     if len(concepts) <= config.max_emoji:
         raise ConfigError(f"{len(concepts)} concepts cannot fill scenes of {config.max_emoji} distinct emoji")
-    writer = _Writer(out, concepts, SpriteBank([sprites[i] for i in keep]), config)
-    writer.retrieval(progress)
-    writer.nlvr2(progress)
-    writer.vqav2(progress)
+    writer = _Writer(out, concepts, SpriteBank([sprites[i] for i in keep]), config, workers)
+    with _writer_pool(writer) as pool:
+        writer.retrieval(progress, pool)
+        writer.nlvr2(progress, pool)
+        writer.vqav2(progress, pool)
     (out / "LICENSES.txt").write_text(LICENCE_NOTE)
     record = {"format": WORLD_FORMAT, "config": asdict(config),
               "sources": {k: {"path": str(p), "sha256": file_digest(p)} for k, p in (sources or {}).items()},
@@ -516,14 +604,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cldr", default=str(CLDR_PATH))
     parser.add_argument("--font", default=str(FONT_PATH))
     parser.add_argument("--sprites", default=None, help="a folder of <code points>.png sprites instead of the font")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="processes drawing the images (the same world, byte for byte, as one)")
     args = parser.parse_args(argv)
+    if args.workers < 1:
+        parser.error(f"--workers must be at least 1, not {args.workers}")
     config = WorldConfig(seed=args.seed, **({"max_code_points": None, "include_flags": True} if args.all_emoji
                                             else {})).scaled(args.scale)
     sources = {"emoji_test": args.emoji_test, "cldr": args.cldr} | ({} if args.sprites else {"font": args.font})
     try:
         glyphs: GlyphSource = SpriteFolder(args.sprites) if args.sprites else FontGlyphs(args.font)
         concepts = load_concepts(args.emoji_test, args.cldr, config.max_code_points, config.include_flags)
-        record = write_world(args.out, config, concepts, glyphs, sources, overwrite=args.overwrite)
+        record = write_world(args.out, config, concepts, glyphs, sources, overwrite=args.overwrite,
+                             workers=args.workers)
     except DataError as exc:
         parser.exit(2, f"error: {exc}\n")
     bg = record["patch_background"]
