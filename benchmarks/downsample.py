@@ -59,7 +59,7 @@ def at_resolution(model: nn.Module, image_size: int) -> nn.Module:
     with torch.no_grad():
         probe = torch.zeros(1, (image_size // emb.patch_size) ** 2 + 1, emb.embed_dim)
         table = emb.interpolate_pos_encoding(probe, image_size, image_size)[0].clone()
-    emb.position_embedding = nn.Embedding(table.shape[0], emb.embed_dim).to(table.device)
+    emb.position_embedding = nn.Embedding(table.shape[0], emb.embed_dim).to(table.device, table.dtype)
     emb.position_embedding.weight.data.copy_(table)
     emb.image_size = image_size
     emb.num_patches = table.shape[0] - 1

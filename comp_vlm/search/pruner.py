@@ -555,7 +555,10 @@ class Pruner:
     def load_state_dict(self, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
         for kind, tower, i in self.selected:
             self.selected[(kind, tower, i)] = tensors[f"sel/{kind}/{tower}/{i}"].bool().clone()
-        self.collector.load_state_dict({k[len("stats/"):]: v for k, v in tensors.items() if k.startswith("stats/")})
+        # a checkpoint reads back on the CPU; the statistics live where the model's forwards add to them
+        device = model_device(self.model)
+        self.collector.load_state_dict({k[len("stats/"):]: v.to(device) for k, v in tensors.items()
+                                        if k.startswith("stats/")})
         self.token_levels = {k: float(v) for k, v in meta["token_levels"].items()}
         self.scheduler.load_state_dict(meta["scheduler"])
         self.stage_log = list(meta["stage_log"])
