@@ -465,9 +465,14 @@ def switches(record: dict, stem: str) -> tuple[str, ...]:
     name = model.get("name") if isinstance(model, dict) else model
     out: tuple[str, ...] = ("--smoke",) if name == SMOKE.name else ()
     default = SMOKE if name == SMOKE.name else FULL
-    if bench.get("stage_steps", default.stage_steps) != default.stage_steps:
+    emoji = str(record.get("world", "")).startswith("emoji-world")
+    if emoji:  # the emoji world's bench settings come from its calibration attempt, named in the model
+        out += ("--world", "emoji", "--attempt", str(name).removeprefix("emoji-clip-"))
+    elif bench.get("stage_steps", default.stage_steps) != default.stage_steps:
         out += ("--stage-steps", str(bench["stage_steps"]))
-    if stem.startswith("quality-"):
+    if str(record.get("device", "cpu")).startswith("cuda"):
+        out += ("--device", "cuda")
+    if stem.startswith("quality-") and not (emoji and stem == "quality-emoji"):
         out += ("--tag", stem[len("quality-"):])
     return out
 

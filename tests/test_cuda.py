@@ -195,12 +195,15 @@ def test_random_scores_are_the_same_noise_on_cuda():
         on_cpu = uniform_scores(probs[CPU], None, states[CPU], False, seed=seed)
         on_cuda = uniform_scores(probs[CUDA], None, states[CUDA], False, seed=seed)
         assert on_cuda.device.type == "cuda"
-        assert torch.equal(on_cuda.cpu(), on_cpu), f"seed {seed}: cuda noise differs from the CPU's"
+        # the noise is drawn on the CPU, so it is the same draw; only the normalisation runs on the device (its
+        # division may differ in the last bit, as seen on an H100): same ranking, equal to float rounding
+        torch.testing.assert_close(on_cuda.cpu(), on_cpu, rtol=1e-6, atol=0, msg=f"seed {seed}: noise differs")
+        assert torch.equal(on_cuda.cpu().argsort(-1), on_cpu.argsort(-1)), f"seed {seed}: ranking differs"
     scorers = (RandomScorer(3), RandomScorer(3))
     for _ in range(3):
         a = scorers[0](probs[CPU], None, states[CPU], False)
         b = scorers[1](probs[CUDA], None, states[CUDA], False)
-        assert torch.equal(b.cpu(), a), "RandomScorer draws differently on cuda"
+        torch.testing.assert_close(b.cpu(), a, rtol=1e-6, atol=0, msg="RandomScorer draws differently on cuda")
 
 
 # ---- the search end to end on cuda -------------------------------------------------------------------------------

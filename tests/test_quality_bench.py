@@ -270,6 +270,19 @@ def test_repeat_commands_group_arms_and_carry_set_and_controls():
         "python benchmarks/quality.py --smoke --strategies comp --ratios 0.8 --seeds 0 --control-seeds ''"]
 
 
+
+def test_repeat_commands_name_the_emoji_world_its_attempt_and_the_device():
+    emoji = {"world": "emoji-world-0306efe80c8f", "model": {"name": "emoji-clip-probe"}}
+    records = [record("comp", 0, 1.0, device="cuda (NVIDIA H100 80GB HBM3)", **emoji),
+               record("comp", 1, 1.0, device="cpu", **emoji)]
+    assert q.repeat_commands(records, "quality-emoji") == [
+        ("python benchmarks/quality.py --world emoji --attempt probe --device cuda --strategies comp --ratios 0.8 "
+         "--seeds 0 --control-seeds ''"),
+        ("python benchmarks/quality.py --world emoji --attempt probe --strategies comp --ratios 0.8 --seeds 1 "
+         "--control-seeds ''")]
+    assert q.repeat_commands(records[1:], "quality-emoji-cpu")[0].startswith(
+        "python benchmarks/quality.py --world emoji --attempt probe --tag emoji-cpu ")
+
 def test_report_renders_each_suite_and_pairs_within_it(tmp_path):
     legacy = [record(arm, seed, m + seed, model="bench-clip") for arm, m in (("comp", 80.0), ("sjp", 70.0))
               for seed in range(3)]
