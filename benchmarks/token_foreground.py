@@ -462,8 +462,8 @@ def drop_one_importance(bench: Any, dense: torch.nn.Module, pixels: torch.Tensor
 # ---- main -----------------------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--world", default="/work/main/data/emoji-world")
-    parser.add_argument("--cache", default="/work/main/cache", help="the dense cache (the model is never retrained)")
+    parser.add_argument("--world", default="data/emoji-world")
+    parser.add_argument("--cache", default="cache", help="the dense cache (the model is never retrained)")
     parser.add_argument("--images", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fg-threshold", type=float, default=0.5)
