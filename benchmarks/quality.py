@@ -46,6 +46,7 @@ import torch
 import comp_vlm
 import comp_vlm.training
 from comp_vlm.dense import cache_key
+from comp_vlm.outputs import pid_alive
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import downsample
@@ -340,7 +341,7 @@ def claimed(claims: Path, suite: str, arm: str, seed: int) -> Iterator[bool]:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
             host, _, pid = path.read_text().partition(" ") if path.is_file() else ("", "", "")
-            if host != socket.gethostname() or not pid.strip().isdigit() or _alive(int(pid)):
+            if host != socket.gethostname() or not pid.strip().isdigit() or pid_alive(int(pid)):
                 yield False
                 return
             path.unlink(missing_ok=True)  # its process is gone: the run was never recorded
@@ -353,16 +354,6 @@ def claimed(claims: Path, suite: str, arm: str, seed: int) -> Iterator[bool]:
             path.unlink(missing_ok=True)
         return
     yield False
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def append_records(path: Path, new: list[dict]) -> None:

@@ -140,7 +140,8 @@ def check_target(path: str | os.PathLike, *, overwrite: bool, what: str = "outpu
 
 
 # ---- leftovers ------------------------------------------------------------------------------------------------
-def _pid_alive(pid: object) -> bool:
+def pid_alive(pid: object) -> bool:
+    """Whether a process with this pid runs on this host (a permission error means it does)."""
     if not isinstance(pid, int) or pid <= 0:
         return False
     if pid == os.getpid():
@@ -161,7 +162,7 @@ def _leftovers(target: Path, tag: str) -> list[tuple[Path, dict]]:
     found = []
     for p in sorted(target.parent.glob(f".{target.name}.{tag}-*")):
         marker = read_marker(p) if p.is_dir() and not p.is_symlink() else None
-        if marker is not None and not _pid_alive(marker.get("pid")):
+        if marker is not None and not pid_alive(marker.get("pid")):
             found.append((p, marker))
     return found
 

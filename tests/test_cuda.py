@@ -24,7 +24,7 @@ import math
 
 import pytest
 import torch
-from contract.families import CASES, Case, call
+from contract.families import CASES, Case, all_sites, call, random_unit_masks
 from tiny_clip import REF, fresh, quick, tiny_setup
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -76,20 +76,6 @@ def assert_on(model: torch.nn.Module, device: torch.device, what: str) -> None:
     assert not stray, f"{what}: {len(stray)} tensors are not on {device.type}, e.g. {stray[:3]}"
 
 
-def random_unit_masks(adapter, seed: int) -> None:
-    """0/1 masks over every unit group, one group emptied entirely (as the CPU contract does)."""
-    gen = torch.Generator().manual_seed(seed)
-    groups = adapter.unit_groups()
-    for i, group in enumerate(groups):
-        values = (torch.rand(group.size, generator=gen) > 0.4).float()
-        if i == len(groups) // 2:
-            values.zero_()
-        adapter.set_unit_mask(group, values)
-
-
-def all_sites(adapter, keep: float) -> None:
-    for site in adapter.token_sites():
-        adapter.set_keep_ratio(site.tower, site.layer, keep)
 
 
 # ---- the adapter contract on cuda --------------------------------------------------------------------------------

@@ -82,3 +82,19 @@ CASES: dict[str, Case] = {case.family: case for case in (CLIP,)}
 def call(case: Case, model: nn.Module, inputs: Inputs) -> tuple[torch.Tensor, ...]:
     with torch.no_grad():
         return case.outputs(model, inputs)
+
+
+def random_unit_masks(adapter, seed: int) -> None:
+    """0/1 masks over every unit group, one group emptied entirely (a layer whose units of a kind all go)."""
+    gen = torch.Generator().manual_seed(seed)
+    groups = adapter.unit_groups()
+    for i, group in enumerate(groups):
+        values = (torch.rand(group.size, generator=gen) > 0.4).float()
+        if i == len(groups) // 2:
+            values.zero_()
+        adapter.set_unit_mask(group, values)
+
+
+def all_sites(adapter, keep: float) -> None:
+    for site in adapter.token_sites():
+        adapter.set_keep_ratio(site.tower, site.layer, keep)

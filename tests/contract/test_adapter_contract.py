@@ -15,7 +15,7 @@ import copy
 
 import pytest
 import torch
-from families import CASES, Case, call
+from families import CASES, Case, all_sites, call, random_unit_masks
 from torch.utils.flop_counter import FlopCounterMode
 
 from comp_vlm import AdapterOptions, get_adapter, load_pruned, save_pruned
@@ -32,20 +32,6 @@ def close(a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...], atol: float 
         assert torch.allclose(x, y, atol=atol), (x - y).abs().max().item()
 
 
-def random_unit_masks(adapter, seed: int) -> None:
-    """0/1 masks over every unit group, one group emptied entirely (a layer whose units of a kind all go)."""
-    gen = torch.Generator().manual_seed(seed)
-    groups = adapter.unit_groups()
-    for i, group in enumerate(groups):
-        values = (torch.rand(group.size, generator=gen) > 0.4).float()
-        if i == len(groups) // 2:
-            values.zero_()
-        adapter.set_unit_mask(group, values)
-
-
-def all_sites(adapter, keep: float) -> None:
-    for site in adapter.token_sites():
-        adapter.set_keep_ratio(site.tower, site.layer, keep)
 
 
 @pytest.fixture(params=FAMILIES)
