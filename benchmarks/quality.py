@@ -231,8 +231,12 @@ def parse_overrides(items: list[str], config_type: type = comp_vlm.PruneConfig) 
 # ---- provenance --------------------------------------------------------------------------------------------------
 def git_state(root: Path) -> tuple[str | None, bool | None]:
     """HEAD of the repository at ``root`` and whether tracked files under comp_vlm/ or benchmarks/ (results
-    excluded: the suite writes them) differ from it. Outside git (a copied checkout, e.g. on another machine):
-    ``COMP_VLM_COMMIT`` if set by whoever copied it (dirty unknown), else (None, None)."""
+    excluded: the suite writes them) differ from it; (None, None) outside git. ``COMP_VLM_COMMIT``, set by
+    whoever copied the checkout to another machine, overrides both (dirty unknown): a copy's git metadata can be
+    stale (seen on a lent GPU machine, which read an older HEAD)."""
+    if os.environ.get("COMP_VLM_COMMIT"):
+        return os.environ["COMP_VLM_COMMIT"], None
+
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout
 
@@ -241,7 +245,7 @@ def git_state(root: Path) -> tuple[str | None, bool | None]:
         changed = git("status", "--porcelain", "--untracked-files=no", "--", "comp_vlm", "benchmarks",
                       ":(exclude)benchmarks/results")
     except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("COMP_VLM_COMMIT") or None, None
+        return None, None
     return head, bool(changed.strip())
 
 

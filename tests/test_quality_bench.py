@@ -321,11 +321,12 @@ def test_git_state_flags_changed_code_but_not_results(tmp_path):
     assert q.git_state(tmp_path.parent / "not-a-repo") == (None, None)
 
 
-def test_git_state_outside_git_takes_the_commit_its_copier_names(tmp_path, monkeypatch):
+def test_git_state_takes_the_commit_a_copier_names_over_git(tmp_path, monkeypatch):
     monkeypatch.delenv("COMP_VLM_COMMIT", raising=False)
     assert q.git_state(tmp_path) == (None, None)
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
     monkeypatch.setenv("COMP_VLM_COMMIT", "abc123")
-    assert q.git_state(tmp_path) == ("abc123", None)
+    assert q.git_state(tmp_path) == ("abc123", None)  # even inside a repository: its metadata may be stale
 
 
 # ---- claims: suite processes side by side split the work -------------------------------------------------------------
