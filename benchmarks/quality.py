@@ -984,9 +984,9 @@ def run_dense_control(bench: Bench, dense: torch.nn.Module, dense_metric: float,
             "wall_s": time.perf_counter() - t0, **identity}
 
 
-def make_invocation(bench: Bench, ratios: list[float], set_items: list[str]) -> Invocation:
-    """Parse ``--set``, build the base config and read the commit; ValueError / ConfigError (one line) on bad
-    input."""
+def make_invocation(bench: Bench, ratios: list[float], set_items: list[str], device: str = "cpu") -> Invocation:
+    """Parse ``--set``, build the base config and read the commit; ``device`` ("cpu" or "cuda") is recorded with the
+    GPU's name. ValueError / ConfigError (one line) on bad input."""
     values = parse_overrides(set_items)
     base = base_config(bench.settings, ratios, values)
     root = Path(comp_vlm.__file__).resolve().parents[1]
@@ -995,7 +995,8 @@ def make_invocation(bench: Bench, ratios: list[float], set_items: list[str]) -> 
     commit, dirty = git_state(root)
     overrides = dict(item.split("=", 1) for item in set_items)
     return Invocation(bench_identity(bench), base, {k.strip(): v for k, v in overrides.items()}, commit, dirty,
-                      getattr(comp_vlm.PruneConfig(), "selection", None))
+                      getattr(comp_vlm.PruneConfig(), "selection", None),
+                      device if device == "cpu" else f"cuda ({torch.cuda.get_device_name()})")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1048,8 +1049,7 @@ def main(argv: list[str] | None = None) -> int:
     strategies = args.strategies.split(",")
     progress = not args.smoke
     try:
-        inv = make_invocation(bench, ratios, args.set)
-        inv.device = "cpu" if args.device == "cpu" else f"cuda ({torch.cuda.get_device_name()})"
+        inv = make_invocation(bench, ratios, args.set, args.device)
         for arm in dict.fromkeys(strategies + list(MAIN)):  # every arm's options exist and validate
             arm_config(inv.base, arm, 0)
     except (ValueError, comp_vlm.ConfigError) as exc:
