@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install clean lint emoji-sources emoji-world
+.PHONY: demo test install clean lint emoji-sources emoji-world test-latest lock
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -18,6 +18,25 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# Drift check (not CI): a fresh venv with the newest versions pyproject.toml allows, torch kept at the lock's local
+# CPU build, then the tests. `make lock` does the same and, when the tests pass, rewrites constraints.txt from it.
+LATEST := .venv-latest
+TORCH_PIN = $(shell grep -E '^torch==' constraints.txt)
+
+test-latest:
+	rm -rf $(LATEST)
+	$(PY) -m venv $(LATEST)
+	$(LATEST)/bin/pip install -q --upgrade pip
+	echo "$(TORCH_PIN)" > $(LATEST)/torch-only.txt
+	$(LATEST)/bin/pip install -q --upgrade --upgrade-strategy eager -c $(LATEST)/torch-only.txt -e ".[dev]"
+	$(LATEST)/bin/pip freeze --exclude-editable | grep -iE '^(torch|transformers|tokenizers|safetensors|numpy|huggingface)'
+	$(LATEST)/bin/python -m pytest -q
+
+lock: test-latest
+	{ sed -n '/^#/p' constraints.txt; $(LATEST)/bin/pip freeze --exclude-editable | sed 's/+cpu//'; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
+	git diff --stat constraints.txt || true
 
 # The emoji world (README "Datasets"): three Debian packages, then the Karpathy, NLVR2 and VQAv2 datasets.
 EMOJI_WORLD ?= data/emoji-world
@@ -37,4 +56,4 @@ lint: $(STAMP)
 	$(BIN)/ruff check comp_vlm tests benchmarks
 
 clean:
-	rm -rf $(VENV) .pytest_cache runs
+	rm -rf $(VENV) $(LATEST) .pytest_cache runs

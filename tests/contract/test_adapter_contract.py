@@ -16,6 +16,7 @@ import copy
 import pytest
 import torch
 from families import CASES, Case, all_sites, call, random_unit_masks
+from tolerances import KERNEL_ATOL
 from torch.utils.flop_counter import FlopCounterMode
 
 from comp_vlm import AdapterOptions, get_adapter, load_pruned, save_pruned
@@ -89,8 +90,10 @@ def test_save_load_round_trip(case, tmp_path):
     batch = case.batch()
     ref = call(case, model, batch)
     save_pruned(model, tmp_path / "pruned")
-    loaded = load_pruned(tmp_path / "pruned").eval()
-    close(call(case, loaded, batch), ref, atol=0.0)
+    same_kernel = load_pruned(tmp_path / "pruned", attn_implementation="eager").eval()
+    close(call(case, same_kernel, batch), ref, atol=0.0)  # the attention it was saved under: bit for bit
+    loaded = load_pruned(tmp_path / "pruned").eval()  # the default attention: another kernel (tests/tolerances.py)
+    close(call(case, loaded, batch), ref, atol=KERNEL_ATOL)
     assert get_adapter(loaded).recipe().to_dict()["towers"] == adapter.recipe().to_dict()["towers"]
 
 
