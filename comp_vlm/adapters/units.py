@@ -47,7 +47,8 @@ class UnitSpec:
     """One kind of prunable unit in the layers of a tower.
 
     ``owner``: the module (relative to the layer) holding the kind's mask buffer and original indices.
-    ``width``: channels per unit in every span. ``dense``: units per layer in the unpruned model.
+    ``width``: channels per unit in every span without a width of its own. ``dense``: units per layer in the
+    unpruned model.
     ``stat_path``: the linear whose input carries the importance statistic and whose weight columns score a unit.
     ``structure_field``: the :class:`comp_vlm.structure.LayerStructure` field counting these units;
     ``field_multiples``: further (field, factor) pairs the kind sets to count x factor (a GQA key/value group:
