@@ -181,7 +181,8 @@ def bench_dir(path: str | os.PathLike, dense: str | os.PathLike | None = None, b
     else:
         from transformers import CLIPModel
 
-        dense_model = CLIPModel._from_config(pruned.config, attn_implementation="sdpa").to(device).eval()
+        attn = get_adapter(pruned).attn_implementation
+        dense_model = CLIPModel._from_config(pruned.config, attn_implementation=attn).to(device).eval()
         dense_source = "dense architecture from the pruned model's base config (random weights: speed and FLOPs " \
                        "do not depend on the weights)"
     # the dense reference runs with the recipe's options (e.g. CLIP's dead compute), as its FLOPs are counted

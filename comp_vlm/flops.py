@@ -58,6 +58,13 @@ def _head_flops(layer: LayerStructure, tokens_in: int, tokens_mlp: int) -> int:
     return attention_flops(tokens_in, LayerStructure(layer.hidden, 1, layer.head_dim, 0))
 
 
+def _kv_group_flops(layer: LayerStructure, tokens_in: int, tokens_mlp: int) -> int:
+    """A GQA key/value group: one key/value head and the query heads that share it (heads / kv_heads of them)."""
+    kv = layer.heads if layer.kv_heads is None else layer.kv_heads
+    q_per_kv = layer.heads // kv if kv else 1
+    return attention_flops(tokens_in, LayerStructure(layer.hidden, q_per_kv, layer.head_dim, 0, kv_heads=1))
+
+
 def _neuron_flops(layer: LayerStructure, tokens_in: int, tokens_mlp: int) -> int:
     return mlp_flops(tokens_mlp, LayerStructure(layer.hidden, 0, layer.head_dim, 1, layer.mlp_matrices))
 
@@ -68,7 +75,8 @@ def _cross_head_flops(layer: LayerStructure, tokens_in: int, tokens_mlp: int) ->
     return cross_attention_flops(tokens_mlp, replace(layer, cross_heads=1))
 
 
-_UNIT_FLOPS = {"head": _head_flops, "neuron": _neuron_flops, "cross_head": _cross_head_flops}
+_UNIT_FLOPS = {"head": _head_flops, "neuron": _neuron_flops, "cross_head": _cross_head_flops,
+               "kv_group": _kv_group_flops}
 
 
 def unit_flops(kind: str, layer: LayerStructure, tokens_in: int, tokens_mlp: int) -> int:

@@ -96,13 +96,14 @@ def load_pruned(
     directory: str | os.PathLike, *, device: str | torch.device = "cpu", attn_implementation: str | None = None
 ) -> nn.Module:
     """Load a directory written by :func:`save_pruned` as an ordinary transformers model instance (eval mode)
-    with the recipe's token sites installed."""
+    with the recipe's token sites installed; ``attn_implementation`` defaults to the family's
+    (:attr:`comp_vlm.adapters.base.ModelAdapter.attn_implementation`)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = Path(directory)
     recipe = read_recipe(path)
-    _, model_cls = adapter_class_for(recipe.model_class)
+    adapter_cls, model_cls = adapter_class_for(recipe.model_class)
     config_path = path / "config.json"
     if not config_path.is_file():
         raise CheckpointError(f"{path} holds no config.json")
@@ -110,7 +111,7 @@ def load_pruned(
         config = model_cls.config_class.from_json_file(str(config_path))
     except (json.JSONDecodeError, ValueError, TypeError, OSError) as exc:
         raise CheckpointError(f"{config_path} is unreadable: {exc}") from None
-    model = model_cls._from_config(config, attn_implementation=attn_implementation or "sdpa")
+    model = model_cls._from_config(config, attn_implementation=attn_implementation or adapter_cls.attn_implementation)
     get_adapter(model).apply_recipe(recipe)
     weights = path / WEIGHTS_FILE
     if not weights.is_file():

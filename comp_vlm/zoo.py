@@ -204,6 +204,7 @@ def builtin_dense(spec: Preset, seed: int, device: str, cache_dir: str | None, t
     """The built-in model trained densely on the synthetic world (weights from the cache when present)."""
     from transformers import CLIPModel
 
+    from .adapters.base import attn_implementation_for
     from .dense import cache_key, load_cached_weights, save_cached_weights, train_dense
 
     world = make_world(spec.image_size, spec.max_objects, seed)
@@ -214,7 +215,7 @@ def builtin_dense(spec: Preset, seed: int, device: str, cache_dir: str | None, t
     training = replace(spec.dense, seed=seed)
     key = cache_key(config, training, json.dumps(data.settings, sort_keys=True))  # before _from_config mutates it
     torch.manual_seed(seed)
-    model = CLIPModel._from_config(config, attn_implementation="sdpa")
+    model = CLIPModel._from_config(config, attn_implementation=attn_implementation_for(CLIPModel))
     path = Path(cache_dir) / f"dense-{key}.safetensors" if cache_dir else None
     dense = DenseModel(model, tokenizer, data.world.image_processor(), data, spec, f"built-in {spec.name}",
                        cache_path=path)

@@ -24,7 +24,7 @@ import math
 
 import pytest
 import torch
-from contract.families import CASES, Case, all_sites, call, random_unit_masks
+from contract.families import CASES, Case, all_sites, call, case_id, random_unit_masks
 from tiny_clip import REF, fresh, quick, tiny_setup
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -79,7 +79,7 @@ def assert_on(model: torch.nn.Module, device: torch.device, what: str) -> None:
 
 
 # ---- the adapter contract on cuda --------------------------------------------------------------------------------
-@pytest.fixture(params=sorted(CASES))
+@pytest.fixture(params=sorted(CASES), ids=case_id)
 def case(request) -> Case:
     return CASES[request.param]
 
@@ -346,7 +346,7 @@ def test_cli_prune_eval_bench_on_cuda(tmp_path, capsys):
 
 # ---- measured latency ----------------------------------------------------------------------------------------------
 def test_interleaved_latency_on_cuda():
-    dense = CASES["clip"].make(0, "sdpa").to(CUDA)
+    dense = CASES[("clip", "CLIPModel")].make(0, "sdpa").to(CUDA)
     pruned = copy.deepcopy(dense)
     adapter = get_adapter(pruned).install()
     random_unit_masks(adapter, 0)

@@ -4,8 +4,10 @@ An adapter is a thin *view* over a model instance; every piece of pruning state 
 original unit indices, options) lives on the model's own modules, so a ``copy.deepcopy`` of the model carries it
 and a new view (``get_adapter(model)``) sees it. A family describes its towers with :class:`TowerSpec` (its layers'
 prunable units as data: :class:`comp_vlm.adapters.units.UnitSpec`) and implements the token machinery
-(:meth:`ModelAdapter._install_forward`). Everything else -- masks, statistics, structure for FLOPs, physical
-slicing, recipes -- is generic over unit groups and lives here once.
+(:meth:`ModelAdapter._install_forward`); it may add per-layer structure fields (:meth:`ModelAdapter.layer_fields`)
+and name the attention implementation its models are built with (:attr:`ModelAdapter.attn_implementation`).
+Everything else -- masks, statistics, structure for FLOPs, physical slicing, recipes -- is generic over unit
+groups and lives here once.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from .. import masks
 from ..errors import ConfigError, RecipeError, UnsupportedModelError
 from ..flops import model_flops, unit_flops
 from ..recipe import TOKEN_POOL, LayerRecipe, Recipe
-from ..structure import Coupling, LayerStructure, TowerStructure
+from ..structure import PARAM_MODES, Coupling, LayerStructure, TowerStructure
 from . import units
 from .runtime import KEEP_ATTR, TokenScorer, check_token_scorer, make_token_scorer, site_keep
 from .units import UnitGroup, UnitKey, UnitSpec
@@ -53,6 +55,28 @@ class TowerSpec:
             if spec.kind == kind:
                 return spec
         raise ConfigError(f"tower {self.name!r} has no {kind!r} units (kinds: {[u.kind for u in self.units]})")
+
+    def unit_mode(self, unit: UnitSpec) -> str:
+        """The parameter mode of ``unit``'s groups: its own, else the tower's."""
+        return self.param_mode if unit.mode is None else unit.mode
+
+
+def check_tower_specs(specs: list[TowerSpec]) -> None:
+    """Raise ConfigError if a unit kind's parameter mode is not one of :data:`comp_vlm.structure.PARAM_MODES`."""
+    for spec in specs:
+        for unit in spec.units:
+            mode = spec.unit_mode(unit)
+            if mode not in PARAM_MODES:
+                raise ConfigError(f"tower {spec.name!r}: {unit.kind!r} units have mode {mode!r}, not a parameter "
+                                  f"mode ({', '.join(PARAM_MODES)})")
+
+
+def structure_fields(spec: TowerSpec, counts: dict[str, int]) -> dict[str, int]:
+    """The :class:`LayerStructure` fields of a layer of ``spec`` holding ``counts[kind]`` units of each kind."""
+    fields: dict[str, int] = {}
+    for unit in spec.units:
+        fields.update(unit.structure_counts(counts[unit.kind]))
+    return fields
 
 
 @dataclass
@@ -126,13 +150,17 @@ def config_hash(config: Any) -> str:
 
 class ModelAdapter(ABC):
     """Protocol + generic implementation. Subclasses set ``family``/``model_classes`` and implement the
-    abstract methods; register them with :func:`register_adapter`."""
+    abstract methods; register them with :func:`register_adapter`. ``attn_implementation``: what comp-vlm builds
+    the family's models with (``io.load_pruned``, the dense models of ``bench`` and the presets); a family whose
+    transformers classes lack sdpa says ``"eager"``. Construction checks the unit kinds' modes (ConfigError)."""
 
     family: ClassVar[str]
     model_classes: ClassVar[tuple[type, ...]]
+    attn_implementation: ClassVar[str] = "sdpa"
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
+        check_tower_specs(self.tower_specs())
 
     # ---- what a family must provide -------------------------------------------------------------------------
     @abstractmethod
@@ -156,6 +184,11 @@ class ModelAdapter(ABC):
         """Restore the class forwards."""
 
     supports_dead_compute: ClassVar[bool] = False
+
+    def layer_fields(self, spec: TowerSpec, layer: int) -> dict[str, Any]:
+        """Further :class:`LayerStructure` fields of layer ``layer`` of ``spec`` (e.g. ``cross_kv_hidden``,
+        ``kv_heads``) for the FLOPs model; none by default. The unit kinds' counts override these."""
+        return {}
 
     def couplings(self) -> tuple[Coupling, ...]:
         """How the towers feed one another (cross-attention K/V, an input span), for the FLOPs model; none by
@@ -219,12 +252,13 @@ class ModelAdapter(ABC):
         return self.model.get_submodule(spec.layers_path)
 
     def unit_groups(self, mode: str | None = None) -> list[UnitGroup]:
-        """Every layer's groups of prunable units (tower by tower, layer by layer, kinds in tower order)."""
+        """Every layer's groups of prunable units (tower by tower, layer by layer, kinds in tower order); with
+        ``mode``, only the groups of that parameter mode."""
         return [
-            UnitGroup(unit, spec.name, spec.param_mode, i, len(units.dense_index(layer, unit)))
-            for spec in self.tower_specs() if mode is None or spec.param_mode == mode
+            UnitGroup(unit, spec.name, spec.unit_mode(unit), i, len(units.dense_index(layer, unit)))
+            for spec in self.tower_specs()
             for i, layer in enumerate(self.layers(spec))
-            for unit in spec.units
+            for unit in spec.units if mode is None or spec.unit_mode(unit) == mode
         ]
 
     param_groups = unit_groups  # protocol v1 name (README)
@@ -236,7 +270,8 @@ class ModelAdapter(ABC):
         kind, tower, layer = key
         spec = self.tower(tower)
         unit = spec.unit(kind)
-        return UnitGroup(unit, tower, spec.param_mode, layer, len(units.dense_index(self.layers(spec)[layer], unit)))
+        return UnitGroup(unit, tower, spec.unit_mode(unit), layer,
+                         len(units.dense_index(self.layers(spec)[layer], unit)))
 
     def _layer(self, group: UnitGroup) -> nn.Module:
         return self.layers(self.tower(group.tower))[group.layer]
@@ -269,11 +304,12 @@ class ModelAdapter(ABC):
         ]
 
     def modes(self) -> list[str]:
-        """The pruning modes this model offers (a token mode only if it has at least one site)."""
+        """The pruning modes this model offers, tower by tower: its unit kinds' parameter modes, then its token mode
+        (only if it has at least one site)."""
         found = []
         for spec in self.tower_specs():
             token = spec.token_mode if self.site_layers(spec) else None
-            for m in (spec.param_mode, token):
+            for m in (*map(spec.unit_mode, spec.units), token):
                 if m is not None and m not in found:
                     found.append(m)
         return found
@@ -336,7 +372,7 @@ class ModelAdapter(ABC):
         """The group's importance scores from ``collector``'s statistics (None if it has none for the group)."""
         group = self.unit_group(key)
         stat_linear = self._layer(group).get_submodule(group.spec.stat_path)
-        return collector.unit_scores(group.key, stat_linear.weight, group.spec.width)
+        return collector.unit_scores(group.key, stat_linear.weight, group.spec.stat_width)
 
     def detach_collector(self) -> None:
         from ..collect import CAPTURE_FLAG, CAPTURED, capture_input_hook
@@ -389,8 +425,8 @@ class ModelAdapter(ABC):
                     site_keep=keep if keep < 1.0 else None,
                     mlp_tokens_pooled_only=pooled_only and i == n_layers - 1,
                 )
-                kept = {u.structure_field: len(units.kept(module, u)) for u in spec.units}
-                layers.append(replace(layer, **kept))
+                kept = structure_fields(spec, {u.kind: len(units.kept(module, u)) for u in spec.units})
+                layers.append(replace(layer, **{**self.layer_fields(spec, i), **kept}))
             tokens, always, extra = self.tower_io(spec, ref)
             towers.append(TowerStructure(spec.name, tokens, always, tuple(layers), extra))
         return towers
@@ -519,7 +555,7 @@ class ModelAdapter(ABC):
 
 def dense_units(layer: LayerStructure, spec: TowerSpec) -> LayerStructure:
     """``layer`` with every unit kind of ``spec`` back at its dense count."""
-    return replace(layer, **{unit.structure_field: unit.dense for unit in spec.units})
+    return replace(layer, **structure_fields(spec, {unit.kind: unit.dense for unit in spec.units}))
 
 
 # ---- registry -------------------------------------------------------------------------------------------------------
@@ -533,11 +569,18 @@ def register_adapter(cls: type[ModelAdapter]) -> type[ModelAdapter]:
 
 
 def adapter_class_for(model_class_name: str) -> tuple[type[ModelAdapter], type]:
+    """The registered adapter class for a model class name and that model class."""
     for cls in _REGISTRY:
         for mc in cls.model_classes:
             if mc.__name__ == model_class_name:
                 return cls, mc
     raise UnsupportedModelError(f"no comp-vlm adapter for model class {model_class_name!r}")
+
+
+def attn_implementation_for(model_class: type | str) -> str:
+    """The attention implementation comp-vlm builds models of ``model_class`` (a class or its name) with."""
+    name = model_class if isinstance(model_class, str) else model_class.__name__
+    return adapter_class_for(name)[0].attn_implementation
 
 
 def get_adapter(model: nn.Module) -> ModelAdapter:

@@ -26,18 +26,20 @@ AXES = ("out", "in")
 @dataclass(frozen=True)
 class Span:
     """The channels of one linear that the units own: ``axis`` 'out' (weight rows and bias entries) or 'in'
-    (weight columns), laid out unit after unit in blocks of the group's ``width``; a fused projection repeats the
-    layout ``repeats`` times (a [q|k|v] linear: 3). ``masked``: the unit's soft mask scales these channels (the
-    output of an 'out' span, the input of an 'in' span)."""
+    (weight columns), laid out unit after unit in blocks of ``width`` channels (None: the group's width; a GQA
+    key/value group spans q_per_kv x head_dim rows of q_proj but head_dim rows of k_proj); a fused projection
+    repeats the layout ``repeats`` times (a [q|k|v] linear: 3). ``masked``: the unit's soft mask scales these
+    channels (the output of an 'out' span, the input of an 'in' span)."""
 
     path: str  # the linear, relative to the layer module
     axis: str
     repeats: int = 1
     masked: bool = False
+    width: int | None = None
 
     def __post_init__(self) -> None:
-        if self.axis not in AXES or self.repeats < 1:
-            raise ValueError(f"span {self.path!r}: axis must be one of {AXES} and repeats >= 1")
+        if self.axis not in AXES or self.repeats < 1 or (self.width is not None and self.width < 1):
+            raise ValueError(f"span {self.path!r}: axis must be one of {AXES}, repeats >= 1 and width >= 1")
 
 
 @dataclass(frozen=True)
@@ -45,10 +47,15 @@ class UnitSpec:
     """One kind of prunable unit in the layers of a tower.
 
     ``owner``: the module (relative to the layer) holding the kind's mask buffer and original indices.
-    ``width``: channels per unit in every span. ``dense``: units per layer in the unpruned model.
+    ``width``: channels per unit in every span without a width of its own. ``dense``: units per layer in the
+    unpruned model.
     ``stat_path``: the linear whose input carries the importance statistic and whose weight columns score a unit.
-    ``structure_field``: the :class:`comp_vlm.structure.LayerStructure` field counting these units.
-    ``count_attrs``: attributes on the owner holding the unit count (rewritten when slicing).
+    ``structure_field``: the :class:`comp_vlm.structure.LayerStructure` field counting these units;
+    ``field_multiples``: further (field, factor) pairs the kind sets to count x factor (a GQA key/value group:
+    ``structure_field`` "kv_heads", ``(("heads", q_per_kv),)``).
+    ``count_attrs``: attributes on the owner holding the unit count; ``width_attrs``: attributes holding count x
+    ``width`` (BLIP's ``all_head_size``); both rewritten when slicing.
+    ``mode``: the kind's parameter mode (None: its tower's ``param_mode``; BLIP's cross-attention heads: P_c).
     """
 
     kind: str
@@ -59,6 +66,9 @@ class UnitSpec:
     stat_path: str
     structure_field: str
     count_attrs: tuple[str, ...] = ()
+    width_attrs: tuple[str, ...] = ()
+    field_multiples: tuple[tuple[str, int], ...] = ()
+    mode: str | None = None
 
     @property
     def plural(self) -> str:
@@ -73,6 +83,22 @@ class UnitSpec:
     def index_attr(self) -> str:
         """Owner attribute listing the original (dense) indices of the units a sliced layer still has."""
         return f"comp_{self.kind}_index"
+
+    def span_width(self, span: Span) -> int:
+        """Channels per unit in ``span``."""
+        return channels_per_unit(span, self.width)
+
+    @property
+    def stat_width(self) -> int:
+        """Channels per unit in the input columns of ``stat_path`` (its 'in' span, if the kind declares one)."""
+        for span in self.spans:
+            if span.path == self.stat_path and span.axis == "in":
+                return self.span_width(span)
+        return self.width
+
+    def structure_counts(self, count: int) -> dict[str, int]:
+        """The :class:`comp_vlm.structure.LayerStructure` fields ``count`` units of the kind set."""
+        return {self.structure_field: count, **{name: count * factor for name, factor in self.field_multiples}}
 
 
 @dataclass(frozen=True)
@@ -94,17 +120,36 @@ class UnitGroup:
         return (self.spec.kind, self.tower, self.layer)
 
 
+def channels_per_unit(span: Span, width: int) -> int:
+    """Channels per unit in ``span`` of a kind ``width`` channels wide (the span's own width, if it has one)."""
+    return width if span.width is None else span.width
+
+
 def mask_buffer(kind: str) -> str:
     """Name of the (non-persistent) buffer holding a kind's soft mask on its owner module."""
     return f"comp_{kind}_mask"
 
 
 def attention_heads(owner: str, q_k_v: tuple[tuple[str, int], ...], out: str, head_dim: int, count: int,
-                    count_attrs: tuple[str, ...] = (), kind: str = "head", field: str = "heads") -> UnitSpec:
+                    count_attrs: tuple[str, ...] = (), kind: str = "head", field: str = "heads",
+                    width_attrs: tuple[str, ...] = (), mode: str | None = None) -> UnitSpec:
     """Heads: rows of the q/k/v projections ((linear, repeats) pairs; masked there, so a masked head flattens its
     softmax) and columns of the output projection (scored and measured there)."""
     spans = tuple(Span(path, "out", repeats, masked=True) for path, repeats in q_k_v) + (Span(out, "in"),)
-    return UnitSpec(kind, owner, head_dim, count, spans, out, field, count_attrs)
+    return UnitSpec(kind, owner, head_dim, count, spans, out, field, count_attrs, width_attrs, mode=mode)
+
+
+def kv_groups(owner: str, q: str, k: str, v: str, out: str, head_dim: int, groups: int, q_per_kv: int,
+              count_attrs: tuple[str, ...] = (), width_attrs: tuple[str, ...] = (),
+              mode: str | None = None) -> UnitSpec:
+    """GQA key/value groups: one key/value head (``head_dim`` rows of k and v) with its ``q_per_kv`` query heads
+    (q_per_kv x head_dim rows of q, columns of the output projection). The masks act on q/k/v rows, like
+    :func:`attention_heads`; ``width_attrs`` count head_dim channels per group (the key/value width)."""
+    wide = q_per_kv * head_dim
+    spans = (Span(q, "out", masked=True, width=wide), Span(k, "out", masked=True), Span(v, "out", masked=True),
+             Span(out, "in", width=wide))
+    return UnitSpec("kv_group", owner, head_dim, groups, spans, out, "kv_heads", count_attrs, width_attrs,
+                    field_multiples=(("heads", q_per_kv),), mode=mode)
 
 
 def mlp_neurons(owner: str, inputs: tuple[str, ...], out: str, count: int) -> UnitSpec:
@@ -114,7 +159,9 @@ def mlp_neurons(owner: str, inputs: tuple[str, ...], out: str, count: int) -> Un
 
 
 def span_channels(span: Span, units: torch.Tensor, width: int, count: int) -> torch.Tensor:
-    """Channel indices of ``units`` (local indices) in ``span`` of a group of ``count`` units."""
+    """Channel indices of ``units`` (local indices) in ``span`` of a group of ``count`` units ``width`` channels
+    wide (the span's own width, if it has one, wins)."""
+    width = channels_per_unit(span, width)
     return block_channels(units, width, span.repeats, stride=count * width)
 
 
@@ -158,7 +205,7 @@ def install_mask_hooks(layer: nn.Module, spec: UnitSpec) -> None:
         linear = layer.get_submodule(span.path)
         if not span.masked or _has_kind_hook(linear, spec.kind):
             continue
-        hook = UnitMaskHook(owner, spec.kind, spec.width, span.repeats)
+        hook = UnitMaskHook(owner, spec.kind, spec.span_width(span), span.repeats)
         if span.axis == "out":
             linear.register_forward_hook(hook)
         else:
@@ -193,7 +240,7 @@ def set_mask(layer: nn.Module, spec: UnitSpec, values: torch.Tensor) -> None:
 
 def slice_units(layer: nn.Module, spec: UnitSpec, keep: list[int]) -> None:
     """Physically keep units ``keep`` (local indices) of ``layer``'s group: every span's channels, the owner's
-    original indices and count attributes. A no-op when every unit stays."""
+    original indices, count and width attributes. A no-op when every unit stays."""
     dense = dense_index(layer, spec)
     count = len(dense)
     if len(keep) == count:
@@ -207,3 +254,5 @@ def slice_units(layer: nn.Module, spec: UnitSpec, keep: list[int]) -> None:
     setattr(owner, spec.index_attr, [dense[u] for u in keep])
     for attr in spec.count_attrs:
         setattr(owner, attr, len(keep))
+    for attr in spec.width_attrs:
+        setattr(owner, attr, len(keep) * spec.width)

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .. import importance
-from ..adapters.base import AdapterOptions, ModelAdapter, Site, dense_units, get_adapter
+from ..adapters.base import AdapterOptions, ModelAdapter, Site, dense_units, get_adapter, structure_fields
 from ..adapters.units import UnitGroup, UnitKey, UnitSpec
 from ..collect import StatsCollector
 from ..errors import ConfigError, NonFiniteError
@@ -149,8 +149,8 @@ class Pruner:
             layers = []
             for i, lay in enumerate(t.layers):
                 if params:
-                    lay = replace(lay, **{u.structure_field: min(getattr(lay, u.structure_field), self._unit_floor(u))
-                                          for u in spec.units})
+                    lay = replace(lay, **structure_fields(spec, {
+                        u.kind: min(getattr(lay, u.structure_field), self._unit_floor(u)) for u in spec.units}))
                 if tokens and i in keeps:
                     lay = replace(lay, site_keep=keeps[i])
                 layers.append(lay)
@@ -193,7 +193,8 @@ class Pruner:
             keeps = self._site_keeps(t.name, level) if level < 1.0 else {}
             layers = []
             for i, lay in enumerate(t.layers):
-                kept = {u.structure_field: int((~self.selected[(u.kind, t.name, i)]).sum()) for u in spec.units}
+                kept = structure_fields(spec, {u.kind: int((~self.selected[(u.kind, t.name, i)]).sum())
+                                               for u in spec.units})
                 layers.append(replace(lay, site_keep=keeps.get(i), **kept))
             towers.append(replace(t, layers=tuple(layers)))
         return towers
@@ -349,7 +350,7 @@ class Pruner:
         # resolved: a unit's layer sees the tokens its sources keep (a cross-attention head's K/V)
         towers = {t.name: t for t in resolve_couplings(self.structural_towers(), self.couplings)}
         modes = self._param_modes(mode)
-        flops = {name: tower_flops(t) for name, t in towers.items() if self.specs[name].param_mode in modes}
+        flops = {name: tower_flops(towers[name]) for name in {g.tower for g in self.groups.values() if g.mode in modes}}
         keys, scores, costs, groups, floors, kinds = [], [], [], [], [], []
         kind_ids: dict[tuple[str, str], int] = {}
         for group in self.groups.values():

@@ -1,12 +1,16 @@
-"""One contract case per adapter family: how to build a tiny model of it and how to call it.
+"""One contract case per registered model class of an adapter family: how to build a tiny model of it and how
+to call it.
 
-A new adapter joins the contract by adding its case here (``test_every_registered_adapter_has_a_case`` fails until
-it does). A case only knows its family's inputs and outputs; the contract itself speaks the adapter protocol.
+A new adapter joins the contract by adding a case here for every model class it registers (a family may register
+several: BLIP's retrieval and VQA classes), keyed by (family, model class name);
+``test_every_registered_model_class_has_a_case`` fails until it does. A case only knows its model's inputs and
+outputs; the contract itself speaks the adapter protocol.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +25,7 @@ Inputs = dict[str, torch.Tensor]
 @dataclass(frozen=True)
 class Case:
     family: str
+    model_class: str  # the name of the registered model class ``make`` builds
     make: Callable[[int, str], nn.Module]  # (seed, attention implementation) -> model in eval mode
     batch: Callable[[], Inputs]  # a padded batch of several samples
     sample: Callable[[Inputs, int], Inputs]  # sample i of ``batch()`` alone, unpadded
@@ -73,10 +78,30 @@ def clip_features(model: nn.Module, inputs: Inputs) -> tuple[torch.Tensor, ...]:
             model.get_text_features(input_ids=inputs["input_ids"]))
 
 
-CLIP = Case("clip", lambda seed, attn: make_clip(seed, attn=attn), clip_batch, clip_sample, clip_outputs, clip_loss,
+CLIP = Case("clip", "CLIPModel", lambda seed, attn: make_clip(seed, attn=attn), clip_batch, clip_sample, clip_outputs, clip_loss,
             clip_at_reference, clip_features, {"image_size": 16, "text_length": 9})
 
-CASES: dict[str, Case] = {case.family: case for case in (CLIP,)}
+CaseKey = tuple[str, str]  # (family, model class name)
+
+CASES: dict[CaseKey, Case] = {(case.family, case.model_class): case for case in (CLIP,)}
+
+
+def case_id(key: CaseKey) -> str:
+    """A test id for a case: its family, or family-ModelClass where the family has several cases."""
+    family, model_class = key
+    return family if sum(f == family for f, _ in CASES) == 1 else f"{family}-{model_class}"
+
+
+@contextmanager
+def registered(adapter_cls: type) -> Iterator[type]:
+    """Register a test-only adapter class for the ``with`` block, leaving the registry as it was afterwards."""
+    from comp_vlm.adapters.base import _REGISTRY, register_adapter
+
+    register_adapter(adapter_cls)
+    try:
+        yield adapter_cls
+    finally:
+        _REGISTRY.remove(adapter_cls)
 
 
 def call(case: Case, model: nn.Module, inputs: Inputs) -> tuple[torch.Tensor, ...]:

@@ -15,7 +15,7 @@ import copy
 
 import pytest
 import torch
-from families import CASES, Case, all_sites, call, random_unit_masks
+from families import CASES, Case, all_sites, call, case_id, random_unit_masks, registered
 from tolerances import KERNEL_ATOL
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -23,7 +23,7 @@ from comp_vlm import AdapterOptions, get_adapter, load_pruned, save_pruned
 from comp_vlm.adapters.base import _REGISTRY
 
 ATOL = 2e-5
-FAMILIES = sorted(CASES)
+KEYS = sorted(CASES)
 
 
 def close(a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...], atol: float = ATOL) -> None:
@@ -35,13 +35,38 @@ def close(a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...], atol: float 
 
 
 
-@pytest.fixture(params=FAMILIES)
+@pytest.fixture(params=KEYS, ids=case_id)
 def case(request) -> Case:
     return CASES[request.param]
 
 
-def test_every_registered_adapter_has_a_case():
-    assert {cls.family for cls in _REGISTRY} <= set(CASES), "add a contract case to tests/contract/families.py"
+def registered_model_classes() -> set[tuple[str, str]]:
+    """(family, model class name) of every registered adapter class."""
+    return {(cls.family, mc.__name__) for cls in _REGISTRY for mc in cls.model_classes}
+
+
+def test_every_registered_model_class_has_a_case():
+    missing = registered_model_classes() - set(CASES)
+    assert not missing, f"add contract cases to tests/contract/families.py for {sorted(missing)}"
+
+
+def test_a_second_model_class_of_a_family_needs_its_own_case():
+    """A family with a case for one class still needs one for each further class it registers."""
+    from transformers import CLIPModel
+
+    from comp_vlm.adapters.clip import CLIPAdapter
+
+    other_model = type("OtherCLIPModel", (CLIPModel,), {})
+    other_adapter = type("OtherCLIPAdapter", (CLIPAdapter,), {"model_classes": (other_model,)})
+    with registered(other_adapter):
+        assert registered_model_classes() - set(CASES) == {("clip", "OtherCLIPModel")}
+    assert registered_model_classes() <= set(CASES)
+
+
+def test_each_case_builds_its_model_class():
+    for (family, model_class), case in CASES.items():
+        model = case.make(0, "eager")
+        assert (get_adapter(model).family, type(model).__name__) == (family, model_class)
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
