@@ -44,6 +44,16 @@ def test_param_stage_step_hand_computed(step, removable, max_cut, expected):
     assert got[0] == pytest.approx(expected[0]) and got[1] is expected[1]
 
 
+@pytest.mark.parametrize(("step", "remaining", "removable", "expected"), [
+    (0.04, 0.50, 0.06, 0.03),  # the snapshot is far: bounded as usual
+    (0.03, 0.03, 0.05, 0.02),  # landing on a snapshot: 0.025 would leave 0.005, so 0.02 leaves the sliver bound
+    (0.015, 0.015, 0.024, 0.01),  # 0.012 would leave 0.003: never below the sliver bound 0.01 (0.005 is left)
+])
+def test_a_bounded_step_leaves_at_least_a_sliver_before_a_snapshot(step, remaining, removable, expected):
+    got, bounded = budget.param_stage_step(step, removable, 0.5, 0.04, 0.25, remaining)
+    assert bounded and got == pytest.approx(expected)
+
+
 def test_nothing_left_exhausts_and_a_small_remainder_is_taken_whole():
     step, bounded = budget.param_stage_step(0.04, 0.0, 0.5, 0.04, 0.25)
     assert budget.mode_exhausted(0.0, step, not bounded, 0.25)  # the floors remove nothing: exhausted
@@ -80,11 +90,11 @@ def test_planning_a_mode_stage_after_stage_ends_at_its_floors(setup):
 
 
 def test_a_bounded_search_keeps_its_mode_and_logs_the_bound(setup, tmp_path):
-    """param-only, one step of half the FLOPs: the first stage is bounded to half of what P can remove above its
+    """param-only, steps of half the FLOPs: the first stage is bounded to half of what P can remove above its
     floors, P stays live, the target is reached, and the cost uses the realised ΔF."""
     cfg, _, loaders = setup
     log_path = tmp_path / "stages.jsonl"
-    config = quick(ratio=0.5, strategy="param-only", flops_step=0.5, param_max_cut=0.5, finetune_steps=0,
+    config = quick(ratio=0.7, strategy="param-only", flops_step=0.5, param_max_cut=0.5, finetune_steps=0,
                    log_path=str(log_path))
     loaders.train.load_state_dict({"epoch": 0, "position": 0})
     removable = 1.0 - Pruner(fresh(cfg), RetrievalTask(), loaders.val, config).floor_flops()
@@ -92,7 +102,7 @@ def test_a_bounded_search_keeps_its_mode_and_logs_the_bound(setup, tmp_path):
     first = res.stage_log[0]
     assert first["bounded"] is True and first["unbounded_step"] == pytest.approx(0.5)
     assert 0.5 * removable <= first["flops_removed_step"] < first["unbounded_step"]  # (the last unit overshoots)
-    assert len(res.stage_log) > 1 and not res.not_reached and 0.5 in res.snapshots
+    assert len(res.stage_log) > 1 and not res.not_reached and 0.7 in res.snapshots
     assert all(r["mode"] == "P" for r in res.stage_log)
     logged = [json.loads(line) for line in log_path.read_text().splitlines()]
     assert [r["bounded"] for r in logged] == [r["bounded"] for r in res.stage_log]
@@ -100,6 +110,24 @@ def test_a_bounded_search_keeps_its_mode_and_logs_the_bound(setup, tmp_path):
     for r, f_before in zip(res.stage_log, kept):
         assert r["cost"] == pytest.approx(stage_cost(r["b_before"], r["b_after"], f_before, r["flops_kept"]))
         assert r["bounded"] == (r["unbounded_step"] is not None)
+
+
+def test_a_search_with_a_small_bound_ends_at_the_floors(setup):
+    """param-only with bound 0.1 to its floor (all that P can remove): the stages shrink with what is left, the
+    whole remainder is taken once the bounded step would be a sliver, and the search ends on the floor."""
+    cfg, _, loaders = setup
+    config = quick(ratio=0.5, strategy="param-only", param_max_cut=0.1, finetune_steps=0)
+    floor = Pruner(fresh(cfg), RetrievalTask(), loaders.val, config).floor_flops()
+    config = quick(ratio=1.0 - floor, snapshots=(0.3,), strategy="param-only", param_max_cut=0.1,
+                   finetune_steps=0)
+    loaders.train.load_state_dict({"epoch": 0, "position": 0})
+    res = prune(fresh(cfg), RetrievalTask(), loaders.train, loaders.val, config)
+    log = res.stage_log
+    assert not res.not_reached and log[-1]["flops_kept"] == pytest.approx(floor)
+    assert log[0]["bounded"] and not log[-1]["bounded"]  # bounded first, the remainder without the bound
+    assert sum(r["bounded"] for r in log) >= 5 and len(log) < 40
+    first_removable = 1.0 - floor
+    assert 0.1 * first_removable <= log[0]["flops_removed_step"] < log[0]["unbounded_step"]
 
 
 # ---- bad input, the CLI and the suite key ----------------------------------------------------------------------------

@@ -75,19 +75,22 @@ def next_step(kept: float, next_target_kept: float, step: float, sliver: float) 
     return step
 
 
-def param_stage_step(step: float, removable: float, max_cut: float, flops_step: float,
-                     sliver: float) -> tuple[float, bool]:
+def param_stage_step(step: float, removable: float, max_cut: float, flops_step: float, sliver: float,
+                     remaining: float = math.inf) -> tuple[float, bool]:
     """FLOPs fraction a stage of a parameter mode asks for, and whether the stage bound cut it.
 
     ``step`` is the planned step (:func:`next_step`), ``removable`` what the mode can still remove above its
-    floors. The bound ``max_cut`` x ``removable`` acts where it is below both: at ``max_cut`` 1 it never does (the
-    floors stop the stage first, as without a bound). A bounded step below the sliver bound (``sliver`` x
-    ``flops_step``) is not taken: the stage asks for ``step``, and the floors stop it at the whole remainder
-    (``step`` stays the cap), after which :func:`mode_exhausted` / :func:`short_of_step` retire the mode."""
+    floors, ``remaining`` what is left before the next snapshot. The bound ``max_cut`` x ``removable`` acts where it
+    is below both ``step`` and ``removable`` (at ``max_cut`` 1 it never does: the floors stop the stage first, as
+    without a bound). A bounded step below the sliver bound (``sliver`` x ``flops_step``) is not taken: the stage
+    asks for ``step``, and the floors stop it at the whole remainder (``step`` stays the cap), after which
+    :func:`mode_exhausted` / :func:`short_of_step` retire the mode. A bounded step is cut further, not below the
+    sliver bound, so as to leave at least the sliver bound before the snapshot."""
     bounded = max_cut * removable
-    if bounded >= min(step, removable) or bounded < sliver * flops_step:
+    bound = sliver * flops_step
+    if bounded >= min(step, removable) or bounded < bound:
         return step, False
-    return bounded, True
+    return max(min(bounded, remaining - bound), bound), True
 
 
 def is_sliver(removed: float, step: float, sliver: float) -> bool:

@@ -267,7 +267,7 @@ class Pruner:
         else:  # the stage bound: at most param_max_cut of what the mode can still remove
             step, bounded = budget.param_stage_step(target / self.dense_flops, self._param_removable(mode),
                                                     self.config.param_max_cut, self.config.flops_step,
-                                                    self.config.sliver_fraction)
+                                                    self.config.sliver_fraction, before - (1 - min(self.pending_targets)))
             planned, target = target, step * self.dense_flops if bounded else target
             plan = self._plan_params(mode, target)
             if bounded:  # held back by the bound, not by the floors: a shortfall does not exhaust the mode
