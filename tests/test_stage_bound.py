@@ -130,6 +130,28 @@ def test_a_search_with_a_small_bound_ends_at_the_floors(setup):
     assert 0.1 * first_removable <= log[0]["flops_removed_step"] < log[0]["unbounded_step"]
 
 
+def test_a_checkpoint_from_before_the_bound_resumes_without_it(setup, tmp_path):
+    """A search checkpoint written before ``param_max_cut`` existed resumes at the neutral 1.0, not at another."""
+    import torch
+
+    from comp_vlm import checkpoint
+    from comp_vlm.errors import CheckpointError
+    from comp_vlm.search.state import load_search_checkpoint, save_search_checkpoint
+
+    cfg, _, loaders = setup
+    config = quick(ratio=0.5)
+    model = fresh(cfg)
+    pruner = Pruner(model, RetrievalTask(), loaders.val, config)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    save_search_checkpoint(tmp_path / "ckpt", model, pruner, opt, None, config)
+    state, tensors = checkpoint.read_checkpoint(tmp_path / "ckpt")
+    del state["config"]["param_max_cut"]  # as an earlier version wrote it
+    checkpoint.write_checkpoint(tmp_path / "ckpt", state, tensors)
+    load_search_checkpoint(tmp_path / "ckpt", model, pruner, opt, None, config)
+    with pytest.raises(CheckpointError, match="param_max_cut"):
+        load_search_checkpoint(tmp_path / "ckpt", model, pruner, opt, None, quick(ratio=0.5, param_max_cut=0.5))
+
+
 # ---- bad input, the CLI and the suite key ----------------------------------------------------------------------------
 @pytest.mark.parametrize("value", [0.0, -0.1, 1.5])
 def test_a_bound_outside_0_1_is_a_config_error(value):

@@ -19,8 +19,9 @@ FINETUNE_BUDGETS = ("fixed", "equal-total")
 WARMUP_ORDERS = ("random", "fixed")
 
 NEUTRAL: dict[str, Any] = {"token_scorer": "attention", "param_max_cut": 1.0}
-"""PruneConfig fields added after searches were recorded, at the value that reproduces the search before them
-(the quality suite leaves a field at this value out of its suite key, so earlier suites keep their keys)."""
+"""PruneConfig fields added after searches were recorded, at the value that reproduces the search before them: a
+search checkpoint without the field resumes at it, and the quality suite leaves a field at it out of its suite key
+(earlier suites keep their keys)."""
 
 
 @dataclass
