@@ -136,7 +136,7 @@ def arm_label(arm: str, selection: Any, default_selection: Any) -> str:
 
 # PruneConfig fields added after suites were recorded, at the value that reproduces the engine before them: left out
 # of the suite key at that value, so earlier suites stay the same suites (the records still hold the full config)
-NEUTRAL: dict[str, Any] = {"token_scorer": "attention"}
+NEUTRAL: dict[str, Any] = comp_vlm.search.config.NEUTRAL
 KEEP = object()
 
 

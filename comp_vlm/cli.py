@@ -443,7 +443,8 @@ class _Parser(argparse.ArgumentParser):
 
 #: PruneConfig fields that ``prune`` takes as they are, one flag each (``--cost-measure`` for ``cost_measure``)
 SEARCH_OPTIONS = ("cost_measure", "selection", "token_plan", "token_max_cut", "token_floor", "token_scorer",
-                  "warmup_order", "sliver_fraction", "lr_schedule", "finetune_schedule", "finetune_budget")
+                  "warmup_order", "sliver_fraction", "lr_schedule", "finetune_schedule", "finetune_budget",
+                  "param_max_cut")
 
 
 def _search_arguments(parser: argparse.ArgumentParser) -> None:
@@ -478,6 +479,9 @@ def _search_arguments(parser: argparse.ArgumentParser) -> None:
         "sliver_fraction": (float, (
             "a stage is enlarged rather than leave a remainder below this share of --flops-step before a snapshot; "
             "such a sliver's cost does not steer MPS")),
+        "param_max_cut": (float, (
+            "a stage of a parameter mode removes at most this share of what the mode can still remove above its "
+            "floors (1: no bound)")),
         "lr_schedule": (LR_SCHEDULES, "search learning rate: constant, or cosine decay to 0 over the search"),
         "finetune_schedule": (LR_SCHEDULES,
                               "fine-tuning learning rate: warm-up then cosine decay to 0, or constant"),

@@ -68,6 +68,7 @@ RANGES: dict[str, Range] = {
     "site_every": Range(1),
     "token_max_cut": Range(0, 1, low_open=True),
     "token_floor": Range(0, 1, low_open=True),
+    "param_max_cut": Range(0, 1, low_open=True),
     "sliver_fraction": Range(0, 1, high_open=True),
     "finetune_warmup": Range(0, 1, high_open=True),
     "budget_slack_stages": Range(0),

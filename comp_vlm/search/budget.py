@@ -7,8 +7,9 @@
   there) and the mode as a whole (every site keeps at least ``floor`` of the tokens entering the tower).
   :func:`bisect_level` finds the level of one stage's FLOPs step within that range.
 - Steps: :func:`next_step` plans the FLOPs one stage removes, cut short to land on the next snapshot, and enlarged
-  so that no remainder below the sliver bound is left before it; :func:`mode_exhausted` and :func:`short_of_step`
-  say when a mode at its floors leaves the search.
+  so that no remainder below the sliver bound is left before it; :func:`param_stage_step` bounds a parameter
+  mode's stage by what the mode can still remove; :func:`mode_exhausted` and :func:`short_of_step` say when a mode
+  at its floors leaves the search.
 - Floors: :func:`unit_floor` (units a layer keeps), :func:`floor_level` (a token mode's lowest level),
   :func:`reachable_targets` (the ratios a strategy's floors allow).
 - Training steps: :func:`lr_factor`, :func:`nominal_search_steps`, :func:`finetune_steps_for`.
@@ -72,6 +73,24 @@ def next_step(kept: float, next_target_kept: float, step: float, sliver: float) 
     if remaining <= step + sliver * step:
         return max(remaining, 0.0)
     return step
+
+
+def param_stage_step(step: float, removable: float, max_cut: float, flops_step: float, sliver: float,
+                     remaining: float = math.inf) -> tuple[float, bool]:
+    """FLOPs fraction a stage of a parameter mode asks for, and whether the stage bound cut it.
+
+    ``step`` is the planned step (:func:`next_step`), ``removable`` what the mode can still remove above its
+    floors, ``remaining`` what is left before the next snapshot. The bound ``max_cut`` x ``removable`` acts where it
+    is below both ``step`` and ``removable`` (at ``max_cut`` 1 it never does: the floors stop the stage first, as
+    without a bound). A bounded step below the sliver bound (``sliver`` x ``flops_step``) is not taken: the stage
+    asks for ``step``, and the floors stop it at the whole remainder (``step`` stays the cap), after which
+    :func:`mode_exhausted` / :func:`short_of_step` retire the mode. A bounded step is cut further, not below the
+    sliver bound, so as to leave at least the sliver bound before the snapshot."""
+    bounded = max_cut * removable
+    bound = sliver * flops_step
+    if bounded >= min(step, removable) or bounded < bound:
+        return step, False
+    return max(min(bounded, remaining - bound), bound), True
 
 
 def is_sliver(removed: float, step: float, sliver: float) -> bool:
@@ -179,6 +198,6 @@ def finetune_steps_for(ratio: float, search_steps: int, finetune_steps: int, bud
 
 
 __all__ = ["TOKEN_PLANS", "bisect_level", "cumulative_keep", "finetune_steps_for", "floor_level", "is_sliver",
-           "lr_factor", "mode_exhausted", "next_step", "nominal_search_steps", "pyramid_keep_ratios",
-           "reachable_targets", "short_of_step", "site_keeps", "target_reached", "token_floor_limited",
-           "token_level_range", "unit_floor"]
+           "lr_factor", "mode_exhausted", "next_step", "nominal_search_steps", "param_stage_step",
+           "pyramid_keep_ratios", "reachable_targets", "short_of_step", "site_keeps", "target_reached",
+           "token_floor_limited", "token_level_range", "unit_floor"]

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from .. import importance
 from ..errors import ConfigError
@@ -16,6 +17,11 @@ COST_MEASURES = ("recovered", "immediate", "probe")
 LR_SCHEDULES = ("constant", "cosine")
 FINETUNE_BUDGETS = ("fixed", "equal-total")
 WARMUP_ORDERS = ("random", "fixed")
+
+NEUTRAL: dict[str, Any] = {"token_scorer": "attention", "param_max_cut": 1.0}
+"""PruneConfig fields added after searches were recorded, at the value that reproduces the search before them: a
+search checkpoint without the field resumes at it, and the quality suite leaves a field at it out of its suite key
+(earlier suites keep their keys)."""
 
 
 @dataclass
@@ -44,6 +50,7 @@ class PruneConfig:
     token_plan: str = "linear"  # per-site pyramid of a token mode (budget.TOKEN_PLANS; "legacy" = the first rule)
     token_max_cut: float = 0.5  # a stage removes at most this share of the tokens left at any site
     token_floor: float = 0.1  # every site keeps >= this share of the prunable tokens entering its tower
+    param_max_cut: float = 1.0  # a parameter stage removes at most this share of what its mode can still remove
     warmup_order: str = "random"  # MPS warm-up order of the untried modes: seeded permutation or adapter order
     sliver_fraction: float = 0.25  # no remainder below this share of flops_step before a snapshot; no HI from it
     head_floor: int = 1
@@ -108,4 +115,4 @@ class PruneConfig:
         return {"no-cip": "comp", "uniform-rms": "comp", "no-cit": "comp"}.get(self.strategy, self.strategy)
 
 
-__all__ = ["COST_MEASURES", "FINETUNE_BUDGETS", "LR_SCHEDULES", "STRATEGIES", "WARMUP_ORDERS", "PruneConfig"]
+__all__ = ["COST_MEASURES", "FINETUNE_BUDGETS", "LR_SCHEDULES", "NEUTRAL", "STRATEGIES", "WARMUP_ORDERS", "PruneConfig"]

@@ -24,7 +24,15 @@ import torch
 from torch import nn
 
 from .. import importance
-from ..adapters.base import AdapterOptions, ModelAdapter, Site, dense_units, get_adapter, structure_fields
+from ..adapters.base import (
+    AdapterOptions,
+    ModelAdapter,
+    Site,
+    TowerSpec,
+    dense_units,
+    get_adapter,
+    structure_fields,
+)
 from ..adapters.units import UnitGroup, UnitKey, UnitSpec
 from ..collect import StatsCollector
 from ..errors import ConfigError, NonFiniteError
@@ -65,7 +73,8 @@ class StagePlan:
     losses_before: list[float] = field(default_factory=list)
     b_removed: float | None = None  # cost_measure "immediate": B with the stage's removal applied outright
     losses_removed: list[float] = field(default_factory=list)
-    floor_limited: bool = True  # a shortfall of this stage means floors, not the per-stage token bound
+    floor_limited: bool = True  # a shortfall of this stage means floors, not a per-stage bound
+    unbounded: float | None = None  # the planned step when param_max_cut cut this stage to ``requested``
     removed_by: dict[str, float] = field(default_factory=dict)  # FLOPs fraction removed per unit kind / token kind
     probe_s: float = 0.0  # cost_measure "probe": seconds spent measuring every live mode before this stage began
 
@@ -149,8 +158,7 @@ class Pruner:
             layers = []
             for i, lay in enumerate(t.layers):
                 if params:
-                    lay = replace(lay, **structure_fields(spec, {
-                        u.kind: min(getattr(lay, u.structure_field), self._unit_floor(u)) for u in spec.units}))
+                    lay = self._at_floors(lay, spec, spec.units)
                 if tokens and i in keeps:
                     lay = replace(lay, site_keep=keeps[i])
                 layers.append(lay)
@@ -168,6 +176,23 @@ class Pruner:
 
     def _unit_floor(self, unit: UnitSpec) -> int:
         return budget.unit_floor(unit.kind, unit.dense, self.config.head_floor, self.config.neuron_floor)
+
+    def _at_floors(self, lay: Any, spec: TowerSpec, units: Iterable[UnitSpec]) -> Any:
+        """The layer structure ``lay`` of a layer of ``spec`` with each of ``units`` cut to its floor (none added
+        back); every structure field of a kind follows its count."""
+        cut = {u.kind for u in units}
+        counts = {u.kind: getattr(lay, u.structure_field) for u in spec.units}
+        return replace(lay, **structure_fields(spec, {u.kind: min(counts[u.kind], self._unit_floor(u))
+                                                      if u.kind in cut else counts[u.kind] for u in spec.units}))
+
+    def _param_removable(self, mode: str) -> float:
+        """FLOPs fraction the parameter mode can still remove: everything else as planned, its units at floors."""
+        modes = self._param_modes(mode)
+        towers = [replace(t, layers=tuple(
+            self._at_floors(lay, self.specs[t.name],
+                            [u for u in self.specs[t.name].units if self.groups[(u.kind, t.name, i)].mode in modes])
+            for i, lay in enumerate(t.layers))) for t in self.structural_towers()]
+        return self.flops_kept() - self._kept(towers)
 
     def _check_floors(self) -> None:
         floor = self.floor_flops()
@@ -250,7 +275,16 @@ class Pruner:
         """Plan one stage of ``mode`` (structurally applied), or None, restored, if the mode is exhausted."""
         target = self._next_step_flops()
         before = self.flops_kept()
-        plan = self._plan_tokens(mode, target) if mode_kind(mode) == "token" else self._plan_params(mode, target)
+        if mode_kind(mode) == "token":
+            plan = self._plan_tokens(mode, target)
+        else:  # the stage bound: at most param_max_cut of what the mode can still remove
+            step, bounded = budget.param_stage_step(target / self.dense_flops, self._param_removable(mode),
+                                                    self.config.param_max_cut, self.config.flops_step,
+                                                    self.config.sliver_fraction, before - (1 - min(self.pending_targets)))
+            planned, target = target, step * self.dense_flops if bounded else target
+            plan = self._plan_params(mode, target)
+            if bounded:  # held back by the bound, not by the floors: a shortfall does not exhaust the mode
+                plan.unbounded, plan.floor_limited = planned / self.dense_flops, False
         plan.requested = target / self.dense_flops
         plan.flops_before = before
         removed = before - plan.flops_after
@@ -480,6 +514,7 @@ class Pruner:
             "token_level": plan.token_level,
             **{f"{kind}s_pruned": sum(len(v) for key, v in plan.units.items() if key[0] == kind) for kind in self.kinds},
             "removed_by": dict(plan.removed_by), "sliver": sliver,
+            "bounded": plan.unbounded is not None, "unbounded_step": plan.unbounded,
             "wall_s": time.perf_counter() - self._stage_t0, "probe_s": plan.probe_s,
         }
         self.stage_log.append(record)

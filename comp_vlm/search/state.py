@@ -13,7 +13,7 @@ from torch import nn
 
 from .. import checkpoint
 from ..errors import CheckpointError
-from .config import PruneConfig
+from .config import NEUTRAL, PruneConfig
 from .pruner import Pruner
 
 log = logging.getLogger("comp_vlm")
@@ -37,8 +37,9 @@ def load_search_checkpoint(path: Path, model: nn.Module, pruner: Pruner, opt: to
                            train_data: Any, config: PruneConfig) -> None:
     """Restore what :func:`save_search_checkpoint` wrote, if ``config`` has the same fingerprint."""
     state, tensors = checkpoint.read_checkpoint(path)
-    if state["config"] != config.fingerprint():
-        changed = sorted(k for k in config.fingerprint() if state["config"].get(k) != config.fingerprint()[k])
+    written = NEUTRAL | state["config"]  # a field added since the checkpoint was written: at its neutral value
+    if written != config.fingerprint():
+        changed = sorted(k for k in config.fingerprint() if written.get(k) != config.fingerprint()[k])
         raise CheckpointError(f"checkpoint {path} was written with other arguments ({', '.join(changed)}); "
                               "resume with the same arguments")
     model.load_state_dict({k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")})
