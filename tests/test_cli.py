@@ -188,7 +188,7 @@ def test_prune_a_model_directory(demo_out, tmp_path, capsys):
 
 
 # ---- reliability: outputs, one-line errors on every path (issue 14) ---------------------------------------------
-FAST = ["--ratio", "0.5", "--n-train", "64", "--n-val", "32", "--n-test", "32", "--batch-size", "16",
+FAST = ["--data", "synthetic", "--ratio", "0.5", "--n-train", "64", "--n-val", "32", "--n-test", "32", "--batch-size", "16",
         "--stage-steps", "2", "--flops-step", "0.1", "--finetune-steps", "1", "--calibration-batches", "1"]
 
 
