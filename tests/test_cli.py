@@ -433,11 +433,10 @@ def test_bad_search_choice_is_one_line_exit_2(tmp_path, capsys, flag):
     assert flag in line and "invalid choice: 'bogus'" in line
 
 
-@pytest.mark.parametrize(("flag", "value", "field"), [("--token-max-cut", "0", "token_max_cut"),
-                                                      ("--token-floor", "1.5", "token_floor"),
-                                                      ("--sliver-fraction", "1", "sliver_fraction")])
-def test_search_value_out_of_range_is_one_line(tmp_path, capsys, flag, value, field):
+@pytest.mark.parametrize(("flag", "value"), [("--token-max-cut", "0"), ("--token-floor", "1.5"),
+                                            ("--sliver-fraction", "1")])
+def test_search_value_out_of_range_is_one_line(tmp_path, capsys, flag, value):
     assert main(["prune", "--model", "demo-clip-quick", "--out", str(tmp_path / "o"), flag, value,
                  "--cache", str(tmp_path / "cache")]) == 1
-    assert field in one_error_line(capsys.readouterr().err)
+    assert flag + " must be" in one_error_line(capsys.readouterr().err)  # the flag, not the PruneConfig field
     assert not (tmp_path / "cache").exists()  # refused before any training
