@@ -25,7 +25,6 @@ from comp_vlm.data.karpathy import read_karpathy
 from comp_vlm.data.text import build_word_tokenizer
 from comp_vlm.errors import ConfigError, DataError
 from comp_vlm.report import say, write_json, write_jsonl
-from comp_vlm.validation import ratio_key
 
 
 def _without(args: list[str], flag: str) -> list[str]:
@@ -48,6 +47,8 @@ def _strict_json(text: str) -> object:
 
 # ---- §2: any ratio in (0, 1) -----------------------------------------------------------------------------------
 def test_ratio_keys():
+    from comp_vlm.validation import ratio_key
+
     assert [ratio_key(r) for r in (0.3, 0.5, 0.333, 0.301, 0.1)] == ["0.30", "0.50", "0.333", "0.301", "0.10"]
     assert ratio_key(0.30001) == ratio_key(0.3)
 
