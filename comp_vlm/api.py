@@ -46,6 +46,15 @@ def check_task(task: str, gallery_size: int | None = 0, eval_pairs: int | None =
 # ---------------------------------------------------------------------------------------------------------------
 # evaluate
 # ---------------------------------------------------------------------------------------------------------------
+def missing_data_error(model: str | os.PathLike, option: str) -> ConfigError:
+    """The error for a model directory of the user's own given no data (``option``: ``--data`` or ``data=``):
+    its captions and images are not the synthetic world's, so the data must be named."""
+    space = " " if option.startswith("--") else ""
+    return ConfigError(f"{model} is a model directory of your own: name its data, {option}{space}DIR (a COCO or "
+                       f"Flickr30K directory in Karpathy's format) or {option}{space}synthetic (the built-in shapes "
+                       "world, whose captions your tokenizer may not know)")
+
+
 def _recorded_data(recorded: dict) -> DataSource:
     """Without ``data``: the data directory a pruned model was pruned on (recorded in its recipe), else the
     synthetic world."""
@@ -92,22 +101,25 @@ def _eval_batches(settings: dict, model: Any, tokenizer: Any, processor: Any, pr
     if settings["kind"] == "synthetic":
         from .zoo import synthetic_test_split
 
-        return synthetic_test_split(tokenizer, settings)
-    from .data.karpathy import karpathy_batches
+        test, where = synthetic_test_split(tokenizer, settings), "the synthetic world"
+    else:
+        from .data.karpathy import karpathy_batches
 
-    test = karpathy_batches(settings["json"], KARPATHY_ROLES["test"][0], tokenizer, processor,
-                            settings["eval_batch_size"], progress=progress)
-    check_fit(model, test[0], max(b["input_ids"].shape[1] for b in test), settings["json"])
+        test = karpathy_batches(settings["json"], KARPATHY_ROLES["test"][0], tokenizer, processor,
+                                settings["eval_batch_size"], progress=progress)
+        where = settings["json"]
+    check_fit(model, test[0], max(b["input_ids"].shape[1] for b in test), where)
     return test
 
 
 def evaluate_dir(path: str | os.PathLike, data: str | None = None, task: str = "retrieval",
                  gallery_size: int | None = None, n_test: int | None = None, seed: int | None = None,
-                 device: str = "cpu", progress: bool = True) -> dict[str, Any]:
+                 device: str = "cpu", progress: bool = True, data_option: str = "data=") -> dict[str, Any]:
     """Task metrics of the model directory ``path`` (pruned, or a dense CLIPModel) on a test split, with its
     analytic FLOPs and parameters. ``data``: 'synthetic' or a Karpathy-format directory (default: the data recorded
-    with a pruned model, else synthetic); ``gallery_size``, ``n_test`` and ``seed`` default to the recorded ones
-    when the data is the recorded data (0 galleries: one gallery of the whole split)."""
+    with a pruned model; a dense model needs it, and ``data_option`` is how the error names it); ``gallery_size``,
+    ``n_test`` and ``seed`` default to the recorded ones when the data is the recorded data (0 galleries: one gallery
+    of the whole split)."""
     import comp_vlm
 
     from .recipe import RECIPE_FILE
@@ -120,6 +132,8 @@ def evaluate_dir(path: str | os.PathLike, data: str | None = None, task: str = "
     tokenizer = load_model_tokenizer(path, model)
     processor = load_image_processor(path)
     recorded = dict((recipe.extra.get("data") or {}) if recipe else {})
+    if source is None and recipe is None:
+        raise missing_data_error(path, data_option)
     source = source or _recorded_data(recorded)
     if not _same_data(recorded, source):
         recorded = {}
@@ -210,4 +224,4 @@ def bench_dir(path: str | os.PathLike, dense: str | os.PathLike | None = None, b
             "flops_kept": recipe.flops_kept, "reference": recipe.reference, "options": recipe.options}
 
 
-__all__ = ["bench_dir", "check_task", "evaluate_dir", "prune"]
+__all__ = ["bench_dir", "check_task", "evaluate_dir", "missing_data_error", "prune"]

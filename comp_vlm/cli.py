@@ -2,21 +2,23 @@
 
 Every failure prints one line ``comp-vlm: error: ...`` on stderr: usage errors (argparse) exit 2; errors from the
 library (``CompVLMError``: bad option values, missing or corrupt models and recipes, output directories comp-vlm
-must not write) and from the system (``OSError``: a full disk, no permission) exit 1. Outputs follow
-:mod:`comp_vlm.outputs`: written complete or not at all, never over files comp-vlm did not write.
+must not write) and from the system (``OSError``: a full disk, no permission) exit 1. A closed output pipe (``comp-vlm
+eval OUT | head``) ends the command quietly with exit 141, as a Unix tool killed by SIGPIPE. Results go to stdout;
+progress bars, progress lines and log lines to stderr. Outputs follow :mod:`comp_vlm.outputs`: written complete or
+not at all, never over files comp-vlm did not write.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
 from . import outputs, zoo
-from .api import TASKS, check_task
+from .api import TASKS, check_task, missing_data_error
 from .errors import CompVLMError, ConfigError, OutputError
 from .loading import (
     DataSource,
@@ -29,7 +31,9 @@ from .loading import (
     mean_text_length,
     processor_stats,
 )
-from .report import say, set_progress_lines, write_json, write_jsonl
+from .report import json_text, say, set_progress_lines, write_json, write_jsonl
+from .report import result as _result
+from .validation import FieldError, ratio_key
 
 PRUNE_REPLACES = ("prune-run", "pruned")  # the outputs `prune --overwrite` may replace
 
@@ -60,7 +64,10 @@ def _setup(args: argparse.Namespace) -> str:
     try:
         from transformers.utils import logging as hf_logging
 
-        hf_logging.set_verbosity_error()
+        if getattr(args, "verbose", False):  # transformers' warnings (unused weights, ...) on stderr
+            hf_logging.set_verbosity_warning()
+        else:
+            hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
     except ImportError:  # pragma: no cover
         pass
@@ -119,13 +126,6 @@ def _gallery_argument(parser: argparse.ArgumentParser, default: str) -> None:
                              f"(0: the whole split is one gallery; default: {default})")
 
 
-def _result(message: str) -> None:
-    """A result line: printed with -q too."""
-    from tqdm.auto import tqdm
-
-    tqdm.write(message)
-
-
 def _check_json_path(option: str, path: str | None) -> None:
     """Refuse a ``--json`` file that cannot be written, before any work is done."""
     if path is None:
@@ -180,6 +180,30 @@ def _check_prune_data(args: argparse.Namespace, source: DataSource, spec: Any) -
     return min(source.pairs["val"], source.pairs["test"])
 
 
+def _model_path(args: argparse.Namespace) -> Path:
+    """``--model`` as an existing path (not a built-in model)."""
+    path = Path(args.model)
+    if not path.exists():
+        raise ConfigError(f"--model {args.model}: no such directory, and not a built-in model "
+                          f"(built-ins: {', '.join(zoo.BUILTINS)})")
+    return path
+
+
+def _prune_data(args: argparse.Namespace) -> str:
+    """``--data``; without it the synthetic world for a built-in model, which was trained on it. A model directory
+    must name its data."""
+    if args.data is not None:
+        return args.data
+    if args.model in zoo.BUILTINS:
+        return "synthetic"
+    raise missing_data_error(_model_path(args), "--data")
+
+
+def _longest_caption(loaders: Any) -> int:
+    """Tokens of the longest caption (padding included) of every split."""
+    return max([loaders.train.data.input_ids.shape[1]] + [b["input_ids"].shape[1] for b in loaders.val + loaders.test])
+
+
 def _resolve_model(args: argparse.Namespace, task: Any, device: str, source: DataSource) -> dict:
     """The dense model, its tokenizer and image processor, and the data: the Karpathy directory ``source`` read
     through them, or the synthetic world made for the model."""
@@ -192,10 +216,7 @@ def _resolve_model(args: argparse.Namespace, task: Any, device: str, source: Dat
                                   progress=not args.quiet)
         return {"model": dense.model, "tokenizer": dense.tokenizer, "image_processor": dense.image_processor,
                 "data": dense.data, "spec": spec, "source": dense.source}
-    path = Path(args.model)
-    if not path.exists():
-        raise ConfigError(f"--model {args.model}: no such directory, and not a built-in model "
-                          f"(built-ins: {', '.join(zoo.BUILTINS)})")
+    path = _model_path(args)
     from .recipe import RECIPE_FILE
 
     if (path / RECIPE_FILE).is_file():
@@ -210,16 +231,14 @@ def _resolve_model(args: argparse.Namespace, task: Any, device: str, source: Dat
             raise ConfigError(f"{path} holds no image processor (preprocessor_config.json), needed to read the "
                               f"images of --data {args.data}")
         data = karpathy_data(source, tokenizer, processor, batch, spec.eval_batch_size, args.seed, not args.quiet)
-        loaders = data.loaders
-        longest = max([loaders.train.data.input_ids.shape[1]]
-                      + [b["input_ids"].shape[1] for b in loaders.val + loaders.test])
-        check_fit(model, loaders.val[0], longest, str(source.json))
+        check_fit(model, data.loaders.val[0], _longest_caption(data.loaders), str(source.json))
     else:
         mean, std = processor_stats(processor)
         image_size = int(model.config.vision_config.image_size)
         data = zoo.synthetic_data(
             tokenizer, image_size, spec.max_objects, args.seed, args.n_train or spec.n_train,
             args.n_val or spec.n_val, args.n_test or spec.n_test, batch, spec.eval_batch_size, mean, std)
+        check_fit(model, data.loaders.val[0], _longest_caption(data.loaders), "the synthetic world")
         if processor is None:
             processor = data.world.image_processor()
             say(f"{path} has no image processor: using the synthetic world's normalisation "
@@ -267,7 +286,7 @@ def _write_run(out: Path, args: argparse.Namespace, result: Any, src: dict, repo
     from .io import write_pruned_files
 
     final = max(result.snapshots)
-    dirs = {r: out if r == final else out / "snapshots" / f"r{r:.2f}" for r in result.snapshots}
+    dirs = {r: out if r == final else out / "snapshots" / f"r{ratio_key(r)}" for r in result.snapshots}
     extras = {"tokenizer": src["tokenizer"], "image_processor": src["image_processor"]}
     with outputs.staged(out, "prune-run", overwrite=args.overwrite, what="--out", protected=_model_dirs(args),
                         replace_kinds=PRUNE_REPLACES, hint="--overwrite") as tmp:
@@ -276,10 +295,32 @@ def _write_run(out: Path, args: argparse.Namespace, result: Any, src: dict, repo
             if r != final:
                 comp_vlm.save_pruned(m, tmp / dirs[r].relative_to(out), recipe=recipe, **extras)
         write_jsonl(tmp / "stages.jsonl", result.stage_log)
-        for r, entry in report["snapshots"].items():
-            entry["dir"] = str(dirs[float(r)])
-        (tmp / "report.json").write_text(json.dumps(report, indent=1, default=str))
+        for r, d in dirs.items():
+            report["snapshots"][ratio_key(r)]["dir"] = str(d)
+        (tmp / "report.json").write_text(json_text(report, indent=1))
     return dirs
+
+
+def _percent(ratio: float) -> str:
+    """A target ratio as a percentage, as precise as its :func:`ratio_key` (0.8 -> 80%, 0.333 -> 33.3%)."""
+    return f"{100 * float(ratio_key(ratio)):.{max(0, len(ratio_key(ratio)) - 4)}f}%"
+
+
+#: flag of every ``PruneConfig`` field that ``prune`` takes from one, to name in errors
+PRUNE_FLAGS = {name: "--" + name.replace("_", "-") for name in (
+    "ratio", "snapshots", "strategy", "flops_step", "stage_steps", "finetune_steps", "calibration_batches", "lr",
+    "distill", "seed", "checkpoint_dir", "resume")}
+
+
+def _prune_config(settings: dict) -> Any:
+    """``PruneConfig(**settings)``; an error about a field set by a flag names the flag."""
+    import comp_vlm
+
+    try:
+        return comp_vlm.PruneConfig(**settings)
+    except FieldError as exc:
+        flags = {**PRUNE_FLAGS, **{name: "--" + name.replace("_", "-") for name in SEARCH_OPTIONS}}
+        raise ConfigError(exc.renamed(flags)) from None
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
@@ -288,7 +329,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from . import checkpoint
 
     device = _setup(args)
-    source = check_data(args.data)
+    source = check_data(_prune_data(args))
     spec = zoo.BUILTINS.get(args.model, zoo.BUILTINS["demo-clip"])
     task = check_task(args.task, args.gallery_size, _check_prune_data(args, source, spec))
     snapshots = tuple(s for s in (args.snapshots or ()) if s != args.ratio)
@@ -305,12 +346,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
         **{name: getattr(args, name) for name in SEARCH_OPTIONS},
         "checkpoint_dir": str(ckpt), "resume": args.resume, "progress": not args.quiet,
     }
-    comp_vlm.PruneConfig(**settings)  # validate the options before loading or training anything
+    _prune_config(settings)  # validate the options before loading or training anything
     src = _resolve_model(args, task, device, source)
     model, data = src["model"], src["data"]
     length = args.text_length or round(mean_text_length(data.loaders))
     reference = {"image_size": int(model.config.vision_config.image_size), "text_length": length}
-    config = comp_vlm.PruneConfig(**settings, reference=reference)
+    config = _prune_config({**settings, "reference": reference})
     say(f"model: {src['source']} ({comp_vlm.count_params(model):,} params); data: {_describe_data(data.settings)}")
     dense_params = comp_vlm.count_params(model)
     dense_metrics = task.evaluate(model, data.loaders.test)
@@ -325,7 +366,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     report = {
         "model": src["source"], "task": args.task, "data": data.settings, "config": config.fingerprint(),
         "reference": reference, "dense": {"metrics": dense_metrics, "flops": dense_flops, "params": dense_params},
-        "snapshots": {f"{r:.2f}": {"metrics": result.metrics.get(r), "flops": rec.pruned_flops,
+        "snapshots": {ratio_key(r): {"metrics": result.metrics.get(r), "flops": rec.pruned_flops,
                                    "flops_kept": rec.flops_kept, "params": comp_vlm.count_params(m)}
                       for r, (m, rec) in sorted(result.snapshots.items())},
         "not_reached": result.not_reached, "stages": len(result.stage_log), "seconds": result.seconds,
@@ -339,7 +380,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     _result(f"{'dense':24s}{dense_metrics[key]:10.2f}{dense_flops / 1e9:10.4f}{1:8.1%}{dense_params:11,d}")
     for r, (m, rec) in sorted(result.snapshots.items()):
         met = result.metrics.get(r, {}).get(key, float("nan"))
-        _result(f"{'CoMP ' + format(r, '.0%') + ' removed':24s}{met:10.2f}{rec.pruned_flops / 1e9:10.4f}"
+        _result(f"{'CoMP ' + _percent(r) + ' removed':24s}{met:10.2f}{rec.pruned_flops / 1e9:10.4f}"
                 f"{rec.flops_kept:8.1%}{comp_vlm.count_params(m):11,d}")
     if result.not_reached:
         _result(f"not reached: {', '.join(map(str, result.not_reached))}")
@@ -347,7 +388,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     _result(f"pruned model: {out.resolve()}")
     for r, d in sorted(dirs.items()):
         if d != out:
-            _result(f"snapshot {r:.2f}: {d.resolve()}")
+            _result(f"snapshot {ratio_key(r)}: {d.resolve()}")
     _result(f"stage log: {(out / 'stages.jsonl').resolve()}; report: {(out / 'report.json').resolve()}")
     return 0
 
@@ -361,7 +402,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     device = _setup(args)
     _check_json_path("--json", args.json)
     result = evaluate_dir(args.model_dir, data=args.data, task=args.task, gallery_size=args.gallery_size,
-                          n_test=args.n_test, seed=args.seed, device=device, progress=not args.quiet)
+                          n_test=args.n_test, seed=args.seed, device=device, progress=not args.quiet,
+                          data_option="--data")
     flops, dense_flops, settings = result["flops"], result["dense_flops"], result["data"]
     kind = "pruned (" + format(1 - flops / dense_flops, ".0%") + " FLOPs removed)" if result["pruned"] else "dense"
     print(f"{result['model']}: {kind}, {result['params']:,} params, {flops / 1e9:.4f} GFLOPs per sample at "
@@ -432,6 +474,8 @@ def _common(parser: argparse.ArgumentParser, seed_default: int | None = 0) -> No
                         help="random seed" + (f" (default: {seed_default})" if seed_default is not None else ""))
     parser.add_argument("-q", "--quiet", action="store_true",
                         help="no progress bars, progress lines or info log lines: results and errors only")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="also show the warnings of transformers (muted by default), e.g. unused weights")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -545,9 +589,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a local transformers CLIPModel directory (with its tokenizer), or a built-in model "
                             f"({', '.join(zoo.BUILTINS)}: trained on the synthetic world, cached)")
     prune.add_argument("--task", default="retrieval", choices=TASKS, help="task (default: retrieval)")
-    prune.add_argument("--data", default="synthetic", metavar="synthetic|DIR",
-                       help="training/validation/test data: 'synthetic' (the built-in shapes world; default), or a "
-                            "COCO/Flickr30K directory in Karpathy's format (dataset_*.json and the images; needs "
+    prune.add_argument("--data", default=None, metavar="synthetic|DIR",
+                       help="training/validation/test data: 'synthetic' (the built-in shapes world; the default of "
+                            "built-in models, to be named for a model directory), or a COCO/Flickr30K directory in Karpathy's format (dataset_*.json and the images; needs "
                             "--model DIR with a tokenizer and image processor): train+restval for the search and "
                             "fine-tuning, val for the stage costs, test for the reported metrics")
     prune.add_argument("--ratio", type=float, default=0.8, metavar="R",
@@ -608,7 +652,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--task", default="retrieval", choices=TASKS, help="task (default: retrieval)")
     ev.add_argument("--data", default=None, metavar="synthetic|DIR",
                     help="evaluation data: 'synthetic', or a Karpathy-format directory (its test split) "
-                         "(default: the data directory recorded with a pruned model, else synthetic)")
+                         "(default: the data directory recorded with a pruned model; a dense model directory needs "
+                         "--data)")
     ev.add_argument("--n-test", type=_positive_int, default=None, metavar="N",
                     help=f"synthetic test pairs (default: as recorded in the recipe, else {d.n_test})")
     _gallery_argument(ev, "as recorded with a pruned model, else 100, or the whole split when smaller")
@@ -670,12 +715,36 @@ class _GlobalState:
             (hf_logging.enable_progress_bar if self.hf[1] else hf_logging.disable_progress_bar)()
 
 
+def _mute_stdout() -> None:
+    """Point stdout at the null device, so flushing it at exit does not fail on a closed pipe again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # a stdout without a file descriptor (tests)
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; its exit status. A closed stdout or stderr pipe ends it quietly with 141 (128 + SIGPIPE),
+    as a Unix tool killed by SIGPIPE (``comp-vlm eval OUT | head``)."""
+    try:
+        try:
+            return _run(argv)
+        finally:
+            sys.stdout.flush()
+    except BrokenPipeError:
+        _mute_stdout()
+        return 141
+
+
+def _run(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     with _GlobalState():
         try:
             return args.func(args)
+        except BrokenPipeError:
+            raise
         except (CompVLMError, OSError) as exc:
             message = " ".join(str(exc).split()) or type(exc).__name__
             print(f"comp-vlm: error: {message}", file=sys.stderr)

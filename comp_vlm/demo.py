@@ -7,7 +7,6 @@ processor, stage log, plot, report). The built-in models live in :mod:`comp_vlm.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import time
 from dataclasses import asdict, replace
@@ -21,7 +20,8 @@ from . import outputs
 from .errors import CompVLMError
 from .loading import load_image_processor, load_tokenizer
 from .measure import batch_inputs, dense_reference_model, interleaved_latency_ms
-from .report import Row, format_table, say, write_jsonl, write_plot
+from .report import Row, format_table, json_text, say, show, write_jsonl, write_plot
+from .validation import ratio_key
 from .zoo import BUILTINS, builtin_dense
 
 log = logging.getLogger("comp_vlm")
@@ -152,7 +152,7 @@ def run_demo(out: str, ratio: float | None = None, seed: int = 0, device: str = 
     saved: dict[float, Path] = {}
     for r, (model, recipe) in sorted(result.snapshots.items()):
         recipe.extra.update(extra)
-        target = out_dir / "pruned" if r == max(result.snapshots) else out_dir / "snapshots" / f"r{r:.2f}"
+        target = out_dir / "pruned" if r == max(result.snapshots) else out_dir / "snapshots" / f"r{ratio_key(r)}"
         saved[r] = comp_vlm.save_pruned(model, target, recipe=recipe, tokenizer=dense.tokenizer,
                                         image_processor=dense.image_processor)
     write_jsonl(log_path, result.stage_log)
@@ -212,36 +212,36 @@ def run_demo(out: str, ratio: float | None = None, seed: int = 0, device: str = 
         "zero_shot_example": {"truth": zs_truth, "top": zs[:3]},
         "settings": {k: v for k, v in asdict(spec).items()},
     }
-    (out_dir / "report.json").write_text(json.dumps(report, indent=1, default=str))
+    (out_dir / "report.json").write_text(json_text(report, indent=1))
     (out_dir / "report.md").write_text(
         f"# comp-vlm demo ({spec.name}, ratio {ratio}, seed {seed})\n\nTest split: {spec.n_test} synthetic pairs "
         f"(R@K in galleries of {spec.gallery_size}); "
         f"FLOPs per sample at {reference}; latency: batch {n}, median of {spec.latency_repeats} runs, "
         f"{torch.get_num_threads()} thread(s), {device}.\n\n```\n{table}\n```\n")
-    say("")
-    say(f"Retrieval on {spec.n_test} held-out synthetic pairs (R@1 in %, galleries of {spec.gallery_size}); "
-        f"FLOPs per sample at "
-        f"{spec.image_size}x{spec.image_size} px + {reference['text_length']} text tokens; latency: one forward "
-        f"of batch {n}, median of {spec.latency_repeats} runs ({torch.get_num_threads()} thread(s), {device}). "
-        "The dense rows run with the same dead-compute option as the pruned model.")
-    say(table)
-    say("")
-    say(f"zero-shot pipeline on a new image of \"{zs_truth}\": " +
-        "; ".join(f"{lab!r} {p:.2f}" for lab, p in zs[:3]))
-    say(f"saved-and-reloaded vs in-memory pruned logits: max |diff| {reload_gap:.1e}")
+    show("")
+    show(f"Retrieval on {spec.n_test} held-out synthetic pairs (R@1 in %, galleries of {spec.gallery_size}); "
+         f"FLOPs per sample at "
+         f"{spec.image_size}x{spec.image_size} px + {reference['text_length']} text tokens; latency: one forward "
+         f"of batch {n}, median of {spec.latency_repeats} runs ({torch.get_num_threads()} thread(s), {device}). "
+         "The dense rows run with the same dead-compute option as the pruned model.")
+    show(table)
+    show("")
+    show(f"zero-shot pipeline on a new image of \"{zs_truth}\": " +
+         "; ".join(f"{lab!r} {p:.2f}" for lab, p in zs[:3]))
+    show(f"saved-and-reloaded vs in-memory pruned logits: max |diff| {reload_gap:.1e}")
     files = [("pruned model (+ tokenizer, image processor)", saved[final_ratio])]
-    files += [(f"snapshot {r:.2f}", saved[r]) for r in sorted(saved) if r != final_ratio]
+    files += [(f"snapshot {ratio_key(r)}", saved[r]) for r in sorted(saved) if r != final_ratio]
     files += [("dense model (+ tokenizer, image processor)", dense_dir), ("stage log (JSONL)", log_path)]
     files += [("plot", plot)] if plot is not None else []
     files += [("report", out_dir / "report.json"), ("report (markdown)", out_dir / "report.md")]
     files += [("dense weights cache", dense.cache_path)] if dense.cache_path is not None else []
     width = max(len(label) for label, _ in files) + 1
-    say("")
-    say("files:")
+    show("")
+    show("files:")
     for label, path in files:
-        say(f"  {label + ':':<{width}s} {Path(path).resolve()}")
-    say(f"done in {wall:.0f} s.  Next: comp-vlm eval {saved[final_ratio]} --task retrieval --data synthetic ; "
-        f"comp-vlm bench {saved[final_ratio]} --dense {dense_dir}")
+        show(f"  {label + ':':<{width}s} {Path(path).resolve()}")
+    show(f"done in {wall:.0f} s.  Next: comp-vlm eval {saved[final_ratio]} --task retrieval --data synthetic ; "
+         f"comp-vlm bench {saved[final_ratio]} --dense {dense_dir}")
     outputs.mark_complete(out_dir, "demo")
     return report
 

@@ -1,10 +1,13 @@
-"""Reporting: progress lines (quiet with ``-q``), the dense-vs-pruned table, the plot, JSON and JSONL files."""
+"""Reporting: progress lines on stderr (quiet with ``-q``), result lines on stdout, the dense-vs-pruned table, the
+plot, and strict JSON and JSONL files (a non-finite number is written ``null``)."""
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,9 +20,21 @@ _progress_lines = {"on": True}
 
 
 def say(message: str) -> None:
-    """One readable progress line on stdout (through tqdm, so progress bars stay intact); none when quiet."""
+    """One readable progress line on stderr, beside the progress bars (through tqdm, so they stay intact); none
+    when quiet."""
     if _progress_lines["on"]:
-        tqdm.write(message)
+        tqdm.write(message, file=sys.stderr)
+
+
+def show(message: str) -> None:
+    """One result line on stdout that ``-q`` leaves out (a quiet run prints a summary instead)."""
+    if _progress_lines["on"]:
+        result(message)
+
+
+def result(message: str) -> None:
+    """One result line on stdout, printed with ``-q`` too."""
+    tqdm.write(message, file=sys.stdout)
 
 
 def set_progress_lines(on: bool) -> bool:
@@ -103,11 +118,28 @@ def write_plot(path: Path, stage_log: list[dict], points: list[tuple[str, float,
     return path
 
 
+def strict(value: object) -> object:
+    """``value`` with every NaN or infinite float replaced by ``None`` (strict JSON has no NaN), in nested dicts,
+    lists and tuples."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict(v) for v in value]
+    return value
+
+
+def json_text(data: object, indent: int | None = None) -> str:
+    """``data`` as strict JSON (non-finite numbers as ``null``; other objects as ``str``)."""
+    return json.dumps(strict(data), indent=indent, default=str, allow_nan=False)
+
+
 def write_jsonl(path: Path, records: list[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w") as fh:
         for r in records:
-            fh.write(json.dumps(r) + "\n")
+            fh.write(json_text(r) + "\n")
     return path
 
 
@@ -117,7 +149,7 @@ def write_json(path: str | os.PathLike, data: dict) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     try:
-        tmp.write_text(json.dumps(data, indent=1, default=str))
+        tmp.write_text(json_text(data, indent=1))
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)

@@ -2,8 +2,12 @@
 
 :func:`validate_prune_config` checks every field of a :class:`~comp_vlm.search.PruneConfig` against its type
 annotation (so a new field is type-checked without touching this module), then the numeric ranges in
-:data:`RANGES` and the content checks in :data:`CONTENT`. Every failure is a :class:`ConfigError` naming the
-field. Rules that need the engine's own tables (strategy names, cost measures) stay in ``PruneConfig``.
+:data:`RANGES` and the content checks in :data:`CONTENT`, then the targets (:func:`targets_problem`). Every failure
+is a :class:`FieldError` naming the field(s), which a caller can rename (the CLI names its flags). Rules that need the
+engine's own tables (strategy names, cost measures) stay in ``PruneConfig``.
+
+Target ratios are told apart by :func:`ratio_key` (at most :data:`KEY_DECIMALS` decimals): the key of a snapshot's
+directory and report entry. Snapshots must lie below ``ratio``, and no two targets may share a key.
 
 Type rules: ``bool`` is not an ``int``; an ``int`` is a ``float``; a float must be finite; ``tuple[X, ...]``
 accepts a tuple or list of X; a ``str`` field named ``*_path`` or ``*_dir`` also accepts an ``os.PathLike``;
@@ -23,6 +27,36 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 from .adapters.runtime import TOKEN_SCORERS
 from .errors import ConfigError
+
+
+class FieldError(ConfigError):
+    """A :class:`ConfigError` about configuration fields. ``template`` names them ``{0}``, ``{1}``, ... (other
+    braces doubled), so :meth:`renamed` can give the message under the names the user knows (a CLI's flags)."""
+
+    def __init__(self, template: str, *fields: str) -> None:
+        self.template, self.fields = template, fields
+        super().__init__(template.format(*fields))
+
+    def renamed(self, names: dict[str, str]) -> str:
+        """The message with every field ``f`` called ``names.get(f, f)``."""
+        return self.template.format(*(names.get(f, f) for f in self.fields))
+
+
+def _field_error(name: str, detail: str) -> FieldError:
+    """``name detail`` as a :class:`FieldError` of the field ``name``."""
+    return FieldError("{0} " + detail.replace("{", "{{").replace("}", "}}"), name)
+
+
+#: decimals that tell target ratios apart (see :func:`ratio_key`)
+KEY_DECIMALS = 4
+
+
+def ratio_key(ratio: float) -> str:
+    """The key of a target ratio (snapshot directory ``r<key>``, report entry): rounded to :data:`KEY_DECIMALS`
+    decimals, written with at least two (0.3 -> ``0.30``, 0.333 -> ``0.333``)."""
+    text = f"{ratio:.{KEY_DECIMALS}f}".rstrip("0")
+    decimals = len(text.partition(".")[2])
+    return text if decimals >= 2 else f"{ratio:.2f}"
 
 
 @dataclass(frozen=True)
@@ -47,9 +81,13 @@ class Range:
         return f"in {'(' if self.low_open else '['}{self.low}, {self.high}{')' if self.high_open else ']'}"
 
 
-#: PruneConfig fields whose values (or elements) must lie in a range. ratio, snapshots, flops_step, stage_steps
-#: and min_stage_fraction are checked by PruneConfig itself.
+#: PruneConfig fields whose values (or elements) must lie in a range
 RANGES: dict[str, Range] = {
+    "ratio": Range(0, 1, low_open=True, high_open=True),
+    "snapshots": Range(0, 1, low_open=True, high_open=True),
+    "flops_step": Range(0, 1, low_open=True),
+    "stage_steps": Range(2),
+    "min_stage_fraction": Range(0, 1, high_open=True),
     "calibration_batches": Range(1),
     "finetune_steps": Range(0),
     "lr": Range(0),  # 0 freezes the weights (tests measure costs without training)
@@ -158,15 +196,15 @@ def _numbers(value: Any) -> list[float]:
 def check_field(name: str, value: Any, hint: Any) -> None:
     """Type, finiteness, range and content checks of one field."""
     if not matches(value, hint, path_like=name.endswith(("_path", "_dir"))):
-        raise ConfigError(f"{name} must be {describe(hint)}, got {type(value).__name__} {value!r}")
+        raise _field_error(name, f"must be {describe(hint)}, got {type(value).__name__} {value!r}")
     for number in _numbers(value):
         if isinstance(number, float) and not math.isfinite(number):
-            raise ConfigError(f"{name} must be finite, got {value!r}")
+            raise _field_error(name, f"must be finite, got {value!r}")
         if name in RANGES and not RANGES[name].contains(number):
-            raise ConfigError(f"{name} must be {RANGES[name].describe()}, got {value!r}")
+            raise _field_error(name, f"must be {RANGES[name].describe()}, got {value!r}")
     problem = CONTENT[name](value) if name in CONTENT else None
     if problem:
-        raise ConfigError(f"{name} {problem}")
+        raise _field_error(name, problem)
 
 
 def validate_dataclass(obj: Any) -> None:
@@ -176,6 +214,28 @@ def validate_dataclass(obj: Any) -> None:
         check_field(f.name, getattr(obj, f.name), hints.get(f.name, Any))
 
 
+def targets_problem(ratio: float, snapshots: tuple[float, ...]) -> FieldError | None:
+    """What is wrong with a search's targets: a snapshot above the final ratio (the search would go past the ratio
+    and the model at the ratio would be lost), or two targets with the same :func:`ratio_key`."""
+    above = [s for s in snapshots if s > ratio]
+    if above:
+        return FieldError(f"{{0}} {', '.join(map(str, above))} exceed{'s' * (len(above) == 1)} {{1}} {ratio}: "
+                          "snapshots are taken on the way to the ratio, so each must be below it", "snapshots", "ratio")
+    seen: dict[str, float] = {ratio_key(ratio): ratio}
+    for s in snapshots:
+        key = ratio_key(s)
+        if key in seen and seen[key] != s:
+            pair = f"{{0}} {s} and {{1}} {ratio}" if seen[key] == ratio else f"{{0}} {seen[key]} and {s}"
+            return FieldError(f"{pair} are the same target to {KEY_DECIMALS} decimals ({key}): give one of them",
+                              "snapshots", "ratio")
+        seen[key] = s
+    return None
+
+
 def validate_prune_config(config: Any) -> None:
-    """Raise :class:`ConfigError` on the first field of a ``PruneConfig`` with a wrong type or value."""
+    """Raise :class:`FieldError` on the first field of a ``PruneConfig`` with a wrong type or value, or on targets
+    that do not fit together (:func:`targets_problem`)."""
     validate_dataclass(config)
+    problem = targets_problem(config.ratio, tuple(config.snapshots))
+    if problem is not None:
+        raise problem

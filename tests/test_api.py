@@ -17,7 +17,7 @@ def test_evaluate_dir_returns_what_eval_writes(dense_dir, tmp_path, capsys):  # 
     assert not result["pruned"] and result["flops"] == result["dense_flops"] and result["one_gallery"]
     assert result["n"] == result["gallery_size"] == result["images"] == 32
     path = tmp_path / "eval.json"
-    assert main(["eval", str(dense_dir), "--n-test", "32", "--gallery-size", "0", "--json", str(path), "-q"]) == 0
+    assert main(["eval", str(dense_dir), "--data", "synthetic", "--n-test", "32", "--gallery-size", "0", "--json", str(path), "-q"]) == 0
     assert "synthetic test split: 32 pairs (one gallery), seed 0" in capsys.readouterr().out
     written = json.loads(path.read_text())
     assert written.pop("eval_seconds") >= 0

@@ -99,7 +99,7 @@ def test_unreachable_single_target_fails_at_plan_time(setup):
 
 def test_sweep_keeps_reachable_snapshots(setup):
     cfg, _, loaders = setup
-    pruner = Pruner(fresh(cfg), RetrievalTask(), loaders.val, quick(ratio=0.2, snapshots=(0.97,), strategy="token-only"))
+    pruner = Pruner(fresh(cfg), RetrievalTask(), loaders.val, quick(ratio=0.97, snapshots=(0.2,), strategy="token-only"))
     assert pruner.not_reached == [0.97] and pruner.pending_targets == [0.2]
 
 

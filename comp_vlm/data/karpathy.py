@@ -3,7 +3,8 @@
 The file (``dataset_coco.json``, ``dataset_flickr30k.json``, ...) is one object ``{"images": [...], "dataset":
 NAME}``. Each image has ``filename``, ``split`` (``train``, ``restval``, ``val`` or ``test``), ``sentences`` (each with
 ``raw`` -- the caption -- and ``tokens``, ``imgid``, ``sentid``), ``imgid`` and ``sentids``; COCO adds ``filepath``
-(the image's folder, e.g. ``val2014``) and ``cocoid``. The image is ``IMAGE_ROOT/filepath/filename``; without a
+(the image's folder, e.g. ``val2014``) and ``cocoid``. An empty or whitespace-only ``raw`` caption is refused
+(:class:`DataError` naming the file and the entry). The image is ``IMAGE_ROOT/filepath/filename``; without a
 ``filepath`` it is ``IMAGE_ROOT/filename`` or ``IMAGE_ROOT/<dataset>-images/filename`` (how Flickr30K unpacks).
 ``IMAGE_ROOT`` defaults to the JSON file's folder.
 
@@ -89,13 +90,22 @@ def _image_candidates(root: Path, filename: str, filepath: str | None, dataset: 
     return [root / filename] + ([root / f"{dataset}-images" / filename] if dataset else [])
 
 
+def _caption(sentence: Any, where: str) -> str:
+    """A sentence's ``raw`` caption; an empty or whitespace-only one is a :class:`DataError` (it would train and
+    count as a pair that says nothing)."""
+    raw = get_field(sentence, "raw", str, where)
+    if not raw.strip():
+        raise DataError(f"{where}: empty caption (raw {raw!r}); remove the sentence or give it text")
+    return raw
+
+
 def _parse_image(entry: Any, index: int, where: str) -> CaptionedImage:
     filename = get_field(entry, "filename", str, where)
     split = check_split(get_field(entry, "split", str, where), KARPATHY_SPLITS, where)
     sentences = get_field(entry, "sentences", list, where)
     if not sentences:
         raise DataError(f"{where}: no sentences")
-    captions = tuple(get_field(s, "raw", str, f"{where}.sentences[{j}]") for j, s in enumerate(sentences))
+    captions = tuple(_caption(s, f"{where}.sentences[{j}]") for j, s in enumerate(sentences))
     image_id = get_field(entry, "imgid", int, where) if "imgid" in entry else index
     filepath = get_field(entry, "filepath", str, where) if "filepath" in entry else None
     extra = {k: v for k, v in entry.items() if k not in _OWN_FIELDS}

@@ -26,6 +26,7 @@ from ..training import (
     train_steps,
     training_text_length,
 )
+from ..validation import ratio_key
 from . import state
 from .config import PruneConfig
 from .pruner import Pruner
@@ -107,7 +108,7 @@ def _finetune_snapshots(pruner: Pruner, task: Any, train_data: Iterable, config:
         snap.recipe.extra["finetune_steps"] = steps
         if steps > 0:
             train_steps(pruned, task, cycle_batches(train_data), steps, config, teacher,
-                        desc=f"fine-tune {snap.ratio:.2f}")
+                        desc=f"fine-tune {ratio_key(snap.ratio)}")
         pruned.eval()
         if test_data is not None:
             metrics[snap.ratio] = task.evaluate(pruned, test_data)
