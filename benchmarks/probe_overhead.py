@@ -23,11 +23,9 @@ import time
 from pathlib import Path
 
 import torch
+from bench_world import make_bench
 
 import comp_vlm
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_world import make_bench
 
 
 def main(argv: list[str] | None = None) -> int:

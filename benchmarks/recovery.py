@@ -17,20 +17,18 @@ from __future__ import annotations
 import argparse
 import copy
 import subprocess
-import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from bench_world import make_bench
+from quality_suite.stats import mean_ci
+from quality_suite.store import append_records, load_records
 
 import comp_vlm
 from comp_vlm.search import budget
 from comp_vlm.training import train_dense_control
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_world import make_bench
-from quality import append_records, load_records, mean_ci
 
 # setting -> PruneConfig options (on top of the benchmark's stage length, step, fine-tuning steps)
 SETTINGS: dict[str, dict] = {

@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 import torch
 from emoji_bench import make_emoji_bench
-from quality import git_state
+from quality_suite.provenance import git_state
 from scipy import ndimage
 from scipy.stats import spearmanr
 from tqdm import tqdm

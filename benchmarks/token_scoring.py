@@ -27,20 +27,17 @@ import copy
 import json
 import math
 import statistics
-import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+from bench_world import Bench, make_bench
 
 import comp_vlm
 import comp_vlm.training
 from comp_vlm.adapters.runtime import attention_scores
 from comp_vlm.importance import normalize_scores
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_world import Bench, make_bench
 
 SCORERS = ("eq6", "cls-row", "mean-heads", "random")
 

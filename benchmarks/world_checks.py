@@ -17,17 +17,14 @@ import copy
 import hashlib
 import json
 import statistics
-import sys
 from pathlib import Path
 
 import torch
+from bench_world import Bench, make_bench
 
 import comp_vlm
 import comp_vlm.training
 from comp_vlm.flops import tower_flops
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_world import Bench, make_bench
 
 
 def drop_at_first_site(bench: Bench, dense: torch.nn.Module, mode: str, keep: float, random_seed: int | None,
