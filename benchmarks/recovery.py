@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 from bench_world import make_bench
+from quality_suite.provenance import versions
 from quality_suite.stats import mean_ci
 from quality_suite.store import append_records, load_records
 
@@ -63,7 +64,7 @@ def run(bench, dense, dense_metric: float, name: str, seed: int) -> dict:
             "steps": steps, "search_steps": search_steps, "wall_s": time.perf_counter() - t0,
             "world": bench.data_id(), "model": s.name, "task": "retrieval", "bench": asdict(s),
             "config": {k: v for k, v in asdict(config).items() if k not in ("log_path", "checkpoint_dir")},
-            "commit": git_commit()}
+            "commit": git_commit(), "versions": versions()}
 
 
 def report(records: list[dict], path: Path) -> None:

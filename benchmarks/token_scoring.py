@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 from bench_world import Bench, make_bench
+from quality_suite.provenance import versions
 
 import comp_vlm
 import comp_vlm.training
@@ -191,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
                              args.object_pixels) for b in bench.data.test]
     sites = [s.layer for s in comp_vlm.get_adapter(dense).token_sites("T_v")]
     result: dict[str, Any] = {
-        "command": "python benchmarks/token_scoring.py", "model": bench.settings.name,
+        "command": "python benchmarks/token_scoring.py", "model": bench.settings.name, "versions": versions(),
         "dense_r1": dense_metrics["r1_mean"], "object_pixels": args.object_pixels, "patch": patch,
         "vision_sites": sites,
         "object_patch_fraction": float(torch.cat(labels).float().mean()), "coverage": {}, "drop_half": {},

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 from bench_world import Bench, make_bench
+from quality_suite.provenance import versions
 
 import comp_vlm
 import comp_vlm.training
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     flops = {t.name: tower_flops(t).total for t in towers}
     total = sum(flops.values())
     result: dict = {
-        "model": s.name, "command": "python benchmarks/world_checks.py",
+        "model": s.name, "command": "python benchmarks/world_checks.py", "versions": versions(),
         "flops_share": {k: v / total for k, v in flops.items()}, "reference_text_length": length,
         "dense_r1": dense_metrics["r1_mean"], "dense_params": comp_vlm.count_params(dense),
         "half_width_r1": half_metrics["r1_mean"], "half_width_params": comp_vlm.count_params(half),

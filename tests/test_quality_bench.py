@@ -7,6 +7,7 @@ import dataclasses
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from quality_suite import arms, identity, provenance, report, run, stats, store
@@ -68,6 +69,48 @@ def test_a_later_field_at_its_neutral_value_keeps_earlier_suites():
     key = identity.suite_key(IDENTITY, base, "new-rule")
     assert identity.suite_key(IDENTITY, base | {"token_scorer": "attention"}, "new-rule") == key
     assert identity.suite_key(IDENTITY, base | {"token_scorer": "random"}, "new-rule") != key
+
+
+RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+
+
+def suite_of_record(rec: dict) -> str:
+    """A record's suite key from its own fields, for an arm with no options of its own and the suite's default
+    selection rule (its label has no ``@``): the key the suite's invocation computed, by another path."""
+    own = {k: rec[k] for k in ("world", "model", "task", "bench")}
+    return identity.suite_key(own, rec["config"], rec["config"]["selection"])
+
+
+def keyed_by_own_fields(rec: dict) -> bool:
+    return "suite" in rec and "@" not in rec["arm"] and not arms.arm_strategy(rec["strategy"])[1]
+
+
+@pytest.mark.parametrize("name", ["quality.json", "quality-emoji.json"])
+def test_committed_records_reproduce_their_suite_keys(name):
+    records = [r for r in json.loads((RESULTS / name).read_text()) if keyed_by_own_fields(r)]
+    assert len({r["suite"] for r in records}) >= 1
+    assert [r["suite"] for r in records] == [suite_of_record(r) for r in records]
+
+
+def test_records_carry_the_versions_outside_the_suite_key():
+    import platform
+
+    import torch
+    import transformers
+    from bench_world import make_bench
+
+    inv = identity.make_invocation(make_bench(True), [0.5, 0.8], ["distill=0.5"])
+    assert inv.versions == provenance.versions()
+    assert inv.versions["python"] == platform.python_version() and inv.versions["torch"] == torch.__version__
+    assert inv.versions["transformers"] == transformers.__version__ and inv.versions["comp_vlm_commit"] == inv.commit
+    other = dataclasses.replace(inv, versions={"torch": "0.0"})
+    for arm in (*arms.MAIN, *arms.SANITY, "comp-metric", arms.CONTROL):
+        config = arms.arm_config(inv.base, "comp" if arm == arms.CONTROL else arm, 3)  # as run.main runs it
+        rec = inv.run_identity(arm, config)
+        assert rec["versions"] == inv.versions and rec["suite"] == inv.suite
+        assert other.run_identity(arm, config) == rec | {"versions": {"torch": "0.0"}}
+        if keyed_by_own_fields(rec):
+            assert suite_of_record(rec) == inv.suite
 
 
 def test_sanity_arms_are_baselines_with_their_own_options():

@@ -16,7 +16,7 @@ import comp_vlm
 from comp_vlm.dense import cache_key
 
 from .arms import ARM_LEVEL, arm_label, config_dict, parse_overrides
-from .provenance import git_state
+from .provenance import git_state, versions
 
 # PruneConfig fields added after suites were recorded, at the value that reproduces the engine before them: left out
 # of the suite key at that value, so earlier suites stay the same suites (the records still hold the full config)
@@ -69,6 +69,7 @@ class Invocation:
     dirty: bool | None
     default_selection: Any
     device: str = "cpu"  # recorded with every run, not part of the suite key (the same suite on other hardware)
+    versions: dict[str, Any] = dataclasses.field(default_factory=dict)  # provenance.versions: recorded, not keyed
 
     @property
     def suite(self) -> str:
@@ -78,12 +79,13 @@ class Invocation:
         """The identity fields of one run of ``arm`` with ``config``."""
         return {"strategy": arm, "arm": arm_label(arm, getattr(config, "selection", None), self.default_selection),
                 "seed": config.seed, "suite": self.suite, **self.identity, "commit": self.commit,
-                "dirty": self.dirty, "overrides": self.overrides, "device": self.device, "config": config_dict(config)}
+                "dirty": self.dirty, "overrides": self.overrides, "device": self.device, "versions": self.versions,
+                "config": config_dict(config)}
 
 
 def make_invocation(bench: Bench, ratios: list[float], set_items: list[str], device: str = "cpu") -> Invocation:
-    """Parse ``--set``, build the base config and read the commit; ``device`` ("cpu" or "cuda") is recorded with the
-    GPU's name. ValueError / ConfigError (one line) on bad input."""
+    """Parse ``--set``, build the base config and read the commit and versions; ``device`` ("cpu" or "cuda") is
+    recorded with the GPU's name. ValueError / ConfigError (one line) on bad input."""
     values = parse_overrides(set_items)
     base = base_config(bench.settings, ratios, values)
     root = Path(comp_vlm.__file__).resolve().parents[1]
@@ -93,4 +95,4 @@ def make_invocation(bench: Bench, ratios: list[float], set_items: list[str], dev
     overrides = dict(item.split("=", 1) for item in set_items)
     return Invocation(bench_identity(bench), base, {k.strip(): v for k, v in overrides.items()}, commit, dirty,
                       getattr(comp_vlm.PruneConfig(), "selection", None),
-                      device if device == "cpu" else f"cuda ({torch.cuda.get_device_name()})")
+                      device if device == "cpu" else f"cuda ({torch.cuda.get_device_name()})", versions(root))

@@ -26,3 +26,19 @@ def git_state(root: Path) -> tuple[str | None, bool | None]:
     except (OSError, subprocess.CalledProcessError):
         return None, None
     return head, bool(changed.strip())
+
+
+def versions(root: Path | None = None) -> dict[str, str | bool | None]:
+    """The software a record was produced with: Python, torch, transformers, and the comp_vlm checkout's commit
+    (and whether its code differs from it, as :func:`git_state`); ``root`` defaults to that checkout. Stored
+    beside a record's identity, never in a suite key or run identity."""
+    import platform
+
+    import torch
+    import transformers
+
+    import comp_vlm
+
+    commit, dirty = git_state(root or Path(comp_vlm.__file__).resolve().parents[1])
+    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "comp_vlm_commit": commit, "comp_vlm_dirty": dirty}
