@@ -422,3 +422,30 @@ def test_emoji_bench_takes_the_first_passed_calibration(tmp_path):
 def test_device_cuda_without_a_gpu_is_one_line(tmp_path):
     with pytest.raises(SystemExit, match="--device cuda was given but torch sees no GPU"):
         run.main(["--device", "cuda", "--smoke", "--out", str(tmp_path)])
+
+
+# ---- --model and --task --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("args", "message"), [
+    (["--task", "vqa"], "--task vqa: the quality suite runs retrieval only"),
+    (["--model", "bench-clip-large"], "--model bench-clip-large: the synthetic world's model is bench-clip"),
+    (["--world", "emoji", "--model", "bench-clip"], "--model bench-clip: the emoji world's models are emoji-clip-"),
+    (["--world", "emoji", "--model", "emoji-clip-probe", "--attempt", "concepts-800"],
+     "--model emoji-clip-probe and --attempt concepts-800 name different models"),
+    (["--world", "emoji", "--model", "emoji-clip-nope"], "no calibration attempt 'nope'"),
+])
+def test_model_and_task_other_than_the_worlds_are_one_line(tmp_path, args, message):
+    with pytest.raises(SystemExit, match=message) as exc:
+        run.main([*args, "--smoke", "--out", str(tmp_path)])
+    assert "\n" not in str(exc.value)
+    assert not any(tmp_path.iterdir())  # refused before anything ran
+
+
+def test_model_and_task_stating_the_defaults_keep_the_suite():
+    def suite(*args: str) -> str:
+        return identity.make_invocation(run.suite_bench(run.arguments([*args, "--smoke"])), [0.5, 0.8], []).suite
+
+    assert suite("--model", "bench-clip", "--task", "retrieval") == suite("--model", "smoke-clip") == suite()
+    assert run.model_attempt("emoji", "emoji-clip-probe", None, smoke=True) == "probe"
+    assert run.model_attempt("emoji", "emoji-clip-probe", "probe", smoke=False) == "probe"
+    assert run.model_attempt("emoji", "emoji-clip-smoke", None, smoke=True) == "smoke"
+    assert run.model_attempt("emoji", None, "probe", smoke=False) == "probe"

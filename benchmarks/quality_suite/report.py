@@ -8,6 +8,7 @@ import statistics
 from pathlib import Path
 
 from bench_world import FULL, SMOKE
+from emoji_bench import MODEL_PREFIX
 
 from .arms import (
     ARMS,
@@ -34,7 +35,7 @@ def switches(record: dict, stem: str) -> tuple[str, ...]:
     default = SMOKE if name == SMOKE.name else FULL
     emoji = str(record.get("world", "")).startswith("emoji-world")
     if emoji:  # the emoji world's bench settings come from its calibration attempt, named in the model
-        out += ("--world", "emoji", "--attempt", str(name).removeprefix("emoji-clip-"))
+        out += ("--world", "emoji", "--attempt", str(name).removeprefix(MODEL_PREFIX))
     elif bench.get("stage_steps", default.stage_steps) != default.stage_steps:
         out += ("--stage-steps", str(bench["stage_steps"]))
     if str(record.get("device", "cpu")).startswith("cuda"):

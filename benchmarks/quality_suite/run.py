@@ -15,7 +15,7 @@ from typing import Any
 import downsample
 import emoji_bench
 import torch
-from bench_world import Bench, make_bench
+from bench_world import FULL, SMOKE, Bench, make_bench
 
 import comp_vlm
 import comp_vlm.training
@@ -175,7 +175,44 @@ def run_dense_control(bench: Bench, dense: torch.nn.Module, dense_metric: float,
             "wall_s": time.perf_counter() - t0, **identity}
 
 
-def main(argv: list[str] | None = None) -> int:
+TASKS = ("retrieval",)  # what the suite's benches evaluate
+
+
+def model_attempt(world: str, model: str | None, attempt: str | None, smoke: bool) -> str | None:
+    """The calibration attempt ``--model`` names on the emoji world (``emoji-clip-<attempt>``), else ``--attempt``.
+    ``--model`` states a model the world already implies: ValueError (one line) for any other. ``--smoke`` runs the
+    world's tiny smoke model either way, whose name is then accepted too."""
+    if model is None:
+        return attempt
+    if world == "synthetic":
+        names = (FULL.name, SMOKE.name) if smoke else (FULL.name,)
+        if model not in names:
+            raise ValueError(f"--model {model}: the synthetic world's model is {' or '.join(names)}")
+        return attempt
+    name = model.removeprefix(emoji_bench.MODEL_PREFIX)
+    if name == model:
+        raise ValueError(f"--model {model}: the emoji world's models are {emoji_bench.MODEL_PREFIX}<attempt>")
+    if attempt not in (None, name):
+        raise ValueError(f"--model {model} and --attempt {attempt} name different models")
+    if not (smoke and name == emoji_bench.checks.SMOKE_ATTEMPT.name):
+        emoji_bench.calibrated_attempt(emoji_bench.CHECKS_RECORD, name)  # CalibrationMissing for an unknown one
+    return name
+
+
+def suite_bench(args: argparse.Namespace) -> Bench:
+    """The bench of the arguments' world, model and task; ValueError or CalibrationMissing (one line) for a model
+    or task the world does not have."""
+    if args.task not in TASKS:
+        raise ValueError(f"--task {args.task}: the quality suite runs {', '.join(TASKS)} only")
+    attempt = model_attempt(args.world, args.model, args.attempt, args.smoke)
+    overrides = {"stage_steps": args.stage_steps} if args.stage_steps else {}
+    if args.world == "emoji":
+        return emoji_bench.make_emoji_bench(Path(args.emoji_dir), attempt, args.smoke, **overrides)
+    return make_bench(args.smoke, **overrides)
+
+
+def arguments(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line of ``python benchmarks/quality.py``."""
     parser = argparse.ArgumentParser(description=quality_suite.__doc__.split("\n\n")[0])
     parser.add_argument("--strategies", default=",".join(MAIN),
                         help=f"arms: engine strategies, {', '.join(ARMS)}")
@@ -201,7 +238,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--emoji-dir", default="data/emoji-world", help="the emoji world's folder")
     parser.add_argument("--attempt", default=None,
                         help="the calibration attempt whose model the emoji world uses (default: the first passed)")
-    args = parser.parse_args(argv)
+    parser.add_argument("--model", default=None,
+                        help=f"the model, as records name it: the one the world implies ({FULL.name}; emoji: "
+                             f"{emoji_bench.MODEL_PREFIX}<attempt>, the same as --attempt)")
+    parser.add_argument("--task", default=TASKS[0], help=f"the task ({', '.join(TASKS)})")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = arguments(argv)
     if args.world == "emoji" and not args.tag:
         args.tag = "emoji"
     torch.set_num_threads(args.threads)
@@ -215,11 +260,9 @@ def main(argv: list[str] | None = None) -> int:
         report(load_records(results), load_stages(stages_path), out, stem)
         print(f"wrote {out / (stem + '.md')}" if results.is_file() else f"no records in {results}")
         return 0
-    overrides = {"stage_steps": args.stage_steps} if args.stage_steps else {}
     try:
-        bench = (emoji_bench.make_emoji_bench(Path(args.emoji_dir), args.attempt, args.smoke, **overrides)
-                 if args.world == "emoji" else make_bench(args.smoke, **overrides))
-    except emoji_bench.CalibrationMissing as exc:
+        bench = suite_bench(args)
+    except (ValueError, emoji_bench.CalibrationMissing) as exc:
         raise SystemExit(f"quality.py: {exc}") from None
     ratios = [float(r) for r in args.ratios.split(",")]
     strategies = args.strategies.split(",")
