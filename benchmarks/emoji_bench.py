@@ -24,6 +24,7 @@ from comp_vlm.dense import DenseTraining, cached_dense
 from comp_vlm.tasks import RetrievalTask
 
 CHECKS_RECORD = Path("benchmarks/results/emoji_world_checks.json")
+MODEL_PREFIX = "emoji-clip-"  # a calibration attempt's model is named MODEL_PREFIX + the attempt's name
 
 
 class CalibrationMissing(Exception):
@@ -73,7 +74,7 @@ def emoji_settings(attempt: checks.Attempt, settings: checks.Settings, canvas: i
                    splits: dict[str, int]) -> BenchSettings:
     """The bench settings of a calibration attempt (the quality suite's record of the model and the search)."""
     return BenchSettings(
-        f"emoji-clip-{attempt.name}", attempt.note, image_size=canvas, patch_size=attempt.patch,
+        MODEL_PREFIX + attempt.name, attempt.note, image_size=canvas, patch_size=attempt.patch,
         vision_hidden=attempt.width, text_hidden=attempt.width, layers=attempt.layers, heads=attempt.heads,
         projection_dim=attempt.width, max_positions=max_positions, n_train=splits["train"], n_val=splits["val"],
         n_test=splits["test"], batch_size=attempt.batch_size, eval_batch_size=settings.eval_batch_size,

@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from quality_suite.provenance import versions
 from transformers import CLIPModel
 
 import comp_vlm
@@ -229,7 +230,7 @@ def run_attempt(attempt: Attempt, world: Path, settings: Settings, cache: Path, 
             "attempt": asdict(attempt), "settings": asdict(settings), "world": str(world),
             "world_config": record["config"], "result": result, "checks": checks,
             "passed": all(checks.values()) and "budget_prune_le_10min" in checks,
-            "wall_s": time.perf_counter() - t0, "torch_threads": torch.get_num_threads(),
+            "wall_s": time.perf_counter() - t0, "torch_threads": torch.get_num_threads(), "versions": versions(),
             "date": time.strftime("%Y-%m-%d %H:%M")}
 
 

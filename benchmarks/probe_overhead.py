@@ -23,11 +23,10 @@ import time
 from pathlib import Path
 
 import torch
+from bench_world import make_bench
+from quality_suite.provenance import versions
 
 import comp_vlm
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_world import make_bench
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"seed {seed} stage {r['stage']} {r['mode']}: probe {r['probe_s']:.1f} s, stage {r['wall_s']:.1f} s")
     overheads = [r["probe_s"] / r["wall_s"] for run in runs for r in run["stages"]]
     summary = {"command": "python benchmarks/probe_overhead.py " + " ".join(sys.argv[1:] if argv is None else argv),
-               "bench": s.name, "stage_steps": s.stage_steps, "ratio": args.ratio, "threads": args.threads,
+               "bench": s.name, "versions": versions(), "stage_steps": s.stage_steps, "ratio": args.ratio, "threads": args.threads,
                "load_average": list(os.getloadavg()), "runs": runs, "probe_over_stage": overheads,
                "mean": statistics.mean(overheads), "date": time.strftime("%Y-%m-%d %H:%M")}
     out.mkdir(parents=True, exist_ok=True)

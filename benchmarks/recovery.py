@@ -17,20 +17,19 @@ from __future__ import annotations
 import argparse
 import copy
 import subprocess
-import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from bench_world import make_bench
+from quality_suite.provenance import versions
+from quality_suite.stats import mean_ci
+from quality_suite.store import append_records, load_records
 
 import comp_vlm
 from comp_vlm.search import budget
 from comp_vlm.training import train_dense_control
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_world import make_bench
-from quality import append_records, load_records, mean_ci
 
 # setting -> PruneConfig options (on top of the benchmark's stage length, step, fine-tuning steps)
 SETTINGS: dict[str, dict] = {
@@ -65,7 +64,7 @@ def run(bench, dense, dense_metric: float, name: str, seed: int) -> dict:
             "steps": steps, "search_steps": search_steps, "wall_s": time.perf_counter() - t0,
             "world": bench.data_id(), "model": s.name, "task": "retrieval", "bench": asdict(s),
             "config": {k: v for k, v in asdict(config).items() if k not in ("log_path", "checkpoint_dir")},
-            "commit": git_commit()}
+            "commit": git_commit(), "versions": versions()}
 
 
 def report(records: list[dict], path: Path) -> None:

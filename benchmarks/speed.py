@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 import torch
+from quality_suite.provenance import versions
 from transformers import CLIPConfig, CLIPModel
 
 import comp_vlm
@@ -132,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     stem = "speed_quick" if args.quick else "speed"
     meta = {"model": "tiny" if args.quick else "CLIP ViT-B/16 shape (random weights)", "reference": reference,
-            "repeats": args.repeats, "threads": args.threads, "torch": torch.__version__,
+            "repeats": args.repeats, "threads": args.threads, "torch": torch.__version__, "versions": versions(),
             "machine": platform.machine(), "processor": platform.processor(), "dense_gflops": flops["dense"] / 1e9,
             "command": " ".join(["python benchmarks/speed.py", *(sys.argv[1:] if argv is None else argv)])}
     (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))

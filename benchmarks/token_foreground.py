@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 import torch
 from emoji_bench import make_emoji_bench
-from quality import git_state
+from quality_suite.provenance import git_state, versions
 from scipy import ndimage
 from scipy.stats import spearmanr
 from tqdm import tqdm
@@ -495,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
     is_fg = fg >= args.fg_threshold
     result: dict[str, Any] = {
         "command": "python benchmarks/token_foreground.py" + (f" {' '.join(argv)}" if argv else ""),
-        "commit": git_state(Path(__file__).resolve().parents[1])[0], "config": vars(args),
+        "commit": git_state(Path(__file__).resolve().parents[1])[0], "versions": versions(), "config": vars(args),
         "task": {"name": "retrieval", "gallery_size": bench.task.gallery_size, "metric": "r1_mean"},
         "model": bench.settings.name, "dense_id": key, "dense_val_r1": dense_metrics["r1_mean"],
         "world": str(world), "world_id": bench.data_id(), "images": len(fg), "seed": args.seed, "fg_threshold": args.fg_threshold,

@@ -27,20 +27,18 @@ import copy
 import json
 import math
 import statistics
-import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+from bench_world import Bench, make_bench
+from quality_suite.provenance import versions
 
 import comp_vlm
 import comp_vlm.training
 from comp_vlm.adapters.runtime import attention_scores
 from comp_vlm.importance import normalize_scores
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_world import Bench, make_bench
 
 SCORERS = ("eq6", "cls-row", "mean-heads", "random")
 
@@ -194,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
                              args.object_pixels) for b in bench.data.test]
     sites = [s.layer for s in comp_vlm.get_adapter(dense).token_sites("T_v")]
     result: dict[str, Any] = {
-        "command": "python benchmarks/token_scoring.py", "model": bench.settings.name,
+        "command": "python benchmarks/token_scoring.py", "model": bench.settings.name, "versions": versions(),
         "dense_r1": dense_metrics["r1_mean"], "object_pixels": args.object_pixels, "patch": patch,
         "vision_sites": sites,
         "object_patch_fraction": float(torch.cat(labels).float().mean()), "coverage": {}, "drop_half": {},

@@ -17,17 +17,15 @@ import copy
 import hashlib
 import json
 import statistics
-import sys
 from pathlib import Path
 
 import torch
+from bench_world import Bench, make_bench
+from quality_suite.provenance import versions
 
 import comp_vlm
 import comp_vlm.training
 from comp_vlm.flops import tower_flops
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_world import Bench, make_bench
 
 
 def drop_at_first_site(bench: Bench, dense: torch.nn.Module, mode: str, keep: float, random_seed: int | None,
@@ -64,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     flops = {t.name: tower_flops(t).total for t in towers}
     total = sum(flops.values())
     result: dict = {
-        "model": s.name, "command": "python benchmarks/world_checks.py",
+        "model": s.name, "command": "python benchmarks/world_checks.py", "versions": versions(),
         "flops_share": {k: v / total for k, v in flops.items()}, "reference_text_length": length,
         "dense_r1": dense_metrics["r1_mean"], "dense_params": comp_vlm.count_params(dense),
         "half_width_r1": half_metrics["r1_mean"], "half_width_params": comp_vlm.count_params(half),

@@ -3,16 +3,12 @@ and a CLIP at a lower resolution that is a native model of that size."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
+import downsample as ds
 import pytest
 import torch
 from conftest import make_clip
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import downsample as ds
 
 
 def test_choose_image_size_closest_reduction_within_the_bound():

@@ -4,13 +4,9 @@ what the report and the pairing need."""
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import quality as q
+from quality_suite import run
 
 RATIOS = (0.5, 0.7, 0.8, 0.85)
 
@@ -19,7 +15,7 @@ RATIOS = (0.5, 0.7, 0.8, 0.85)
 def test_sanity_arms_run_on_the_smoke_bench(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the dense cache goes to ./cache
     out = tmp_path / "results"
-    assert q.main(["--smoke", "--strategies", "sjp-random,downsample", "--seeds", "0", "--control-seeds", "",
+    assert run.main(["--smoke", "--strategies", "sjp-random,downsample", "--seeds", "0", "--control-seeds", "",
                    "--out", str(out)]) == 0
     records = json.loads((out / "quality.json").read_text())
     assert sorted({(r["arm"], r["ratio"]) for r in records}) == sorted(

@@ -5,10 +5,10 @@ with nothing left is exhausted, and the stage log says when the bound acted."""
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
+from quality_suite.arms import config_dict
+from quality_suite.identity import suite_key
 from test_cli import FAST, _prune_config, dense_dir, one_error_line  # noqa: F401 (dense_dir: a fixture)
 from test_search_fixes import random_scores
 from tiny_clip import fresh, quick, tiny_setup
@@ -19,9 +19,6 @@ from comp_vlm.cli import main
 from comp_vlm.schedule import stage_cost
 from comp_vlm.search import budget
 from comp_vlm.tasks.retrieval import RetrievalTask
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import quality as q
 
 
 @pytest.fixture(scope="module")
@@ -171,13 +168,13 @@ def test_param_max_cut_flag_reaches_the_config(dense_dir, tmp_path, monkeypatch)
 def test_param_max_cut_flag_out_of_range_is_one_line(tmp_path, capsys):
     assert main(["prune", "--model", "demo-clip-quick", "--out", str(tmp_path / "o"), "--param-max-cut", "0",
                  "--cache", str(tmp_path / "cache")]) == 1
-    assert "param_max_cut must be in (0, 1]" in one_error_line(capsys.readouterr().err)
+    assert "--param-max-cut must be in (0, 1]" in one_error_line(capsys.readouterr().err)
     assert not (tmp_path / "cache").exists()  # refused before any training
 
 
 def test_the_bound_at_its_neutral_value_keeps_recorded_suite_keys():
     identity = {"world": "w", "model": {"name": "m"}, "task": {"name": "retrieval"}, "bench": {"name": "m"}}
-    recorded = {k: v for k, v in q.config_dict(comp_vlm.PruneConfig()).items() if k != "param_max_cut"}
-    key = q.suite_key(identity, recorded, "kind-rank")  # a suite recorded before the field existed
-    assert q.suite_key(identity, recorded | {"param_max_cut": 1.0}, "kind-rank") == key
-    assert q.suite_key(identity, recorded | {"param_max_cut": 0.5}, "kind-rank") != key
+    recorded = {k: v for k, v in config_dict(comp_vlm.PruneConfig()).items() if k != "param_max_cut"}
+    key = suite_key(identity, recorded, "kind-rank")  # a suite recorded before the field existed
+    assert suite_key(identity, recorded | {"param_max_cut": 1.0}, "kind-rank") == key
+    assert suite_key(identity, recorded | {"param_max_cut": 0.5}, "kind-rank") != key
