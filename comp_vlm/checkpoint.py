@@ -135,7 +135,8 @@ def read_state(directory: str | Path) -> dict:
     except (json.JSONDecodeError, OSError) as exc:
         raise _corrupt(path, exc) from None
     if not isinstance(state, dict):
-        raise _corrupt(path, ValueError(f"{STATE} holds no JSON object"))
+        raise CheckpointError(f"search checkpoint {path} is incomplete or corrupt ({STATE} holds no JSON object); "
+                              "start over without resuming")
     return state
 
 
