@@ -122,6 +122,26 @@ def test_resume_on_the_same_model_and_data_works_and_old_checkpoints_warn(dense_
     assert "records no model or data identity" in err and "resumed the search" in err
 
 
+def test_the_library_refuses_to_resume_on_another_model_before_any_work(tmp_path, monkeypatch):
+    from tiny_clip import fresh, quick, tiny_setup
+
+    import comp_vlm
+    from comp_vlm.search import pruner
+
+    cfg, _, loaders = tiny_setup()
+    ckpt = str(tmp_path / "c")
+    comp_vlm.prune(fresh(cfg), RetrievalTask(), loaders.train, loaders.val,
+                   quick(ratio=0.2, finetune_steps=0, checkpoint_dir=ckpt))
+    other = fresh(cfg)
+    with torch.no_grad():
+        other.logit_scale.add_(1.0)
+    monkeypatch.setattr(pruner.Pruner, "__init__", lambda *a, **k: pytest.fail("the search started"))
+    with pytest.raises(comp_vlm.CheckpointError, match=f"model weights {state.weights_hash(fresh(cfg))} in the "
+                                                       f"checkpoint, {state.weights_hash(other)} now"):
+        comp_vlm.prune(other, RetrievalTask(), loaders.train, loaders.val,
+                       quick(ratio=0.2, finetune_steps=0, checkpoint_dir=ckpt, resume=True))
+
+
 def test_weights_hash_covers_names_dtypes_shapes_and_bytes():
     from conftest import make_clip
 

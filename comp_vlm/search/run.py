@@ -59,7 +59,8 @@ def prune(model: nn.Module, task: Any, train_data: Iterable, val_batches: list, 
     ``identity``: the model and data the checkpoints record and a resumed search must match
     (:func:`state.run_identity`; default: the model's alone)."""
     config = config or PruneConfig()
-    identity = state.check_resume(config, identity or state.run_identity(model))
+    if config.checkpoint_dir:
+        identity = state.check_resume(config, identity or state.run_identity(model))
     seed_everything(config.seed)
     if not (config.reference or {}).get("text_length"):
         length = training_text_length(train_data)
