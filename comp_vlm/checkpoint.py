@@ -70,10 +70,34 @@ def write_checkpoint(directory: str | Path, state: dict, tensors: dict[str, torc
     from safetensors.torch import save_file
 
     target = Path(directory)
-    with outputs.staged(target, KIND, overwrite=True, what="checkpoint directory", replace_kinds=(KIND,)) as tmp:
+    text = json.dumps(state)
+    needed = safetensors_bytes(tensors) + len(text.encode())
+    # a full disk: one line naming the checkpoint and its size; the previous checkpoint stays
+    with outputs.writing(target, needed), outputs.staged(target, KIND, overwrite=True, what="checkpoint directory",
+                                                         replace_kinds=(KIND,)) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / TENSORS))
-        (tmp / STATE).write_text(json.dumps(state))
+        (tmp / STATE).write_text(text)
     return target
+
+
+_SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                       torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                       torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> int:
+    """About the size of the safetensors file of ``tensors`` (within a few bytes): their bytes and the JSON header
+    describing them."""
+    header, offset = {}, 0
+    for name, t in sorted(tensors.items(), key=lambda kv: (-kv[1].element_size(), kv[0])):  # safetensors' order
+        size = t.numel() * t.element_size()
+        dtype = _SAFETENSORS_DTYPES.get(t.dtype, str(t.dtype))
+        header[name] = {"dtype": dtype, "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    if metadata:
+        header["__metadata__"] = metadata
+    head = len(json.dumps(header, separators=(",", ":")).encode())
+    return 8 + head + (-head % 8) + offset
 
 
 def has_checkpoint(directory: str | Path) -> bool:
@@ -97,16 +121,33 @@ def reading(directory: str | Path) -> Iterator[None]:
                               f"{exc}); start over without resuming") from None
 
 
-def read_checkpoint(directory: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+def _corrupt(path: Path, exc: Exception) -> CheckpointError:
+    return CheckpointError(f"search checkpoint {path} is corrupt: {exc}")
 
+
+def read_state(directory: str | Path) -> dict:
+    """The JSON part of a checkpoint (without reading its tensors)."""
     path = Path(directory)
     if not (path / STATE).is_file() or not (path / TENSORS).is_file():
         raise CheckpointError(f"{path} holds no search checkpoint ({STATE} + {TENSORS})")
     try:
         state = json.loads((path / STATE).read_text())
+    except (json.JSONDecodeError, OSError) as exc:
+        raise _corrupt(path, exc) from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"search checkpoint {path} is incomplete or corrupt ({STATE} holds no JSON object); "
+                              "start over without resuming")
+    return state
+
+
+def read_checkpoint(directory: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(directory)
+    state = read_state(path)
+    try:
         tensors = load_file(str(path / TENSORS))
-    except (json.JSONDecodeError, SafetensorError, OSError) as exc:
-        raise CheckpointError(f"search checkpoint {path} is corrupt: {exc}") from None
+    except (SafetensorError, OSError) as exc:
+        raise _corrupt(path, exc) from None
     return state, tensors

@@ -324,9 +324,15 @@ def _prune_config(settings: dict) -> Any:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
+    with outputs.run_lock(args.out):  # the one place a run locks its --out (under torchrun: rank 0's)
+        return _prune(args)
+
+
+def _prune(args: argparse.Namespace) -> int:
     import comp_vlm
 
     from . import checkpoint
+    from .search import state as search_state
 
     device = _setup(args)
     source = check_data(_prune_data(args))
@@ -352,13 +358,15 @@ def cmd_prune(args: argparse.Namespace) -> int:
     length = args.text_length or round(mean_text_length(data.loaders))
     reference = {"image_size": int(model.config.vision_config.image_size), "text_length": length}
     config = _prune_config({**settings, "reference": reference})
+    identity = search_state.check_resume(config, search_state.run_identity(model, data.settings, src["source"]))
     say(f"model: {src['source']} ({comp_vlm.count_params(model):,} params); data: {_describe_data(data.settings)}")
     dense_params = comp_vlm.count_params(model)
     dense_metrics = task.evaluate(model, data.loaders.test)
     say(f"dense test {task.primary_metric}: {dense_metrics[task.primary_metric]:.2f}")
     say(f"CoMP search ({args.strategy}) to ratio {args.ratio}; FLOPs reference {reference}; "
         f"search checkpoints in {ckpt}" + (" (resuming)" if args.resume else ""))
-    result = comp_vlm.prune(model, task, data.loaders.train, data.loaders.val, config, test_data=data.loaders.test)
+    result = comp_vlm.prune(model, task, data.loaders.train, data.loaders.val, config, test_data=data.loaders.test,
+                             identity=identity)
     extra = {"data": {**data.settings, "gallery_size": task.gallery_size or 0}, "dense_model": src["source"]}
     for r, (_, recipe) in result.snapshots.items():
         recipe.extra.update(extra)

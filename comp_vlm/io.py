@@ -18,6 +18,7 @@ from torch import nn
 
 from . import outputs
 from .adapters.base import adapter_class_for, get_adapter
+from .checkpoint import safetensors_bytes
 from .errors import CheckpointError, RecipeError
 from .recipe import RECIPE_FILE, Recipe
 
@@ -39,7 +40,9 @@ def write_pruned_files(model: nn.Module, directory: Path, *, recipe: Recipe | No
     _check_sliced(model)
     recipe = recipe or get_adapter(model).recipe()
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": "pt", "comp_vlm": "1"})
+    metadata = {"format": "pt", "comp_vlm": "1"}
+    with outputs.writing(directory / WEIGHTS_FILE, safetensors_bytes(state, metadata)):
+        save_file(state, str(directory / WEIGHTS_FILE), metadata=metadata)
     model.config.save_pretrained(directory)
     (directory / RECIPE_FILE).write_text(recipe.to_json())
     for extra in (tokenizer, image_processor, processor):

@@ -55,11 +55,29 @@ def load_dense_dir(path: Path, device: str = "cpu") -> nn.Module:
             f"{path} holds a {getattr(config, 'model_type', '?')!r} model; comp-vlm prunes CLIPModel checkpoints")
     from safetensors import SafetensorError
 
-    try:
-        model = CLIPModel.from_pretrained(str(path), attn_implementation="sdpa", use_safetensors=True)
+    try:  # mismatched shapes are reported, and refused, by check_loaded
+        model, info = CLIPModel.from_pretrained(str(path), attn_implementation="sdpa", use_safetensors=True,
+                                                ignore_mismatched_sizes=True, output_loading_info=True)
     except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as exc:
         raise CheckpointError(f"cannot load the model in {path}: {str(exc).strip().splitlines()[0]}") from None
+    check_loaded(path, info)
     return model.to(device).eval()
+
+
+def check_loaded(path: Path, info: dict) -> None:
+    """Refuse a model whose weights do not fit its config.json (transformers would re-initialise or drop them):
+    a tensor of another shape, weights the config has no place for, or parameters without weights."""
+    where = f"{path}/config.json does not match {path}/model.safetensors"
+    for key, *shapes in sorted(info.get("mismatched_keys") or (), key=lambda entry: entry[0]):
+        saved, built = (tuple(s) for s in shapes[:2])
+        raise CheckpointError(f"{where}: {key} has shape {saved} in the weights, {built} in the model the config "
+                              "describes")
+    for entry, meaning in (("unexpected_keys", "weights the config has no place for"),
+                           ("missing_keys", "parameters the weights lack")):
+        keys = sorted(info.get(entry) or ())
+        if keys:
+            more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
+            raise CheckpointError(f"{where}: {meaning} ({', '.join(keys[:3])}{more})")
 
 
 def load_tokenizer(path: Path) -> Any:

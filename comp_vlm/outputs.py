@@ -13,16 +13,23 @@ temporary directory is deleted, and an earlier output that was moved aside is pu
 ``COMP_VLM_FAULT=NAME`` (or ``NAME:N``, the N-th time) makes the writer SIGKILL its own process at the named
 step, for tests: ``KIND:commit`` (everything written, nothing renamed yet) and ``KIND:swap`` (the earlier output
 moved aside, the new one not yet in place), with KIND one of ``pruned``, ``prune-run``, ``demo``, ``checkpoint``.
+
+A full disk while writing is one :class:`NoSpaceError` naming the file and the bytes it needs (:func:`writing`);
+the unfinished temporary directory is deleted, so an earlier output (or search checkpoint) stays as it was.
+:func:`run_lock` keeps two runs from writing the same output at once.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import secrets
 import shutil
 import signal
+import socket
 import tempfile
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -99,6 +106,62 @@ def check_writable(directory: Path, what: str) -> None:
         os.rmdir(tempfile.mkdtemp(prefix=".comp-vlm-probe-", dir=probe))
     except OSError as exc:
         raise OutputError(f"{what}: cannot write in {probe} ({exc.strerror or exc})") from None
+
+
+# ---- a full disk ----------------------------------------------------------------------------------------------
+class NoSpaceError(OutputError):
+    """The file system filled up while comp-vlm wrote ``path``, which needs ``needed`` bytes (at least, when
+    ``exact`` is false)."""
+
+    def __init__(self, path: Path, needed: int, exact: bool = True) -> None:
+        self.path, self.needed, self.exact = Path(path), int(needed), exact
+        amount = f"{self.needed:,} bytes" if exact else f"more than {self.needed:,} bytes"
+        super().__init__(errno.ENOSPC, f"no space left on device for {self.path}: it needs {amount}, and "
+                                       f"{free_bytes(self.path):,} bytes are free there; free some space and run "
+                                       "again (nothing was replaced)")
+
+    def __str__(self) -> str:
+        return self.strerror
+
+    def moved(self, tmp: Path, target: Path) -> NoSpaceError:
+        """The same error for the file's place in ``target``, when it was written in the temporary ``tmp``."""
+        path = target / self.path.relative_to(tmp) if tmp == self.path or tmp in self.path.parents else self.path
+        return NoSpaceError(path, self.needed, self.exact)
+
+
+def free_bytes(path: Path) -> int:
+    """Free bytes on the file system of ``path`` (of its nearest existing ancestor)."""
+    probe = Path(os.path.abspath(path))
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        return shutil.disk_usage(probe).free
+    except OSError:
+        return 0
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` reports a full disk or an exhausted quota (an ``OSError``, or safetensors' error)."""
+    codes = (errno.ENOSPC, errno.EDQUOT)
+    if isinstance(exc, OSError):
+        return exc.errno in codes
+    return type(exc).__name__ == "SafetensorError" and any(f"(os error {c})" in str(exc) for c in codes)
+
+
+def tree_bytes(directory: Path) -> int:
+    """Bytes of the files under ``directory``."""
+    return sum(f.stat().st_size for f in directory.rglob("*") if f.is_file() and not f.is_symlink())
+
+
+@contextmanager
+def writing(path: str | os.PathLike, needed: int) -> Iterator[None]:
+    """Around the writes of ``needed`` bytes to ``path``: a full disk becomes one :class:`NoSpaceError`."""
+    try:
+        yield
+    except Exception as exc:
+        if not is_disk_full(exc):
+            raise
+        raise NoSpaceError(Path(path), needed) from None
 
 
 def check_target(path: str | os.PathLike, *, overwrite: bool, what: str = "output directory",
@@ -247,8 +310,13 @@ def staged(path: str | os.PathLike, kind: str, *, overwrite: bool = False, what:
         check_target(target, overwrite=overwrite, what=what, protected=protected, replace_kinds=replace_kinds,
                      hint=hint)  # again: the block may have run for hours
         _swap_in(tmp, target, kind)
-    except BaseException:
+    except BaseException as exc:
+        written = tree_bytes(tmp) if tmp.is_dir() and is_disk_full(exc) else 0
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, NoSpaceError):
+            raise exc.moved(tmp, target) from None
+        if is_disk_full(exc):  # a write without a known size: the output needs more than it had written
+            raise NoSpaceError(target, written, exact=False) from None
         raise
 
 
@@ -279,3 +347,105 @@ def claim_in_place(path: str | os.PathLike, kind: str, *, what: str = "output di
 def mark_complete(path: str | os.PathLike, kind: str) -> None:
     """Mark a directory filled by :func:`claim_in_place` as complete."""
     write_marker(Path(path), kind, complete=True)
+
+
+# ---- one run per output ---------------------------------------------------------------------------------------
+LOCK_SUFFIX = ".lock"
+
+
+def lock_path(path: str | os.PathLike) -> Path:
+    """The lock file of the output ``path``: ``PATH.lock`` next to it."""
+    target = Path(os.path.abspath(path))
+    return target.with_name(target.name + LOCK_SUFFIX)
+
+
+def _read_lock(path: Path) -> dict:
+    """What a lock file says (an empty dict when it is unreadable, e.g. still being written)."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def _holder(record: dict) -> str:
+    return (f"pid {record.get('pid', '?')} on host {record.get('host', '?')}, since {record.get('started', '?')}"
+            if record else "a process that is still writing the lock")
+
+
+def _is_stale(record: dict) -> bool:
+    """A lock taken on this host by a process that is gone."""
+    return bool(record) and record.get("host") == socket.gethostname() and not pid_alive(record.get("pid"))
+
+
+def _take_over(path: Path, stale: dict) -> bool:
+    """Remove the stale lock ``stale`` (only that one: it is renamed aside first and checked); whether it did."""
+    aside = path.with_name(f".{path.name}.stale-{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:
+        return True  # someone else removed it: try again
+    moved = _read_lock(aside)
+    if moved != stale:  # another run took it over in between: put its lock back
+        try:
+            os.link(aside, path)
+        except OSError:
+            pass
+    aside.unlink(missing_ok=True)
+    return moved == stale
+
+
+def _make_parents(directory: Path) -> list[Path]:
+    """Create ``directory`` and its missing parents; returns those it created, deepest first."""
+    missing = []
+    while not directory.exists() and directory != directory.parent:
+        missing.append(directory)
+        directory = directory.parent
+    for d in reversed(missing):
+        d.mkdir(exist_ok=True)
+    return missing
+
+
+def _acquire(lock: Path, record: dict, what: str, path: str | os.PathLike) -> bool:
+    """Create ``lock`` holding ``record``, taking over a stale one; False where no file can be made there."""
+    for _ in range(5):
+        try:
+            fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, ordinary_mode(False))
+        except FileExistsError:
+            held = _read_lock(lock)
+            if _is_stale(held) and _take_over(lock, held):
+                continue
+            raise OutputError(f"{what} {path} is being written by another comp-vlm run ({_holder(held)}; lock "
+                              f"{lock}): wait for it to end, or remove {lock.name} if that run is gone") from None
+        except OSError:
+            return False
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(record))
+        return True
+    raise OutputError(f"{what} {path}: cannot take its lock {lock}, which other runs keep changing")
+
+
+@contextmanager
+def run_lock(path: str | os.PathLike, what: str = "--out") -> Iterator[Path | None]:
+    """Hold ``PATH.lock`` (created atomically, holding pid, host and start time) while a run writes ``path``;
+    another run is refused at once, naming the holder. A lock whose process is gone from this host is taken over;
+    one from another host is never judged stale. Yields None (no lock) where no file can be made next to
+    ``path``: the run's own checks refuse such an output. Under torchrun, rank 0 alone takes it (one call site)."""
+    lock = lock_path(path)
+    record = {"pid": os.getpid(), "host": socket.gethostname(),
+              "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "token": secrets.token_hex(8)}
+    try:
+        made = _make_parents(lock.parent)
+    except OSError:
+        made = None
+    held = made is not None and _acquire(lock, record, what, path)
+    try:
+        yield lock if held else None
+    finally:
+        if held and _read_lock(lock) == record:
+            lock.unlink(missing_ok=True)
+        for d in made or ():
+            try:
+                d.rmdir()  # the parents it made, while still empty (the run was refused)
+            except OSError:
+                break

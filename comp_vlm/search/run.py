@@ -54,10 +54,14 @@ class PruneResult:
 
 
 def prune(model: nn.Module, task: Any, train_data: Iterable, val_batches: list, config: PruneConfig | None = None,
-          test_data: Iterable | None = None) -> PruneResult:
+          test_data: Iterable | None = None, identity: dict | None = None) -> PruneResult:
     """One-call CoMP: calibrate, search with MPS to ``config.ratio`` (snapshotting ``config.snapshots`` on the
-    way), fine-tune every snapshot ``config.finetune_steps`` steps, slice, and (if ``test_data``) evaluate."""
+    way), fine-tune every snapshot ``config.finetune_steps`` steps, slice, and (if ``test_data``) evaluate.
+    ``identity``: the model and data the checkpoints record and a resumed search must match
+    (:func:`state.run_identity`; default: the model's alone)."""
     config = config or PruneConfig()
+    if config.checkpoint_dir:
+        identity = state.check_resume(config, identity or state.run_identity(model))
     seed_everything(config.seed)
     if not (config.reference or {}).get("text_length"):
         length = training_text_length(train_data)
@@ -78,7 +82,7 @@ def prune(model: nn.Module, task: Any, train_data: Iterable, val_batches: list, 
     else:
         pruner.calibrate(cycle_batches(train_data))
         if ckpt is not None:
-            state.save_search_checkpoint(ckpt, model, pruner, opt, train_data, config)
+            state.save_search_checkpoint(ckpt, model, pruner, opt, train_data, config, identity)
     bar = tqdm(desc=f"CoMP {config.strategy}", total=None, disable=not config.progress)
     model.train()
     while not pruner.done:
@@ -91,7 +95,7 @@ def prune(model: nn.Module, task: Any, train_data: Iterable, val_batches: list, 
                             val=f"{last['b_after']:.3f}")
             bar.update(1)
             if ckpt is not None:
-                state.save_search_checkpoint(ckpt, model, pruner, opt, train_data, config)
+                state.save_search_checkpoint(ckpt, model, pruner, opt, train_data, config, identity)
     bar.close()
     return _finetune_snapshots(pruner, task, train_data, config, teacher, test_data)
 
