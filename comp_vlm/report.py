@@ -3,15 +3,15 @@ plot, and strict JSON and JSONL files (a non-finite number is written ``null``).
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm.auto import tqdm
+
+from .jsontext import json_text, strict  # noqa: F401 (re-exported: the CLI's and demo's JSON)
 
 log = logging.getLogger("comp_vlm")
 
@@ -116,23 +116,6 @@ def write_plot(path: Path, stage_log: list[dict], points: list[tuple[str, float,
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
-
-
-def strict(value: object) -> object:
-    """``value`` with every NaN or infinite float replaced by ``None`` (strict JSON has no NaN), in nested dicts,
-    lists and tuples."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: strict(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [strict(v) for v in value]
-    return value
-
-
-def json_text(data: object, indent: int | None = None) -> str:
-    """``data`` as strict JSON (non-finite numbers as ``null``; other objects as ``str``)."""
-    return json.dumps(strict(data), indent=indent, default=str, allow_nan=False)
 
 
 def write_jsonl(path: Path, records: list[dict]) -> Path:

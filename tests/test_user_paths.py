@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from conftest import WORDS, tiny_clip_config
@@ -19,7 +20,7 @@ from test_cli_data import COCO, TINY, clip_dir, processor, tokenizer  # noqa: F4
 from transformers import CLIPModel
 
 import comp_vlm
-from comp_vlm import demo
+from comp_vlm import Pruner, demo
 from comp_vlm.cli import main
 from comp_vlm.data.karpathy import read_karpathy
 from comp_vlm.data.text import build_word_tokenizer
@@ -157,6 +158,14 @@ def test_non_finite_numbers_are_written_as_null(tmp_path):
     assert _strict_json(line) == {"stage": 1, "metric": None, "cost": [1.5, None], "nested": {"b": None}}
     write_json(tmp_path / "report.json", {"metrics": {"r1": float("nan")}})
     assert _strict_json((tmp_path / "report.json").read_text()) == {"metrics": {"r1": None}}
+
+
+def test_the_python_api_stage_log_is_strict_json(tmp_path):
+    """``PruneConfig(log_path=...)``: the search's own stages.jsonl (the Python API's) is strict JSON too."""
+    log = tmp_path / "stages.jsonl"
+    holder = SimpleNamespace(config=SimpleNamespace(log_path=str(log)))
+    Pruner._write_log(holder, {"stage": 1, "cost": float("nan"), "se": float("inf")})
+    assert _strict_json(log.read_text().splitlines()[0]) == {"stage": 1, "cost": None, "se": None}
 
 
 # ---- §7: a closed output pipe ----------------------------------------------------------------------------------

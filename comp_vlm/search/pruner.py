@@ -10,7 +10,6 @@ plan (steps, floors, token levels) are :mod:`comp_vlm.search.budget`'s.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
 import time
@@ -37,6 +36,7 @@ from ..adapters.units import UnitGroup, UnitKey, UnitSpec
 from ..collect import StatsCollector
 from ..errors import ConfigError, NonFiniteError
 from ..flops import model_flops, tower_flops
+from ..jsontext import json_text
 from ..recipe import Recipe
 from ..schedule import MPSConfig, MultiModeScheduler, NoModeLeftError, mode_kind, stage_cost
 from ..structure import TowerStructure, resolve_couplings
@@ -561,7 +561,7 @@ class Pruner:
             path = Path(self.config.log_path)
             path.parent.mkdir(parents=True, exist_ok=True)
             with path.open("a") as fh:
-                fh.write(json.dumps(record) + "\n")
+                fh.write(json_text(record) + "\n")
 
     # ---- checkpoint state ------------------------------------------------------------------------------------------
     def state_dict(self) -> tuple[dict, dict[str, torch.Tensor]]:
