@@ -21,11 +21,12 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from .errors import RecipeError
+from .structure import TOKEN_POOL
 from .validation import reference_problem
 
 RECIPE_FORMAT_VERSION = 2
 RECIPE_FILE = "comp_recipe.json"
-TOKEN_POOL = "tokens"  # the one token pool of a single-pool site (CLIP); format 1's "keep_ratio" is its ratio
+# TOKEN_POOL (from structure): the one token pool of a single-pool site (CLIP); format 1's "keep_ratio" is its ratio
 
 
 @dataclass

@@ -18,13 +18,14 @@ counts a tower takes from another, so the FLOPs of every tower follow the tokens
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 PARAM_MODES = ("P_v", "P_l", "P_c")
 TOKEN_MODES = ("T_v", "T_l")
 MODES = PARAM_MODES + TOKEN_MODES
 COUPLING_KINDS = ("cross_kv", "token_span")
+TOKEN_POOL = "tokens"  # the pool of a single-pool tower (CLIP), and of a TowerStructure that lists no pools
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,8 @@ class LayerStructure:
     """One transformer layer as the FLOPs model sees it.
 
     ``heads``/``neurons`` are the units still computed (kept). ``site_keep`` is the keep ratio of the token site
-    that sits between this layer's attention and its MLP (``None``: no active site). ``mlp_tokens_pooled_only``
+    that sits between this layer's attention and its MLP (``None``: no active site): one ratio for every token pool
+    of the tower, or a ratio per pool name (a pool it does not name keeps all its tokens). ``mlp_tokens_pooled_only``
     marks CLIP's dead-compute option: the MLP runs on the pooled token alone. ``cross_heads`` query the tokens
     after the site; their keys/values come from ``cross_kv_tokens`` tokens of width ``cross_kv_hidden`` (a layer
     with ``cross_kv_hidden > 0`` has cross-attention; a ``cross_kv`` coupling fills its ``cross_kv_tokens``).
@@ -47,20 +49,28 @@ class LayerStructure:
     cross_heads: int = 0
     cross_kv_tokens: int = 0
     cross_kv_hidden: int = 0
-    site_keep: float | None = None
+    site_keep: float | Mapping[str, float] | None = None
     mlp_tokens_pooled_only: bool = False
 
     def __post_init__(self) -> None:
         if self.cross_heads and self.mlp_tokens_pooled_only:  # cross-attention and MLP see the same tokens
             raise ValueError("a layer with cross-attention cannot run its MLP on the pooled token alone")
 
+    def pool_keep(self, pool: str) -> float | None:
+        """The site's keep ratio of token pool ``pool`` (None: the pool keeps all its tokens here)."""
+        if isinstance(self.site_keep, Mapping):
+            return self.site_keep.get(pool)
+        return self.site_keep
+
 
 @dataclass(frozen=True)
 class TowerStructure:
     """A stack of layers run on ``tokens`` input tokens (at the reference shape), of which ``always_kept``
     can never be dropped by a token site. ``extra_flops`` covers the tower's matmuls outside the layers
-    (patch embedding, projection heads). ``span_tokens``: of ``tokens``, those other towers bring in through
-    ``token_span`` couplings (set by :func:`resolve_couplings`)."""
+    (patch embedding, projection heads). ``pools``: (name, count) of each token pool among the tower's own
+    prunable tokens (``tokens - always_kept``, span tokens aside); none listed: one pool :data:`TOKEN_POOL` holds
+    them all. ``span_tokens``: of ``tokens``, those other towers bring in through ``token_span`` couplings, and
+    ``span_pools`` the pools they join (both set by :func:`resolve_couplings`)."""
 
     name: str
     tokens: int
@@ -69,6 +79,27 @@ class TowerStructure:
     extra_flops: int = 0
     meta: dict = field(default_factory=dict, compare=False)
     span_tokens: int = 0
+    pools: tuple[tuple[str, int], ...] = ()
+    span_pools: tuple[tuple[str, int], ...] = ()
+
+    def __post_init__(self) -> None:
+        names = [name for name, _ in self.pools]
+        if len(set(names)) < len(names) or any(n < 0 for _, n in self.pools):
+            raise ValueError(f"tower {self.name!r}: token pools need unique names and counts >= 0, got {self.pools}")
+        own = self.tokens - self.span_tokens - self.always_kept
+        if self.pools and sum(n for _, n in self.pools) != own:
+            raise ValueError(f"tower {self.name!r}: its token pools {self.pools} do not add up to its {own} prunable "
+                             "tokens")
+
+    def pool_names(self) -> tuple[str, ...]:
+        return tuple(name for name, _ in self.pools) if self.pools else (TOKEN_POOL,)
+
+    def pool_tokens(self) -> dict[str, int]:
+        """Prunable tokens of each pool entering the first layer at the reference shape, spans included."""
+        counts = dict(self.pools) if self.pools else {TOKEN_POOL: self.tokens - self.span_tokens - self.always_kept}
+        for name, n in self.span_pools:
+            counts[name] += n
+        return counts
 
 
 @dataclass(frozen=True)
@@ -76,9 +107,10 @@ class Coupling:
     """Output tokens of tower ``source`` feeding tower ``target`` (design.md item 4).
 
     ``cross_kv``: the target's cross-attention layers take keys/values from them (BLIP). ``token_span``: they
-    enter the target's input sequence (LLaVA's image span in the LLM). Of the source's n output tokens the target
-    receives ceil((n - skip) / per_token): ``skip`` it never sees (LLaVA's default feature selection drops the
-    CLS token), ``per_token`` source tokens per token received (a projector that merges tokens).
+    enter the target's input sequence (LLaVA's image span in the LLM), as prunable tokens of the target's token
+    pool ``pool``. Of the source's n output tokens the target receives ceil((n - skip) / per_token): ``skip`` it
+    never sees (LLaVA's default feature selection drops the CLS token), ``per_token`` source tokens per token
+    received (a projector that merges tokens).
     """
 
     kind: str
@@ -86,6 +118,7 @@ class Coupling:
     target: str
     per_token: int = 1
     skip: int = 0
+    pool: str = TOKEN_POOL
 
     def __post_init__(self) -> None:
         if self.kind not in COUPLING_KINDS:
@@ -107,15 +140,21 @@ def kept_token_count(prunable: int, keep_ratio: float) -> int:
 
 
 def site_token_counts(tower: TowerStructure) -> tuple[tuple[int, int], ...]:
-    """Per layer, (tokens entering its attention, tokens after its site) at the reference shape. A site keeps
-    :func:`kept_token_count` of the prunable tokens reaching it; a layer with no heads has no attention map, so
-    its site is off (method.md §1)."""
-    n, prunable, counts = tower.tokens, tower.tokens - tower.always_kept, []
-    for layer in tower.layers:
+    """Per layer, (tokens entering its attention, tokens after its site) at the reference shape. A site keeps,
+    of each token pool, :func:`kept_token_count` of the pool's prunable tokens reaching it at the pool's keep
+    ratio; a layer with no heads has no attention map, so its site is off (method.md §1). Raises ValueError on a
+    site keep ratio for a pool the tower lacks."""
+    n, pools, counts = tower.tokens, tower.pool_tokens(), []
+    for i, layer in enumerate(tower.layers):
         n_in = n
+        if isinstance(layer.site_keep, Mapping) and not set(layer.site_keep) <= set(pools):
+            raise ValueError(f"tower {tower.name!r} layer {i}: keep ratios for token pools "
+                             f"{sorted(set(layer.site_keep) - set(pools))} it lacks (pools: {list(pools)})")
         if layer.site_keep is not None and layer.heads > 0:
-            prunable = kept_token_count(prunable, layer.site_keep)
-            n = prunable + tower.always_kept
+            for pool, m in pools.items():
+                keep = layer.pool_keep(pool)
+                pools[pool] = m if keep is None else kept_token_count(m, keep)
+            n = sum(pools.values()) + tower.always_kept
         counts.append((n_in, n))
     return tuple(counts)
 
@@ -139,8 +178,16 @@ def _couple(tower: TowerStructure, fed: Sequence[tuple[Coupling, int]]) -> Tower
             raise ValueError(f"cross_kv coupling {coupling.source!r} -> {tower.name!r}: {tower.name!r} has no "
                              "cross-attention layer (cross_kv_hidden > 0)")
         layers = tuple(replace(lay, cross_kv_tokens=n_kv) if lay.cross_kv_hidden > 0 else lay for lay in layers)
-    span = sum(n for c, n in fed if c.kind == "token_span")
-    return replace(tower, layers=layers, tokens=tower.tokens - tower.span_tokens + span, span_tokens=span)
+    spans: dict[str, int] = {}
+    for c, n in fed:
+        if c.kind == "token_span":
+            if c.pool not in tower.pool_names():
+                raise ValueError(f"token_span coupling {c.source!r} -> {tower.name!r} fills token pool {c.pool!r}, "
+                                 f"which {tower.name!r} lacks (pools: {list(tower.pool_names())})")
+            spans[c.pool] = spans.get(c.pool, 0) + n
+    span = sum(spans.values())
+    return replace(tower, layers=layers, tokens=tower.tokens - tower.span_tokens + span, span_tokens=span,
+                   span_pools=tuple(spans.items()))
 
 
 def resolve_couplings(towers: Sequence[TowerStructure], couplings: Sequence[Coupling]) -> tuple[TowerStructure, ...]:

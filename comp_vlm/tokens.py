@@ -2,16 +2,22 @@
 
 A :class:`TokenState` follows the tokens of one batch through a tower: for every slot of the current (possibly
 shortened) sequence it records the token's original position, whether the slot holds a real token (not padding
-or a filler), and whether a site may drop it. Sites gather (never mask) the kept tokens in their original order,
-so causality is preserved; samples that keep fewer tokens than the longest one are padded with dropped tokens
-marked invalid, which the rebuilt attention mask hides.
+or a filler), whether a site may drop it, and the token pool it belongs to (a tower may hold several pools, e.g.
+image and instruction tokens in one LLM sequence; a site keeps the top k of each). Sites gather (never mask) the
+kept tokens in their original order, so causality is preserved; samples that keep fewer tokens than the longest
+one are padded with dropped tokens marked invalid, which the rebuilt attention mask hides. The per-slot fields
+(:data:`SLOT_FIELDS`) travel together through every gather: a further per-slot label (a merged token's size)
+joins them there.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
+
+SLOT_FIELDS = ("positions", "valid", "prunable", "pool")  # the (B, n) fields of a TokenState, gathered together
 
 
 @dataclass(frozen=True)
@@ -23,6 +29,8 @@ class TokenState:
     attn_mask: torch.Tensor | None = None  # mask for the current slots, once tokens were gathered
     gathered: bool = False
     full_length: int = 0
+    pool: torch.Tensor | None = None  # (B, n) long: the pool index of each prunable slot (-1 elsewhere); None: one
+    n_pools: int = 1
 
     @staticmethod
     def start(
@@ -42,17 +50,29 @@ class TokenState:
             keep = keep | always_kept
         return TokenState(positions, valid, valid & ~keep, pooled, None, False, length)
 
+    def labelled(self, pool: torch.Tensor, n_pools: int) -> TokenState:
+        """This state with its prunable slots in pools ``pool`` (B, n) (values in [0, n_pools)); raises
+        ValueError on a prunable slot outside them (a site would drop it unranked)."""
+        pool = torch.where(self.prunable, pool.long(), -1)
+        if bool(((pool >= n_pools) | (self.prunable & (pool < 0))).any()):
+            raise ValueError(f"token pool labels must lie in [0, {n_pools}) on every prunable slot")
+        return replace(self, pool=pool, n_pools=n_pools)
+
     @property
     def pooled_slot(self) -> torch.Tensor:
         """(B,) slot index of the pooled token in the current sequence."""
         return (self.positions == self.pooled[:, None]).int().argmax(dim=1)
 
+    def slot_fields(self, slots: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The per-slot fields (:data:`SLOT_FIELDS`) at ``slots`` (B, n')."""
+        return {name: getattr(self, name).gather(1, slots) for name in SLOT_FIELDS if getattr(self, name) is not None}
+
     def gather(self, slots: torch.Tensor, slot_valid: torch.Tensor, causal: bool, dtype: torch.dtype) -> TokenState:
-        positions = self.positions.gather(1, slots)
-        valid = self.valid.gather(1, slots) & slot_valid
-        prunable = self.prunable.gather(1, slots) & valid
-        mask = build_attention_mask(positions, valid, causal, dtype)
-        return replace(self, positions=positions, valid=valid, prunable=prunable, attn_mask=mask, gathered=True)
+        fields = self.slot_fields(slots)
+        valid = fields["valid"] & slot_valid
+        prunable = fields["prunable"] & valid
+        mask = build_attention_mask(fields["positions"], valid, causal, dtype)
+        return replace(self, **{**fields, "valid": valid, "prunable": prunable}, attn_mask=mask, gathered=True)
 
 
 def kept_counts(prunable: torch.Tensor, keep_ratio: float) -> torch.Tensor:
@@ -62,20 +82,41 @@ def kept_counts(prunable: torch.Tensor, keep_ratio: float) -> torch.Tensor:
     return torch.where(m > 0, k, torch.zeros_like(k))
 
 
-def select_tokens(scores: torch.Tensor, state: TokenState, keep_ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Choose the slots a site keeps.
-
-    Keeps every valid non-prunable slot plus the top-k prunable slots by ``scores`` (ties broken by lower index).
-    Returns ``(slots, slot_valid)``: (B, n') indices into the current sequence, kept ones first in ascending order,
-    then fillers (dropped slots, marked invalid) up to the longest sample's count.
-    """
+def top_k(scores: torch.Tensor, members: torch.Tensor, keep_ratio: float) -> torch.Tensor:
+    """(B, n) bool: the :func:`kept_counts` highest-scoring of the ``members`` slots (ties broken by lower index)."""
     b, n = scores.shape
-    masked = torch.where(state.prunable, scores.float(), torch.full_like(scores, float("-inf"), dtype=torch.float))
+    masked = torch.where(members, scores.float(), torch.full_like(scores, float("-inf"), dtype=torch.float))
     order = torch.sort(masked, dim=1, descending=True, stable=True).indices
     rank = torch.empty_like(order)
     rank.scatter_(1, order, torch.arange(n, device=scores.device).expand(b, n))
-    k = kept_counts(state.prunable, keep_ratio)
-    keep = (state.valid & ~state.prunable) | (state.prunable & (rank < k[:, None]))
+    return members & (rank < kept_counts(members, keep_ratio)[:, None])
+
+
+def pool_members(state: TokenState) -> list[torch.Tensor]:
+    """(B, n) bool per pool: its prunable slots."""
+    pool = getattr(state, "pool", None)  # a duck-typed state (benchmarks/token_foreground.py) holds one pool
+    if pool is None:
+        return [state.prunable]
+    return [state.prunable & (pool == p) for p in range(state.n_pools)]
+
+
+def select_tokens(scores: torch.Tensor, state: TokenState, keep_ratio: float | Sequence[float],
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Choose the slots a site keeps.
+
+    Keeps every valid non-prunable slot plus, of each token pool, its top-k prunable slots by ``scores`` (ties
+    broken by lower index; k from the pool's ratio: ``keep_ratio``, one for every pool or one per pool). Returns
+    ``(slots, slot_valid)``: (B, n') indices into the current sequence, kept ones first in ascending order, then
+    fillers (dropped slots, marked invalid) up to the longest sample's count.
+    """
+    b, n = scores.shape
+    members = pool_members(state)
+    ratios = [keep_ratio] * len(members) if isinstance(keep_ratio, (int, float)) else list(keep_ratio)
+    if len(ratios) != len(members):
+        raise ValueError(f"{len(ratios)} keep ratios for {len(members)} token pools")
+    keep = state.valid & ~state.prunable
+    for pool, ratio in zip(members, ratios):
+        keep = keep | top_k(scores, pool, ratio)
     slot = torch.arange(n, device=scores.device).expand(b, n)
     key = torch.where(keep, slot, slot + n)
     count = keep.sum(dim=1)
@@ -112,15 +153,8 @@ def keep_pooled_only(hidden: torch.Tensor, state: TokenState) -> tuple[torch.Ten
     """Reduce the sequence to the pooled token (CLIP dead-compute option)."""
     slot = state.pooled_slot[:, None]
     ones = torch.ones_like(slot, dtype=torch.bool)
-    new = replace(
-        state,
-        positions=state.positions.gather(1, slot),
-        valid=ones,
-        prunable=~ones,
-        attn_mask=None,
-        gathered=True,
-    )
-    return gather_tokens(hidden, slot), new
+    fields = {**state.slot_fields(slot), "valid": ones, "prunable": ~ones}
+    return gather_tokens(hidden, slot), replace(state, **fields, attn_mask=None, gathered=True)
 
 
 def scatter_to_full(hidden: torch.Tensor, state: TokenState) -> torch.Tensor:

@@ -25,9 +25,18 @@ from .. import masks
 from ..errors import ConfigError, RecipeError, UnsupportedModelError
 from ..flops import model_flops, unit_flops
 from ..recipe import TOKEN_POOL, LayerRecipe, Recipe
-from ..structure import PARAM_MODES, Coupling, LayerStructure, TowerStructure
+from ..structure import PARAM_MODES, TOKEN_MODES, Coupling, LayerStructure, TowerStructure
 from . import units
-from .runtime import KEEP_ATTR, TokenScorer, check_token_scorer, make_token_scorer, site_keep
+from .runtime import (
+    KEEP_ATTR,
+    PoolLabels,
+    TokenPool,
+    TokenScorer,
+    check_token_scorer,
+    make_token_scorer,
+    set_site_keep,
+    site_keep,
+)
 from .units import UnitGroup, UnitKey, UnitSpec
 
 OPTIONS_ATTR = "comp_vlm_options"
@@ -36,7 +45,13 @@ SCORER_ATTR = "comp_vlm_token_scorer"  # the TokenScorer the installed sites use
 
 @dataclass(frozen=True)
 class TowerSpec:
-    """One transformer stack of a model (a vision tower, a text encoder, an LLM)."""
+    """One transformer stack of a model (a vision tower, a text encoder, an LLM).
+
+    Its token sites prune the tower's token ``pools`` (each with a name and a token mode), the tokens split among
+    them by ``pool_labels`` (:data:`comp_vlm.adapters.runtime.PoolLabels`), e.g. LLaVA's image (T_v) and
+    instruction (T_l) tokens in one LLM sequence. ``token_mode`` is the one-pool shorthand: a pool
+    :data:`TOKEN_POOL` of that mode holding every prunable token (CLIP); None and no pools: no token sites.
+    """
 
     name: str
     param_mode: str
@@ -49,6 +64,14 @@ class TowerSpec:
     causal: bool
     units: tuple[UnitSpec, ...]  # the kinds of prunable unit in each layer, in selection order
     mlp_matrices: int = 2
+    pools: tuple[TokenPool, ...] = ()
+    pool_labels: PoolLabels | None = None
+
+    def site_pools(self) -> tuple[TokenPool, ...]:
+        """The token pools its sites prune: ``pools``, else the ``token_mode`` shorthand's one pool."""
+        if self.pools:
+            return self.pools
+        return (TokenPool(TOKEN_POOL, self.token_mode),) if self.token_mode is not None else ()
 
     def unit(self, kind: str) -> UnitSpec:
         for spec in self.units:
@@ -62,13 +85,26 @@ class TowerSpec:
 
 
 def check_tower_specs(specs: list[TowerSpec]) -> None:
-    """Raise ConfigError if a unit kind's parameter mode is not one of :data:`comp_vlm.structure.PARAM_MODES`."""
+    """Raise ConfigError if a unit kind's parameter mode is not one of :data:`comp_vlm.structure.PARAM_MODES`, or
+    a tower's token pools are ill-formed (a mode outside :data:`comp_vlm.structure.TOKEN_MODES`, a repeated name,
+    both ``token_mode`` and ``pools``, several pools and no ``pool_labels``)."""
     for spec in specs:
         for unit in spec.units:
             mode = spec.unit_mode(unit)
             if mode not in PARAM_MODES:
                 raise ConfigError(f"tower {spec.name!r}: {unit.kind!r} units have mode {mode!r}, not a parameter "
                                   f"mode ({', '.join(PARAM_MODES)})")
+        pools = spec.site_pools()
+        names = [pool.name for pool in pools]
+        problem = (
+            "give token_mode (one pool) or pools, not both" if spec.pools and spec.token_mode is not None
+            else f"token pool names {names} repeat" if len(set(names)) < len(names)
+            else "several token pools need pool_labels" if len(pools) > 1 and spec.pool_labels is None
+            else next((f"token pool {p.name!r} has mode {p.mode!r}, not a token mode ({', '.join(TOKEN_MODES)})"
+                       for p in pools if p.mode not in TOKEN_MODES), None)
+        )
+        if problem:
+            raise ConfigError(f"tower {spec.name!r}: {problem}")
 
 
 def structure_fields(spec: TowerSpec, counts: dict[str, int]) -> dict[str, int]:
@@ -122,9 +158,13 @@ def options_from_recipe(options: dict) -> AdapterOptions:
 
 @dataclass(frozen=True)
 class Site:
+    """A token pool at a site layer: the site of ``tower``'s layer ``layer`` keeps a ratio of pool ``pool``, which
+    stages of token mode ``mode`` set."""
+
     tower: str
     mode: str
     layer: int
+    pool: str = TOKEN_POOL
 
 
 _VOLATILE_CONFIG_KEYS = {
@@ -189,6 +229,17 @@ class ModelAdapter(ABC):
         """Further :class:`LayerStructure` fields of layer ``layer`` of ``spec`` (e.g. ``cross_kv_hidden``,
         ``kv_heads``) for the FLOPs model; none by default. The unit kinds' counts override these."""
         return {}
+
+    def pool_tokens(self, spec: TowerSpec, reference: dict, prunable: int) -> dict[str, int]:
+        """How the ``prunable`` tokens entering ``spec``'s first layer at ``reference`` (those of :meth:`tower_io`
+        that are not always kept) split among its token pools, for the FLOPs model: all in its one pool by default.
+        A family with several pools in a tower says it here (tokens a ``token_span`` coupling brings are counted
+        apart: the coupling names their pool)."""
+        pools = spec.site_pools()
+        if len(pools) > 1:
+            raise ConfigError(f"{self.family} adapter: tower {spec.name!r} has token pools "
+                              f"{[p.name for p in pools]}; override pool_tokens to count each")
+        return {pools[0].name: prunable} if pools else {}
 
     def couplings(self) -> tuple[Coupling, ...]:
         """How the towers feed one another (cross-attention K/V, an input span), for the FLOPs model; none by
@@ -288,7 +339,7 @@ class ModelAdapter(ABC):
     def site_layers(self, spec: TowerSpec, options: AdapterOptions | None = None) -> list[int]:
         """Layers holding a token site: site_start, +site_every, ... (not the last one under dead compute,
         where only the pooled token reaches the MLP anyway)."""
-        if spec.token_mode is None:
+        if not spec.site_pools():
             return []
         opts = self.options if options is None else options
         n = len(self.layers(spec))
@@ -296,21 +347,23 @@ class ModelAdapter(ABC):
         return list(range(opts.site_start, last, opts.site_every))
 
     def token_sites(self, mode: str | None = None) -> list[Site]:
+        """Every token pool at every site layer (tower by tower, layer by layer, pools in tower order); with
+        ``mode``, only the pools of that token mode."""
         return [
-            Site(spec.name, spec.token_mode, i)
+            Site(spec.name, pool.mode, i, pool.name)
             for spec in self.tower_specs()
-            if spec.token_mode is not None and (mode is None or spec.token_mode == mode)
             for i in self.site_layers(spec)
+            for pool in spec.site_pools() if mode is None or pool.mode == mode
         ]
 
     def modes(self) -> list[str]:
-        """The pruning modes this model offers, tower by tower: its unit kinds' parameter modes, then its token mode
-        (only if it has at least one site)."""
+        """The pruning modes this model offers, tower by tower: its unit kinds' parameter modes, then its token
+        pools' modes (only if it has at least one site)."""
         found = []
         for spec in self.tower_specs():
-            token = spec.token_mode if self.site_layers(spec) else None
-            for m in (*map(spec.unit_mode, spec.units), token):
-                if m is not None and m not in found:
+            tokens = [pool.mode for pool in spec.site_pools()] if self.site_layers(spec) else []
+            for m in (*map(spec.unit_mode, spec.units), *tokens):
+                if m not in found:
                     found.append(m)
         return found
 
@@ -388,16 +441,27 @@ class ModelAdapter(ABC):
                     lin.__dict__.pop(CAPTURED, None)
 
     # ---- token sites ---------------------------------------------------------------------------------------------
-    def set_keep_ratio(self, tower: str, layer: int, ratio: float) -> None:
+    def _pool(self, spec: TowerSpec, pool: str) -> TokenPool:
+        for found in spec.site_pools():
+            if found.name == pool:
+                return found
+        raise ConfigError(f"tower {spec.name!r} has no token pool {pool!r} "
+                          f"(pools: {[p.name for p in spec.site_pools()]})")
+
+    def set_keep_ratio(self, tower: str, layer: int, ratio: float, pool: str = TOKEN_POOL) -> None:
+        """Set the keep ratio of token pool ``pool`` at the site of ``tower``'s layer ``layer``."""
         spec = self.tower(tower)
         if not (isinstance(ratio, (int, float)) and 0.0 < float(ratio) <= 1.0):
             raise ConfigError(f"keep ratio must lie in (0, 1], got {ratio!r} ({tower} layer {layer})")
+        self._pool(spec, pool)
         if layer not in self.site_layers(spec):
             raise ConfigError(f"{tower} layer {layer} has no token site (sites: {self.site_layers(spec)})")
-        setattr(self.layers(spec)[layer], KEEP_ATTR, float(ratio))
+        set_site_keep(self.layers(spec)[layer], pool, ratio)
 
-    def keep_ratio(self, tower: str, layer: int) -> float:
-        return site_keep(self.layers(self.tower(tower))[layer])
+    def keep_ratio(self, tower: str, layer: int, pool: str = TOKEN_POOL) -> float:
+        """The keep ratio of token pool ``pool`` at ``tower``'s layer ``layer`` (1: no site, or it keeps all)."""
+        spec = self.tower(tower)
+        return site_keep(self.layers(spec)[layer], self._pool(spec, pool).name)
 
     # ---- structure and FLOPs -------------------------------------------------------------------------------------
     def reference(self, reference: dict | None = None) -> dict:
@@ -415,20 +479,21 @@ class ModelAdapter(ABC):
             layers = []
             n_layers = len(self.layers(spec))
             for i, module in enumerate(self.layers(spec)):
-                keep = site_keep(module) if i in sites else 1.0
+                keeps = {p.name: site_keep(module, p.name) for p in spec.site_pools()} if i in sites else {}
                 layer = LayerStructure(
                     hidden=spec.hidden,
                     heads=0,
                     head_dim=spec.head_dim,
                     neurons=0,
                     mlp_matrices=spec.mlp_matrices,
-                    site_keep=keep if keep < 1.0 else None,
+                    site_keep={p: r for p, r in keeps.items() if r < 1.0} or None,
                     mlp_tokens_pooled_only=pooled_only and i == n_layers - 1,
                 )
                 kept = structure_fields(spec, {u.kind: len(units.kept(module, u)) for u in spec.units})
                 layers.append(replace(layer, **{**self.layer_fields(spec, i), **kept}))
             tokens, always, extra = self.tower_io(spec, ref)
-            towers.append(TowerStructure(spec.name, tokens, always, tuple(layers), extra))
+            pools = tuple(self.pool_tokens(spec, ref, tokens - always).items())
+            towers.append(TowerStructure(spec.name, tokens, always, tuple(layers), extra, pools=pools))
         return towers
 
     def count_flops(self, reference: dict | None = None) -> int:
@@ -469,8 +534,8 @@ class ModelAdapter(ABC):
         return config_hash(self.model.config)
 
     def token_pools(self, spec: TowerSpec) -> tuple[str, ...]:
-        """The token pools a site of the tower holds, as recipes name them (CLIP: one, ``TOKEN_POOL``)."""
-        return (TOKEN_POOL,) if spec.token_mode is not None else ()
+        """The names of the token pools a site of the tower holds, as recipes name them (CLIP: one, ``TOKEN_POOL``)."""
+        return tuple(pool.name for pool in spec.site_pools())
 
     def recipe(self, reference: dict | None = None) -> Recipe:
         """The current structure (kept units in dense indices, keep ratios, options) as a recipe."""
@@ -484,8 +549,8 @@ class ModelAdapter(ABC):
                 for unit in spec.units:
                     dense = units.dense_index(module, unit)
                     kept[unit.kind] = [dense[u] for u in units.kept(module, unit)]
-                keep_ratio = self.keep_ratio(spec.name, i) if i in sites else None
-                layers.append(LayerRecipe.from_units(kept, keep_ratio))
+                ratios = {p: self.keep_ratio(spec.name, i, p) for p in self.token_pools(spec)} if i in sites else {}
+                layers.append(LayerRecipe(kept, ratios))
             towers[spec.name] = layers
         return Recipe(
             family=self.family,
@@ -548,8 +613,8 @@ class ModelAdapter(ABC):
                     local.append((unit, [pos[d] for d in lay.kept(unit.kind)]))
                 for unit, keep in local:
                     units.slice_units(module, unit, keep)
-                if lay.keep_ratio is not None:
-                    self.set_keep_ratio(name, i, lay.keep_ratio)
+                for pool, ratio in lay.keep_ratios.items():
+                    self.set_keep_ratio(name, i, ratio, pool)
         return self
 
 

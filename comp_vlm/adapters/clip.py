@@ -19,7 +19,7 @@ from .. import masks, tokens
 from ..tokens import TokenState
 from .base import ModelAdapter, TowerSpec, register_adapter
 from .common import restore_sdpa, use_comp_attention
-from .runtime import LayerCall, SiteRuntime, TokenPool, end_tower
+from .runtime import LayerCall, SiteRuntime, end_tower, label_pools
 from .units import UnitSpec, attention_heads, mlp_neurons
 
 
@@ -68,7 +68,8 @@ def clip_encoder_forward(self: nn.Module, inputs_embeds: torch.Tensor, attention
         valid, pooled = None, None
     first = torch.zeros(b, n, dtype=torch.bool, device=inputs_embeds.device)
     first[:, 0] = True
-    state = TokenState.start(b, n, inputs_embeds.device, valid=valid, pooled=pooled, always_kept=first)
+    state = label_pools(self.layers, TokenState.start(b, n, inputs_embeds.device, valid=valid, pooled=pooled,
+                                                      always_kept=first))
     hidden = inputs_embeds
     for layer in self.layers:
         hidden, state = layer(hidden, attention_mask, comp_state=state, **kwargs)
@@ -153,12 +154,12 @@ class CLIPAdapter(ModelAdapter):
             encoder = self._tower_modules()[spec.name].encoder
             encoder.forward = MethodType(clip_encoder_forward, encoder)
             layers = self.layers(spec)
-            pool = TokenPool(spec.name, spec.token_mode)
             head, neuron = spec.unit("head").stat_path, spec.unit("neuron").stat_path
             for i, layer in enumerate(layers):
                 layer.forward = MethodType(clip_layer_forward, layer)
-                layer.comp_runtime = SiteRuntime(spec.name, i, spec.causal, pool, self.token_scorer, head, neuron,
-                                                 pooled_only and i == len(layers) - 1, self.options.cit)
+                layer.comp_runtime = SiteRuntime(spec.name, i, spec.causal, spec.site_pools(), self.token_scorer, head,
+                                                 neuron, pooled_only and i == len(layers) - 1, self.options.cit,
+                                                 spec.pool_labels)
         text = self.model.text_model
         if not masks.has_hook(text, (TextCallHook,)):
             text.register_forward_pre_hook(TextCallHook(), with_kwargs=True)

@@ -30,9 +30,10 @@ from torch import nn
 from .. import importance, tokens
 from ..collect import CAPTURE_FLAG, in_backward, pop_captured
 from ..errors import CompVLMError, ConfigError
+from ..structure import TOKEN_POOL
 from ..tokens import TokenState
 
-KEEP_ATTR = "comp_site_keep"  # a layer's site keep ratio (set by ModelAdapter.set_keep_ratio)
+KEEP_ATTR = "comp_site_keep"  # a layer's site keep ratio per token pool, {pool: ratio} (ModelAdapter.set_keep_ratio)
 COLLECTOR_ATTR = "comp_collector"  # the StatsCollector a layer feeds (set by ModelAdapter.attach_collector)
 
 TokenScorer = Callable[[torch.Tensor, torch.Tensor | None, TokenState, bool], torch.Tensor]
@@ -99,22 +100,41 @@ def make_token_scorer(name: str, seed: int = 0) -> TokenScorer:
 
 
 # ---- token pools ----------------------------------------------------------------------------------------------------
-def site_keep(layer: nn.Module) -> float:
-    """The keep ratio of the token site a layer module holds (1: none, or keeps all)."""
-    return float(getattr(layer, KEEP_ATTR, 1.0))
+def site_keep(layer: nn.Module, pool: str = TOKEN_POOL) -> float:
+    """The keep ratio of token pool ``pool`` at the token site a layer module holds (1: none, or keeps all)."""
+    return float(getattr(layer, KEEP_ATTR, {}).get(pool, 1.0))
+
+
+def set_site_keep(layer: nn.Module, pool: str, ratio: float) -> None:
+    """Set the keep ratio of token pool ``pool`` at ``layer``'s token site (unchecked: ModelAdapter.set_keep_ratio)."""
+    setattr(layer, KEEP_ATTR, {**getattr(layer, KEEP_ATTR, {}), pool: float(ratio)})
+
+
+PoolLabels = Callable[[TokenState], torch.Tensor]
+"""``labels(state) -> (B, n) long``: the pool index (into the tower's pools) of each slot of a tower's input state;
+read on its prunable slots only."""
 
 
 @dataclass(frozen=True)
 class TokenPool:
-    """A named set of tokens that token sites prune: the prunable tokens of ``state`` (every real token but the
-    always-kept ones), with one keep ratio per site layer. A CLIP tower holds one pool; a family that mixes token
-    kinds in one stack (image and text tokens in an LLM) would hold one per kind."""
+    """A named set of tokens that token sites prune, with one keep ratio per site layer: a CLIP tower holds one
+    pool (:data:`TOKEN_POOL`, every prunable token); a family that mixes token kinds in one stack (image and
+    instruction tokens in an LLM) holds one per kind, and labels each token with its pool (:data:`PoolLabels`)."""
 
     name: str
-    mode: str | None = None  # the token mode whose stages set this pool's keep ratios
+    mode: str  # the token mode whose stages set this pool's keep ratios (structure.TOKEN_MODES)
 
     def keep(self, layer: nn.Module) -> float:
-        return site_keep(layer)
+        return site_keep(layer, self.name)
+
+
+def label_pools(layers: Sequence[nn.Module], state: TokenState) -> TokenState:
+    """A tower's input state with each prunable slot labelled with its pool, by the tower's :data:`PoolLabels`
+    (a family's tower forward calls it on ``TokenState.start``'s state); unchanged where the tower has one pool."""
+    runtime = layers[0].__dict__.get("comp_runtime") if len(layers) else None
+    if runtime is None or runtime.pool_labels is None:
+        return state
+    return state.labelled(runtime.pool_labels(state), len(runtime.pools))
 
 
 def heads_alive(n_heads: int, head_mask: torch.Tensor | None) -> bool:
@@ -123,9 +143,10 @@ def heads_alive(n_heads: int, head_mask: torch.Tensor | None) -> bool:
 
 
 def site_step(
-    hidden: torch.Tensor, scores: torch.Tensor, state: TokenState, keep: float, causal: bool
+    hidden: torch.Tensor, scores: torch.Tensor, state: TokenState, keep: float | Sequence[float], causal: bool
 ) -> tuple[torch.Tensor, TokenState, torch.Tensor]:
-    """Select (top-k by ``scores``, sorted) and gather the tokens a site keeps; also returns the kept slots."""
+    """Select (top-k of each pool by ``scores``, sorted) and gather the tokens a site keeps; also returns the kept
+    slots. ``keep``: one ratio for every pool, or one per pool."""
     slots, slot_valid = tokens.select_tokens(scores, state, keep)
     return tokens.gather_tokens(hidden, slots), state.gather(slots, slot_valid, causal, hidden.dtype), slots
 
@@ -154,20 +175,23 @@ def end_tower(layers: Sequence[nn.Module]) -> None:
 class SiteRuntime:
     """One layer's token-site plumbing, stored on the layer module as ``comp_runtime``.
 
-    ``attention_output``/``mlp_output``: paths (in the layer) of the linears whose inputs carry the head and neuron
-    statistics; ``pooled_only_mlp``: the MLP runs on the pooled token alone (CLIP dead compute); ``cit``: the
-    scorer sees the soft head masks (Eq. 7; False: the no-cit ablation, Eq. 6 on raw A).
+    ``pools``: the token pools its site prunes (the tower's); ``attention_output``/``mlp_output``: paths (in the
+    layer) of the linears whose inputs carry the head and neuron statistics; ``pooled_only_mlp``: the MLP runs on
+    the pooled token alone (CLIP dead compute); ``cit``: the scorer sees the soft head masks (Eq. 7; False: the
+    no-cit ablation, Eq. 6 on raw A); ``pool_labels``: how the tower's tokens split among several pools
+    (:func:`label_pools`; None: one pool).
     """
 
     tower: str
     index: int
     causal: bool
-    pool: TokenPool
+    pools: tuple[TokenPool, ...]
     scorer: TokenScorer
     attention_output: str
     mlp_output: str
     pooled_only_mlp: bool = False
     cit: bool = True
+    pool_labels: PoolLabels | None = None
 
     def run(self, layer: nn.Module, body: Callable[..., Any], hidden: torch.Tensor, attention_mask: Any,
             state: TokenState, **kwargs: Any) -> Any:
@@ -188,10 +212,10 @@ class SiteRuntime:
         collect = wants and call.record and not in_backward()  # a checkpoint recompute replays, never records
         for path in (self.attention_output, self.mlp_output):
             layer.get_submodule(path).__dict__[CAPTURE_FLAG] = collect
-        keep = self.pool.keep(layer)
+        keep = tuple(pool.keep(layer) for pool in self.pools)
         alive = heads_alive(n_heads, head_mask)
-        return LayerStep(self, layer, state, call.scorer, head_mask, keep, alive, keep < 1.0 and alive, collector,
-                         wants, collect)
+        return LayerStep(self, layer, state, call.scorer, head_mask, keep, alive, min(keep, default=1.0) < 1.0 and alive,
+                         collector, wants, collect)
 
 
 @dataclass(frozen=True)
@@ -211,7 +235,7 @@ class LayerStep:
     state: TokenState
     scorer: TokenScorer
     head_mask: torch.Tensor | None
-    keep: float
+    keep: tuple[float, ...]  # per pool of the runtime
     alive: bool
     site_on: bool
     collector: Any

@@ -214,8 +214,7 @@ class Pruner:
         towers = []
         for t in self.adapter.structure(self.reference):
             spec = self.specs[t.name]
-            level = self.token_levels.get(spec.token_mode, 1.0) if spec.token_mode else 1.0
-            keeps = self._site_keeps(t.name, level) if level < 1.0 else {}
+            keeps = self._pool_site_keeps(t.name)
             layers = []
             for i, lay in enumerate(t.layers):
                 kept = structure_fields(spec, {u.kind: int((~self.selected[(u.kind, t.name, i)]).sum())
@@ -446,13 +445,24 @@ class Pruner:
         return StagePlan(mode, token_level=best, prev_level=current, flops_after=kept_at(best),
                          floor_limited=floor_limited)
 
+    def _pool_site_keeps(self, tower: str) -> dict[int, dict[str, float]]:
+        """Per site layer of ``tower``, the keep ratio of each token pool whose mode's planned level is below 1."""
+        keeps: dict[int, dict[str, float]] = {}
+        for pool in self.specs[tower].site_pools():
+            level = self.token_levels.get(pool.mode, 1.0)
+            for i, r in (self._site_keeps(tower, level) if level < 1.0 else {}).items():
+                keeps.setdefault(i, {})[pool.name] = r
+        return keeps
+
     def _mode_site_keeps(self, mode: str, level: float | None = None) -> dict[Site, float]:
-        """Per-site keep ratios of a token mode at ``level`` (default: its planned level)."""
+        """Per-site keep ratios of every token pool of a token mode at ``level`` (default: its planned level)."""
         level = self.token_levels[mode] if level is None else level
         keeps: dict[Site, float] = {}
         for spec in self.specs.values():
-            if spec.token_mode == mode:
-                keeps.update({Site(spec.name, mode, i): r for i, r in self._site_keeps(spec.name, level).items()})
+            for pool in spec.site_pools():
+                if pool.mode == mode:
+                    keeps.update({Site(spec.name, mode, i, pool.name): r
+                                  for i, r in self._site_keeps(spec.name, level).items()})
         return keeps
 
     # ---- per-step schedule -----------------------------------------------------------------------------------------
@@ -472,7 +482,7 @@ class Pruner:
         for mode, level in self.token_levels.items():
             live = level if (mode != plan.mode or self.stage_step >= half) else plan.prev_level
             for site, keep in self._mode_site_keeps(mode, live).items():
-                self.adapter.set_keep_ratio(site.tower, site.layer, min(1.0, max(keep, 1e-6)))
+                self.adapter.set_keep_ratio(site.tower, site.layer, min(1.0, max(keep, 1e-6)), site.pool)
 
     def step(self) -> None:
         """Call after each optimizer step during the search."""
