@@ -46,6 +46,12 @@ def no_evaluation(monkeypatch) -> None:
     monkeypatch.setattr(RetrievalTask, "evaluate", fail)
 
 
+def with_flag(args: list[str], flag: str, value: str) -> list[str]:
+    """``args`` with ``flag``'s value replaced by ``value``."""
+    i = args.index(flag)
+    return [*args[:i + 1], value, *args[i + 2:]]
+
+
 # ---- §5: identity -----------------------------------------------------------------------------------------------
 def test_resume_on_another_model_is_refused_naming_both(dense_dir, tmp_path, monkeypatch, capsys):  # noqa: F811
     ckpt = kept_checkpoint(dense_dir, tmp_path, *FAST)
@@ -68,7 +74,7 @@ def test_resume_on_another_model_is_refused_naming_both(dense_dir, tmp_path, mon
     assert not (tmp_path / "second").exists() and (ckpt / checkpoint.STATE).read_text() == before
     # the synthetic world made with other settings is other data
     assert prune(dense_dir, tmp_path / "second", "--checkpoint-dir", str(ckpt), "--resume",
-                 *FAST[:2], "--n-train", "96", *FAST[4:]) == 1
+                 *with_flag(FAST, "--n-train", "96")) == 1
     line = one_error_line(capsys.readouterr().err)
     assert "data n_train 64 in the checkpoint, 96 now" in line and "weights" not in line
 
