@@ -9,9 +9,12 @@ import torch
 from tiny_clip import REF, fresh, quick, tiny_setup
 
 import comp_vlm
-from comp_vlm import ConfigError, PruneConfig, Pruner, load_pruned, prune
+from comp_vlm import ConfigError, PruneConfig, Pruner, checkpoint, load_pruned, prune
+from comp_vlm.adapters.base import get_adapter
 from comp_vlm.data.synthetic import SyntheticWorld, make_retrieval_loaders
+from comp_vlm.search import state
 from comp_vlm.tasks.retrieval import RetrievalTask
+from comp_vlm.tokens import TokenState
 
 
 @pytest.fixture(scope="module")
@@ -168,19 +171,22 @@ def test_nan_statistic_is_reported(setup):
         pruner.calibrate(iter(loaders.train))
 
 
-def test_resume_after_interruption_gives_the_same_recipe(setup, tmp_path, monkeypatch):
+@pytest.mark.parametrize("scorer", ["attention", "random"])
+def test_resume_after_interruption_gives_the_same_recipe(setup, tmp_path, monkeypatch, scorer):
+    """Killed after two stages and resumed, the search equals the uninterrupted one: stage log, recipe and test
+    metrics (the random scorer's generator travels with the checkpoint)."""
     cfg, tok, _ = setup
 
     def loaders():
         return make_retrieval_loaders(SyntheticWorld(image_size=16, seed=0), tok, n_train=96, n_val=32, n_test=32,
                                       batch_size=16, seed=0)
 
-    full = loaders()
-    reference = prune(fresh(cfg), RetrievalTask(), full.train, full.val,
-                      quick(ratio=0.4, finetune_steps=0, checkpoint_dir=str(tmp_path / "a")))
-    assert len(reference.stage_log) >= 3
+    def config(directory, **kw):
+        return quick(ratio=0.4, finetune_steps=0, token_scorer=scorer, checkpoint_dir=str(tmp_path / directory), **kw)
 
-    from comp_vlm.search import state
+    full = loaders()
+    reference = prune(fresh(cfg), RetrievalTask(), full.train, full.val, config("a"), test_data=full.test)
+    assert len(reference.stage_log) >= 3
 
     real_save = state.save_search_checkpoint
     calls = {"n": 0}
@@ -194,17 +200,66 @@ def test_resume_after_interruption_gives_the_same_recipe(setup, tmp_path, monkey
     monkeypatch.setattr(state, "save_search_checkpoint", save_then_die)
     first = loaders()
     with pytest.raises(KeyboardInterrupt):
-        prune(fresh(cfg), RetrievalTask(), first.train, first.val,
-              quick(ratio=0.4, finetune_steps=0, checkpoint_dir=str(tmp_path / "b")))
+        prune(fresh(cfg), RetrievalTask(), first.train, first.val, config("b"))
     monkeypatch.setattr(state, "save_search_checkpoint", real_save)
     again = loaders()
-    resumed = prune(fresh(cfg), RetrievalTask(), again.train, again.val,
-                    quick(ratio=0.4, finetune_steps=0, checkpoint_dir=str(tmp_path / "b"), resume=True))
+    resumed = prune(fresh(cfg), RetrievalTask(), again.train, again.val, config("b", resume=True),
+                    test_data=again.test)
+
     def strip(log):
         return [{k: v for k, v in r.items() if k != "wall_s"} for r in log]
 
     assert strip(resumed.stage_log) == strip(reference.stage_log)
     assert resumed.recipe.to_dict() == reference.recipe.to_dict()
+    assert resumed.metrics == reference.metrics and reference.metrics
+
+
+def _scorer_draws(pruner):
+    """Scores the pruner's installed token scorer gives next (a random scorer draws anew on each call)."""
+    probs, tokens = torch.zeros(2, 1, 6, 6), TokenState.start(2, 6, torch.device("cpu"))
+    return get_adapter(pruner.model).token_scorer(probs, None, tokens, False)
+
+
+def _searches(cfg, val, config):
+    """A fresh (model, pruner, optimizer) of ``config``, as a search or its resume starts."""
+    model = fresh(cfg)
+    return model, Pruner(model, RetrievalTask(), val, config), torch.optim.AdamW(model.parameters())
+
+
+def test_random_scorer_state_round_trips_through_the_checkpoint(setup, tmp_path):
+    cfg, _, loaders = setup
+    config = quick(ratio=0.3, token_scorer="random")
+    model, pruner, opt = _searches(cfg, loaders.val, config)
+    _scorer_draws(pruner)  # the generator moved past its seed
+    state.save_search_checkpoint(tmp_path / "ck", model, pruner, opt, loaders.train, config)
+    expected = _scorer_draws(pruner)
+    assert checkpoint.read_checkpoint(tmp_path / "ck")[1]["scorer/generator"].dtype == torch.uint8
+    model, resumed, opt = _searches(cfg, loaders.val, config)
+    state.load_search_checkpoint(tmp_path / "ck", model, resumed, opt, loaders.train, config)
+    assert torch.equal(_scorer_draws(resumed), expected)
+
+
+def test_checkpoint_without_scorer_state_resumes_from_the_seed_with_a_warning(setup, tmp_path, caplog):
+    """A checkpoint written before the scorer state was kept resumes as before (the generator at its seed), with a
+    warning; the attention scorer keeps no state and warns nothing."""
+    from safetensors.torch import save_file
+
+    cfg, _, loaders = setup
+    for scorer in ("random", "attention"):
+        config = quick(ratio=0.3, token_scorer=scorer)
+        model, pruner, opt = _searches(cfg, loaders.val, config)
+        state.save_search_checkpoint(tmp_path / scorer, model, pruner, opt, loaders.train, config)
+        tensors = checkpoint.read_checkpoint(tmp_path / scorer)[1]
+        old = {k: v for k, v in tensors.items() if not k.startswith("scorer/")}
+        save_file(old, str(tmp_path / scorer / checkpoint.TENSORS))
+        seeded = _scorer_draws(_searches(cfg, loaders.val, config)[1])
+        model, resumed, opt = _searches(cfg, loaders.val, config)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="comp_vlm"):
+            state.load_search_checkpoint(tmp_path / scorer, model, resumed, opt, loaders.train, config)
+        assert torch.equal(_scorer_draws(resumed), seeded)
+        warned = "holds no token-scorer state" in caplog.text
+        assert warned == (scorer == "random") and (set(old) == set(tensors)) == (scorer == "attention")
 
 
 def test_resume_with_other_arguments_is_refused(setup, tmp_path):

@@ -65,10 +65,18 @@ class RandomScorer:
     """Uniform scores (the 'token-random' sanity baseline of baselines.md) from a private generator seeded at
     construction: reproducible under ``seed``, and torch's global RNG is neither read nor advanced. One instance
     serves every layer of a model in call order, each layer forward drawing one seed for its noise; a deepcopy of
-    the model carries the generator state."""
+    the model carries the generator state, and a search checkpoint holds it (:meth:`state_dict`)."""
 
     def __init__(self, seed: int = 0) -> None:
         self.generator = torch.Generator().manual_seed(seed)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The generator's state (a uint8 tensor), for search checkpoints."""
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Continue from a :meth:`state_dict`: the next draws are those the saved scorer would have made."""
+        self.generator.set_state(state["generator"])
 
     def per_call(self) -> TokenScorer:
         """The scorer of one layer forward: noise from a seed drawn now, the same on every call."""

@@ -48,6 +48,7 @@ log = logging.getLogger("comp_vlm")
 
 PARAM_ALL = "P"  # param-only ranks every parameter mode together (UPop-like global ranking)
 TOKEN_KINDS = {"T_v": "vision_tokens", "T_l": "text_tokens"}  # names of the token modes in stage logs
+SCORER_PREFIX = "scorer/"  # the token scorer's state among a checkpoint's tensors (a random scorer's generator)
 
 
 @dataclass
@@ -584,6 +585,9 @@ class Pruner:
         for n, snap in enumerate(self.snapshots):
             for key, value in snap.weights.items():
                 tensors[f"snap/{n}/{key}"] = value
+        scorer = self.adapter.token_scorer  # one scorer serves every site of the model (ModelAdapter.install)
+        if hasattr(scorer, "state_dict"):  # the random scorer's generator; the attention scorer holds none
+            tensors.update({f"{SCORER_PREFIX}{k}": v for k, v in scorer.state_dict().items()})
         plan = None
         if self.plan is not None:
             plan = {k: v for k, v in self.plan.__dict__.items() if k != "units"}
@@ -605,6 +609,14 @@ class Pruner:
         device = model_device(self.model)
         self.collector.load_state_dict({k[len("stats/"):]: v.to(device) for k, v in tensors.items()
                                         if k.startswith("stats/")})
+        scorer = self.adapter.token_scorer
+        scorer_state = {k[len(SCORER_PREFIX):]: v for k, v in tensors.items() if k.startswith(SCORER_PREFIX)}
+        if hasattr(scorer, "load_state_dict") and scorer_state:
+            scorer.load_state_dict(scorer_state)
+        elif hasattr(scorer, "load_state_dict"):  # a checkpoint written before the scorer state was kept
+            log.warning("the search checkpoint holds no token-scorer state (written by an earlier comp-vlm): the "
+                        "%s scorer restarts from its seed, so the resumed search can differ from an uninterrupted "
+                        "one", self.config.token_scorer)
         self.token_levels = {k: float(v) for k, v in meta["token_levels"].items()}
         self.scheduler.load_state_dict(meta["scheduler"])
         self.stage_log = list(meta["stage_log"])

@@ -1,6 +1,6 @@
-"""Search checkpoints of :func:`comp_vlm.search.prune` at stage boundaries: the pruner's state, the model, the
-optimizer, the RNGs and the training data's position, written with :mod:`comp_vlm.checkpoint` (a checkpoint
-written before the search package was split reads back unchanged).
+"""Search checkpoints of :func:`comp_vlm.search.prune` at stage boundaries: the pruner's state (with the random
+token scorer's generator), the model, the optimizer, the RNGs and the training data's position, written with
+:mod:`comp_vlm.checkpoint` (a checkpoint written before the search package was split reads back unchanged).
 
 Every checkpoint records what the search runs on (:func:`run_identity`): the dense model's config hash and weights
 hash, and the data (a Karpathy JSON's path and hash, or the synthetic world's settings). Resuming on another model
