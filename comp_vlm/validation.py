@@ -21,7 +21,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, Union, get_args, get_origin
 
-from .adapters.runtime import TOKEN_SCORERS
 from .errors import ConfigError
 
 
@@ -48,7 +47,8 @@ class Range:
 
 
 #: PruneConfig fields whose values (or elements) must lie in a range. ratio, snapshots, flops_step, stage_steps
-#: and min_stage_fraction are checked by PruneConfig itself.
+#: and min_stage_fraction are checked by PruneConfig itself. The one table for the fields of the same name in
+#: schedule.MPSConfig and adapters.AdapterOptions too.
 RANGES: dict[str, Range] = {
     "calibration_batches": Range(1),
     "finetune_steps": Range(0),
@@ -86,11 +86,13 @@ def reference_problem(value: Any) -> str | None:
 
 
 def token_scorer_problem(value: str) -> str | None:
-    """A token scorer is one of the built-in scorers, by name."""
+    """A token scorer is one of the built-in scorers, by name (imported here: this module needs no torch)."""
+    from .adapters.runtime import TOKEN_SCORERS
+
     return None if value in TOKEN_SCORERS else f"must be one of {', '.join(TOKEN_SCORERS)}, got {value!r}"
 
 
-#: PruneConfig fields with a content check: a function returning what is wrong, or None.
+#: PruneConfig (and AdapterOptions) fields with a content check: a function returning what is wrong, or None.
 CONTENT: dict[str, Callable[[Any], str | None]] = {"reference": reference_problem,
                                                    "token_scorer": token_scorer_problem}
 
