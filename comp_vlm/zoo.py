@@ -106,7 +106,7 @@ BUILTINS: dict[str, ModelPreset] = {
         "demo-clip",
         "CLIP, 32 px images, patch 4, vision 64-d / text 128-d, 4+4 layers, 4 heads (~1M params), trained on "
         "the synthetic shapes world",
-        prune_overrides={"stage_steps": 20, "finetune_steps": 300, "lr": 2e-4},  # within noise of dense + training
+        prune_overrides={"stage_steps": 20, "finetune_steps": 300, "lr": 2e-4},  # lr: dense + as much training ~ dense
     ),
     "demo-clip-quick": ModelPreset(
         "demo-clip-quick",

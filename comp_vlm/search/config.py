@@ -118,10 +118,5 @@ class PruneConfig:
         return VARIANTS.get(self.strategy, self.strategy)
 
 
-def defaults() -> dict[str, Any]:
-    """Every PruneConfig field at its default: what the Python API and ``comp-vlm prune`` use unless told."""
-    return asdict(PruneConfig())
-
-
 __all__ = ["COST_MEASURES", "FINETUNE_BUDGETS", "LR_SCHEDULES", "NEUTRAL", "STRATEGIES", "VARIANTS", "WARMUP_ORDERS",
-           "PruneConfig", "defaults"]
+           "PruneConfig"]
