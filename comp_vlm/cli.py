@@ -543,7 +543,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="output directory: new, empty, or an earlier demo output, which it replaces "
                            "(default: runs/demo)")
     demo.add_argument("--ratio", type=float, default=None, metavar="R",
-                      help="fraction of dense FLOPs to remove, in (0, 1) (default: 0.8)")
+                      help=f"fraction of dense FLOPs to remove, in (0, 1) {_default_help('ratio')}")
     demo.add_argument("--quick", action="store_true",
                       help="a much smaller and faster variant (seconds; for tests)")
     demo.add_argument("--cache", default="cache", metavar="DIR",
