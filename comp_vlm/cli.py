@@ -343,16 +343,10 @@ def _prune(args: argparse.Namespace) -> int:
     _check_out(args, out)
     ckpt = Path(args.checkpoint_dir) if args.checkpoint_dir else out.with_name(out.name + ".ckpt")
     _check_checkpoint_dir(args, out, ckpt)
-    given = {"flops_step": args.flops_step, "stage_steps": args.stage_steps, "finetune_steps": args.finetune_steps,
-             "calibration_batches": args.calibration_batches, "lr": args.lr}  # the preset's unless given
-    settings = {
-        "ratio": args.ratio, "snapshots": snapshots, "strategy": args.strategy,
-        **spec.prune_options(), **{k: v for k, v in given.items() if v is not None},
-        "distill": args.distill, "seed": args.seed,
-        **{name: getattr(args, name) for name in SEARCH_OPTIONS},
-        "checkpoint_dir": str(ckpt), "resume": args.resume, "progress": not args.quiet,
-    }
-    _prune_config(settings)  # validate the options before loading or training anything
+    settings = {"ratio": args.ratio, "snapshots": snapshots, "strategy": args.strategy, "seed": args.seed,
+                **search_settings(args), "checkpoint_dir": str(ckpt), "resume": args.resume,
+                "progress": not args.quiet}
+    _prune_config(settings)  # validate the options before loading or training anything (errors name the flags)
     src = _resolve_model(args, task, device, source)
     model, data = src["model"], src["data"]
     length = args.text_length or round(mean_text_length(data.loaders))
@@ -497,18 +491,42 @@ class _Parser(argparse.ArgumentParser):
 SEARCH_OPTIONS = ("cost_measure", "selection", "token_plan", "token_max_cut", "token_floor", "token_scorer",
                   "warmup_order", "sliver_fraction", "lr_schedule", "finetune_schedule", "finetune_budget",
                   "param_max_cut")
+#: The PruneConfig fields of ``prune``'s search flags: unset (None), a field is a built-in model's preset override
+#: (``zoo.ModelPreset.prune_overrides``), else PruneConfig's default
+SEARCH_FIELDS = ("flops_step", "stage_steps", "finetune_steps", "calibration_batches", "lr", "distill",
+                 *SEARCH_OPTIONS)
+
+
+def search_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The search fields of ``prune``'s PruneConfig: a built-in model's preset overrides, the flags given on top
+    (a model directory: the flags given only; every other field is PruneConfig's default)."""
+    preset = zoo.BUILTINS[args.model].prune_overrides if args.model in zoo.BUILTINS else {}
+    return {**preset, **{name: getattr(args, name) for name in SEARCH_FIELDS if getattr(args, name) is not None}}
+
+
+def _default_help(name: str) -> str:
+    """The help's ``(default: ...)`` of a PruneConfig flag: the Python API's default."""
+    from .search.config import PruneConfig
+
+    value = getattr(PruneConfig(), name)
+    return f"(default: {','.join(map(str, value)) or 'none'})" if isinstance(value, tuple) else f"(default: {value})"
+
+
+def _preset_overrides() -> str:
+    """What the built-in presets change in PruneConfig's defaults, for ``prune --help``."""
+    return "; ".join(f"{name} overrides " + ", ".join(f"{k}={v}" for k, v in preset.prune_overrides.items())
+                     for name, preset in zoo.BUILTINS.items() if preset.prune_overrides)
 
 
 def _search_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags of :data:`SEARCH_OPTIONS`: defaults from ``PruneConfig()``, choices from the engine's tables,
+    """The flags of :data:`SEARCH_OPTIONS`: defaults (help) from ``PruneConfig()``, choices from the engine's tables,
     ranges from :data:`comp_vlm.validation.RANGES` (checked by ``PruneConfig``)."""
     from . import importance
     from .adapters.runtime import TOKEN_SCORERS
     from .search import budget
-    from .search.config import COST_MEASURES, FINETUNE_BUDGETS, LR_SCHEDULES, WARMUP_ORDERS, PruneConfig
+    from .search.config import COST_MEASURES, FINETUNE_BUDGETS, LR_SCHEDULES, WARMUP_ORDERS
     from .validation import RANGES
 
-    default = PruneConfig()
     specs: dict[str, tuple[Any, str]] = {
         "cost_measure": (COST_MEASURES, (
             "MPS stage cost: validation loss after the stage's recovery training ('recovered'), right after the "
@@ -543,19 +561,18 @@ def _search_arguments(parser: argparse.ArgumentParser) -> None:
     }
     for name in SEARCH_OPTIONS:
         kind, text = specs[name]
-        value = getattr(default, name)
         flag = "--" + name.replace("_", "-")
         if kind is float:
-            parser.add_argument(flag, type=float, default=value, metavar="F",
-                                help=f"{text}, {RANGES[name].describe()} (default: {value})")
+            parser.add_argument(flag, type=float, default=None, metavar="F",
+                                help=f"{text}, {RANGES[name].describe()} {_default_help(name)}")
         else:
-            parser.add_argument(flag, default=value, choices=kind, help=f"{text} (default: {value})")
+            parser.add_argument(flag, default=None, choices=kind, help=f"{text} {_default_help(name)}")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .search import STRATEGIES
+    from .search import STRATEGIES, PruneConfig
 
-    d = zoo.BUILTINS["demo-clip"]
+    d, config = zoo.BUILTINS["demo-clip"], PruneConfig()
 
     parser = _Parser(
         prog="comp-vlm",
@@ -578,7 +595,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="output directory: new, empty, or an earlier demo output, which it replaces "
                            "(default: runs/demo)")
     demo.add_argument("--ratio", type=float, default=None, metavar="R",
-                      help="fraction of dense FLOPs to remove, in (0, 1) (default: 0.8)")
+                      help=f"fraction of dense FLOPs to remove, in (0, 1) {_default_help('ratio')}")
     demo.add_argument("--quick", action="store_true",
                       help="a much smaller and faster variant (seconds; for tests)")
     demo.add_argument("--cache", default="cache", metavar="DIR",
@@ -592,7 +609,9 @@ def build_parser() -> argparse.ArgumentParser:
         "prune", help="prune a CLIP model with CoMP to a FLOPs ratio",
         description="Prune a CLIP model with CoMP: calibrate, staged multi-mode search to --ratio (snapshotting "
                     "--snapshots on the way), fine-tune, slice, and save a pruned model directory (weights, "
-                    "recipe, tokenizer, image processor) plus a stage log and a report.")
+                    "recipe, tokenizer, image processor) plus a stage log and a report. Search defaults are "
+                    "PruneConfig's (the Python API's); a built-in model's preset overrides some, flags override "
+                    f"both: {_preset_overrides()}.")
     prune.add_argument("--model", required=True, metavar="DIR_OR_BUILTIN",
                        help="a local transformers CLIPModel directory (with its tokenizer), or a built-in model "
                             f"({', '.join(zoo.BUILTINS)}: trained on the synthetic world, cached)")
@@ -602,30 +621,31 @@ def build_parser() -> argparse.ArgumentParser:
                             "built-in models, to be named for a model directory), or a COCO/Flickr30K directory in Karpathy's format (dataset_*.json and the images; needs "
                             "--model DIR with a tokenizer and image processor): train+restval for the search and "
                             "fine-tuning, val for the stage costs, test for the reported metrics")
-    prune.add_argument("--ratio", type=float, default=0.8, metavar="R",
-                       help="fraction of dense FLOPs to remove, in (0, 1) (default: 0.8, i.e. keep 20%%)")
-    prune.add_argument("--strategy", default="comp", choices=STRATEGIES, metavar="NAME",
-                       help=f"search strategy: {', '.join(STRATEGIES)} (default: comp)")
+    prune.add_argument("--ratio", type=float, default=config.ratio, metavar="R",
+                       help=f"fraction of dense FLOPs to remove, in (0, 1) {_default_help('ratio')}")
+    prune.add_argument("--strategy", default=config.strategy, choices=STRATEGIES, metavar="NAME",
+                       help=f"search strategy: {', '.join(STRATEGIES)} {_default_help('strategy')}")
     prune.add_argument("--out", required=True, metavar="OUT",
                        help="output directory for the pruned model: new or empty (an earlier comp-vlm output "
                             "with --overwrite); written complete or not at all")
     prune.add_argument("--overwrite", action="store_true",
                        help="replace an earlier comp-vlm output in OUT (never a directory holding other files), "
                             "or start over from an earlier search's checkpoint")
-    prune.add_argument("--snapshots", type=_ratios, default=(), metavar="R1,R2",
-                       help="also save models at these ratios reached on the way, e.g. 0.5,0.7")
+    prune.add_argument("--snapshots", type=_ratios, default=config.snapshots, metavar="R1,R2",
+                       help="also save models at these ratios reached on the way, e.g. 0.5,0.7 "
+                            f"{_default_help('snapshots')}")
     prune.add_argument("--flops-step", type=float, default=None, metavar="F",
-                       help=f"FLOPs fraction removed per stage (default: {d.flops_step})")
+                       help=f"FLOPs fraction removed per stage {_default_help('flops_step')}")
     prune.add_argument("--stage-steps", type=_positive_int, default=None, metavar="N",
-                       help=f"training steps per stage (default: {d.stage_steps})")
+                       help=f"training steps per stage {_default_help('stage_steps')}")
     prune.add_argument("--finetune-steps", type=_count, default=None, metavar="N",
-                       help=f"fine-tuning steps per saved model (default: {d.finetune_steps})")
+                       help=f"fine-tuning steps per saved model {_default_help('finetune_steps')}")
     prune.add_argument("--calibration-batches", type=_positive_int, default=None, metavar="N",
-                       help=f"statistics batches before stage 1 (default: {d.calibration_batches})")
+                       help=f"statistics batches before stage 1 {_default_help('calibration_batches')}")
     prune.add_argument("--lr", type=float, default=None, metavar="LR",
-                       help=f"learning rate of search and fine-tuning (default: {d.prune_lr})")
-    prune.add_argument("--distill", type=float, default=0.0, metavar="W",
-                       help="weight of distillation towards the dense model (default: 0)")
+                       help=f"learning rate of search and fine-tuning {_default_help('lr')}")
+    prune.add_argument("--distill", type=float, default=None, metavar="W",
+                       help=f"weight of distillation towards the dense model {_default_help('distill')}")
     _search_arguments(prune)
     prune.add_argument("--batch-size", type=_positive_int, default=None, metavar="N",
                        help=f"training batch size (model directories; default: {d.batch_size})")

@@ -25,6 +25,9 @@ from .validation import ratio_key
 from .zoo import BUILTINS, builtin_dense
 
 log = logging.getLogger("comp_vlm")
+#: The demo's search on top of its preset's: a snapshot on the way, and every saved model trained as long in total
+DEMO_SNAPSHOTS = (0.5,)
+DEMO_FINETUNE_BUDGET = "equal-total"
 
 
 def save_dense_dir(model: nn.Module, directory: Path, tokenizer: Any, image_processor: Any) -> Path:
@@ -71,8 +74,8 @@ def run_demo(out: str, ratio: float | None = None, seed: int = 0, device: str = 
 
     t_start = time.perf_counter()
     spec = BUILTINS["demo-clip-quick" if quick else "demo-clip"]
-    ratio = spec.ratio if ratio is None else ratio
-    snapshots = tuple(s for s in spec.snapshots if s < ratio)
+    ratio = comp_vlm.PruneConfig().ratio if ratio is None else ratio
+    snapshots = tuple(s for s in DEMO_SNAPSHOTS if s < ratio)
     out_dir = Path(out)
     task = RetrievalTask(gallery_size=spec.gallery_size)
     probe = comp_vlm.PruneConfig(ratio=ratio, snapshots=snapshots)  # validates the ratio before any training
@@ -107,13 +110,14 @@ def run_demo(out: str, ratio: float | None = None, seed: int = 0, device: str = 
     gap = check_saved_processor(dense_dir, data.world)
     say(f"   image processor check: processor(PIL image) vs training tensor, max |diff| = {gap:.1e}")
 
+    config = spec.prune_config(ratio=ratio, snapshots=snapshots, strategy="comp", seed=seed, reference=reference,
+                               progress=progress, finetune_budget=DEMO_FINETUNE_BUDGET)
     say(f"-- 2/5 CoMP search to {ratio:.0%} FLOPs removed (snapshots {', '.join(map(str, snapshots)) or 'none'}; "
-        f"{spec.stage_steps} steps per stage, FLOPs step {spec.flops_step}), then {spec.finetune_steps} fine-tuning steps")
+        f"{config.stage_steps} steps per stage, FLOPs step {config.flops_step}), then {config.finetune_steps} "
+        "fine-tuning steps")
     log_path = out_dir / "stages.jsonl"
     if log_path.exists():
         log_path.unlink()
-    config = comp_vlm.PruneConfig(ratio=ratio, snapshots=snapshots, strategy="comp", **spec.prune_options(), seed=seed,
-                                  reference=reference, progress=progress, finetune_budget=spec.finetune_budget)
     t0 = time.perf_counter()
     result = comp_vlm.prune(copy.deepcopy(dense.model), task, data.loaders.train, data.loaders.val, config,
                             test_data=data.loaders.test)
@@ -125,8 +129,8 @@ def run_demo(out: str, ratio: float | None = None, seed: int = 0, device: str = 
                     ", ".join(map(str, result.not_reached)), max(result.snapshots))
 
     final_ratio = max(result.snapshots)
-    total_steps = result.snapshots[final_ratio][1].extra.get("stage", 0) * spec.stage_steps + \
-        result.snapshots[final_ratio][1].extra.get("finetune_steps", spec.finetune_steps)
+    total_steps = result.snapshots[final_ratio][1].extra.get("stage", 0) * config.stage_steps + \
+        result.snapshots[final_ratio][1].extra.get("finetune_steps", config.finetune_steps)
     say(f"-- 3/5 baselines at {final_ratio:.0%} removed, each trained as long ({total_steps} steps): param-only "
         "(parameters only, UPop-like) and the dense model itself")
     baseline = None
@@ -137,7 +141,7 @@ def run_demo(out: str, ratio: float | None = None, seed: int = 0, device: str = 
     except CompVLMError as exc:  # its floors keep more FLOPs than the target
         say(f"   param-only cannot reach {final_ratio:.0%}: {exc}")
     control = copy.deepcopy(dense.model)
-    search_steps = result.snapshots[final_ratio][1].extra.get("stage", 0) * spec.stage_steps
+    search_steps = result.snapshots[final_ratio][1].extra.get("stage", 0) * config.stage_steps
     train_dense_control(control, task, data.loaders.train, replace(config, ratio=final_ratio), search_steps)
     control_metrics = task.evaluate(control.eval(), data.loaders.test)
     # noise of the control's difference: paired bootstrap over the test galleries

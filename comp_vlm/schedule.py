@@ -42,10 +42,11 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from .errors import CompVLMError, ConfigError
+from .validation import validate_dataclass
 
-STRATEGIES = ("comp", "greedy", "no-re", "no-hi", "cycle", "random-mode", "param-only", "token-only", "sjp")
+STRATEGIES = ("comp", "param-only", "token-only", "sjp", "cycle", "random-mode", "greedy", "no-re", "no-hi")
 SUBSET_RULES = ("cycle", "comp", "greedy")
-WARMUP_ORDERS = ("fixed", "random")
+WARMUP_ORDERS = ("random", "fixed")
 STATE_VERSION = 1
 
 
@@ -143,25 +144,18 @@ class MPSConfig:
     rho: float = 0.2
     tau: float = 5.0
     lambda0: float = 0.4
-    i_max: float = 5
+    i_max: int = 5
     subset_rule: str = "cycle"
-    warmup_order: str = "fixed"
+    warmup_order: str = "random"
 
     def __post_init__(self) -> None:
+        validate_dataclass(self)  # types, and the ranges of rho, tau, lambda0, i_max: validation.RANGES, as PruneConfig's
         if self.warmup_order not in WARMUP_ORDERS:
             raise ConfigError(f"unknown warmup_order {self.warmup_order!r}; choose one of {', '.join(WARMUP_ORDERS)}")
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"unknown MPS strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
         if self.subset_rule not in SUBSET_RULES:
             raise ConfigError(f"unknown subset_rule {self.subset_rule!r}; choose one of {', '.join(SUBSET_RULES)}")
-        if not 0.0 <= self.rho <= 1.0:
-            raise ConfigError(f"rho must be in [0, 1], got {self.rho}")
-        if not self.tau > 0:
-            raise ConfigError(f"tau must be > 0, got {self.tau}")
-        if not 0.0 <= self.lambda0 <= 1.0:
-            raise ConfigError(f"lambda0 must be in [0, 1], got {self.lambda0}")
-        if not self.i_max > 0:
-            raise ConfigError(f"i_max must be > 0, got {self.i_max}")
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, Union, get_args, get_origin
 
-from .adapters.runtime import TOKEN_SCORERS
 from .errors import ConfigError
 
 
@@ -81,7 +80,8 @@ class Range:
         return f"in {'(' if self.low_open else '['}{self.low}, {self.high}{')' if self.high_open else ']'}"
 
 
-#: PruneConfig fields whose values (or elements) must lie in a range
+#: PruneConfig fields whose values (or elements) must lie in a range; the one table for the fields of the same
+#: name in schedule.MPSConfig and adapters.AdapterOptions too
 RANGES: dict[str, Range] = {
     "ratio": Range(0, 1, low_open=True, high_open=True),
     "snapshots": Range(0, 1, low_open=True, high_open=True),
@@ -124,11 +124,13 @@ def reference_problem(value: Any) -> str | None:
 
 
 def token_scorer_problem(value: str) -> str | None:
-    """A token scorer is one of the built-in scorers, by name."""
+    """A token scorer is one of the built-in scorers, by name (imported here: this module needs no torch)."""
+    from .adapters.runtime import TOKEN_SCORERS
+
     return None if value in TOKEN_SCORERS else f"must be one of {', '.join(TOKEN_SCORERS)}, got {value!r}"
 
 
-#: PruneConfig fields with a content check: a function returning what is wrong, or None.
+#: PruneConfig (and AdapterOptions) fields with a content check: a function returning what is wrong, or None.
 CONTENT: dict[str, Callable[[Any], str | None]] = {"reference": reference_problem,
                                                    "token_scorer": token_scorer_problem}
 

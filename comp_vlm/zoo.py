@@ -1,12 +1,13 @@
-"""Built-in models: the presets (model shape, synthetic data, dense training and pruning defaults: one type for the
-demo, ``comp-vlm prune --model demo-clip`` and the benchmarks), the one CLIP-config builder, the synthetic world
-and its splits, and the dense built-in models, trained once and cached as safetensors."""
+"""Built-in models: the presets (model shape, synthetic data, dense training and the PruneConfig fields their
+searches change: one type for the demo, ``comp-vlm prune --model demo-clip`` and the benchmarks), the one
+CLIP-config builder, the synthetic world and its splits, and the dense built-in models, trained once and cached
+as safetensors."""
 
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +19,15 @@ from .errors import ConfigError
 from .loading import mean_text_length
 from .report import say
 
+#: PruneConfig fields a preset may not override: the run's target and identity, not how the model is searched
+RUN_FIELDS = ("ratio", "snapshots", "strategy", "seed", "reference", "log_path", "checkpoint_dir", "resume", "progress")
+
 
 @dataclass(frozen=True)
-class Preset:
-    """A CLIP shape, its synthetic data, how to train it densely and the pruning defaults (the demo's; ``comp-vlm
-    prune`` takes them too unless given). The defaults are the built-in ``demo-clip``."""
+class ModelPreset:
+    """A built-in model: a CLIP shape, its synthetic data, how to train it densely, and ``prune_overrides``, the
+    ``PruneConfig`` fields its searches change (every other field is ``PruneConfig``'s default, as in the Python
+    API). The architecture and data defaults are the built-in ``demo-clip``'s."""
 
     name: str
     description: str = ""
@@ -47,45 +52,77 @@ class Preset:
     # dense training (its seed is the run's)
     dense: DenseTraining = field(default_factory=lambda: DenseTraining(steps=1500, lr=2e-3, warmup=50,
                                                                       weight_decay=0.05))
-    # pruning
-    ratio: float = 0.8
-    snapshots: tuple[float, ...] = (0.5,)
-    stage_steps: int = 20
-    flops_step: float = 0.04
-    finetune_steps: int = 300
-    prune_lr: float = 2e-4  # one under which the dense model plus the same training stays within noise
-    calibration_batches: int = 8
-    finetune_budget: str = "equal-total"
+    # pruning: PruneConfig fields this preset changes (comp-vlm prune --help lists them)
+    prune_overrides: dict[str, Any] = field(default_factory=dict)
     # measuring
     latency_repeats: int = 9
     latency_batch: int = 8
 
-    def prune_options(self) -> dict[str, Any]:
-        """The preset's search and fine-tuning lengths as ``PruneConfig`` keyword arguments."""
-        return {"stage_steps": self.stage_steps, "flops_step": self.flops_step, "finetune_steps": self.finetune_steps,
-                "calibration_batches": self.calibration_batches, "lr": self.prune_lr}
+    def __post_init__(self) -> None:
+        from .search.config import PruneConfig
+
+        names = {f.name for f in fields(PruneConfig)} - set(RUN_FIELDS)
+        unknown = sorted(set(self.prune_overrides) - names)
+        if unknown:
+            raise ConfigError(f"preset {self.name}: prune_overrides may set PruneConfig's search fields, not "
+                              f"{', '.join(unknown)}")
+        PruneConfig(**self.prune_overrides)  # their values are checked as PruneConfig's
+
+    def prune_config(self, **values: Any) -> Any:
+        """``PruneConfig`` with this preset's overrides, ``values`` on top."""
+        from .search.config import PruneConfig
+
+        return PruneConfig(**{**self.prune_overrides, **values})
 
 
-BUILTINS: dict[str, Preset] = {
-    "demo-clip": Preset(
+#: The benchmark settings' search fields (benchmarks/bench_world.BenchSettings) -> the PruneConfig fields they set
+LEGACY_SEARCH_FIELDS = {"stage_steps": "stage_steps", "flops_step": "flops_step", "finetune_steps": "finetune_steps",
+                        "prune_lr": "lr", "calibration_batches": "calibration_batches",
+                        "finetune_budget": "finetune_budget"}
+
+
+@dataclass(frozen=True)
+class Preset(ModelPreset):
+    """A :class:`ModelPreset` whose search settings are fields (:data:`LEGACY_SEARCH_FIELDS`; None: PruneConfig's
+    default), from which ``prune_overrides`` is derived. Kept as the base of the benchmarks' ``BenchSettings``, whose
+    records hash these fields; the built-in models are plain ``ModelPreset``s."""
+
+    prune_overrides: dict[str, Any] = field(default_factory=dict, init=False)
+    stage_steps: int | None = None
+    flops_step: float | None = None
+    finetune_steps: int | None = None
+    prune_lr: float | None = None
+    calibration_batches: int | None = None
+    finetune_budget: str | None = "equal-total"  # the emoji world's bench settings leave it at this
+
+    def __post_init__(self) -> None:
+        values = {name: getattr(self, attr) for attr, name in LEGACY_SEARCH_FIELDS.items()}
+        object.__setattr__(self, "prune_overrides", {k: v for k, v in values.items() if v is not None})
+        super().__post_init__()
+
+
+BUILTINS: dict[str, ModelPreset] = {
+    "demo-clip": ModelPreset(
         "demo-clip",
         "CLIP, 32 px images, patch 4, vision 64-d / text 128-d, 4+4 layers, 4 heads (~1M params), trained on "
         "the synthetic shapes world",
+        prune_overrides={"stage_steps": 20, "finetune_steps": 300, "lr": 2e-4},  # lr: dense + as much training ~ dense
     ),
-    "demo-clip-quick": Preset(
+    "demo-clip-quick": ModelPreset(
         "demo-clip-quick",
         "a much smaller CLIP for tests: 16 px images of one shape, patch 4, 32-d, 3+3 layers, 4 heads; 200 "
         "training steps (seconds), R@1 about 60 in galleries of 32",
         image_size=16, patch_size=4, vision_hidden=32, text_hidden=32, layers=3, heads=4, mlp_ratio=4,
         projection_dim=16, max_positions=24, max_objects=1, n_train=512, n_val=64, n_test=64, batch_size=32,
-        eval_batch_size=64, dense=DenseTraining(steps=200, lr=2e-3, warmup=5, weight_decay=0.05), snapshots=(0.5,),
-        stage_steps=6, flops_step=0.2, finetune_steps=30, prune_lr=5e-4, calibration_batches=2, latency_repeats=7,
-        gallery_size=32,
+        eval_batch_size=64, dense=DenseTraining(steps=200, lr=2e-3, warmup=5, weight_decay=0.05),
+        prune_overrides={"stage_steps": 6, "flops_step": 0.2, "finetune_steps": 30, "lr": 5e-4,
+                         "calibration_batches": 2},
+        latency_repeats=7, gallery_size=32,
     ),
 }
 
 
-def builtin_spec(name: str) -> Preset:
+def builtin_spec(name: str) -> ModelPreset:
     if name not in BUILTINS:
         raise ConfigError(f"unknown built-in model {name!r}; built-ins: {', '.join(BUILTINS)}")
     return BUILTINS[name]
@@ -122,7 +159,7 @@ def clip_config(tokenizer: Any, *, vision_hidden: int, text_hidden: int, layers:
     return CLIPConfig(text_config=text, vision_config=vision, projection_dim=projection_dim)
 
 
-def build_config(preset: Preset, tokenizer: Any, width_scale: float = 1.0) -> Any:
+def build_config(preset: ModelPreset, tokenizer: Any, width_scale: float = 1.0) -> Any:
     """The preset's ``CLIPConfig`` (both towers ``width_scale`` times as wide, heads unchanged)."""
     return clip_config(tokenizer, vision_hidden=int(preset.vision_hidden * width_scale),
                        text_hidden=int(preset.text_hidden * width_scale), layers=preset.layers, heads=preset.heads,
@@ -130,7 +167,7 @@ def build_config(preset: Preset, tokenizer: Any, width_scale: float = 1.0) -> An
                        patch_size=preset.patch_size, max_positions=preset.max_positions, mlp_ratio=preset.mlp_ratio)
 
 
-def build_tokenizer(world: Any, preset: Preset) -> Any:
+def build_tokenizer(world: Any, preset: ModelPreset) -> Any:
     from .data.text import build_word_tokenizer
 
     return build_word_tokenizer(world.vocabulary(), model_max_length=preset.max_positions)
@@ -192,14 +229,14 @@ class DenseModel:
     tokenizer: Any
     image_processor: Any
     data: SyntheticData
-    spec: Preset
+    spec: ModelPreset
     source: str
     train_seconds: float = 0.0
     cached: bool = False
     cache_path: Path | None = None
 
 
-def builtin_dense(spec: Preset, seed: int, device: str, cache_dir: str | None, task: Any,
+def builtin_dense(spec: ModelPreset, seed: int, device: str, cache_dir: str | None, task: Any,
                   progress: bool = True) -> DenseModel:
     """The built-in model trained densely on the synthetic world (weights from the cache when present)."""
     from transformers import CLIPModel
@@ -242,5 +279,6 @@ def builtin_dense(spec: Preset, seed: int, device: str, cache_dir: str | None, t
     return dense
 
 
-__all__ = ["BUILTINS", "DenseModel", "Preset", "SyntheticData", "build_config", "build_tokenizer", "builtin_dense",
+__all__ = ["BUILTINS", "LEGACY_SEARCH_FIELDS", "RUN_FIELDS", "DenseModel", "ModelPreset", "Preset", "SyntheticData",
+           "build_config", "build_tokenizer", "builtin_dense",
            "builtin_spec", "clip_config", "make_world", "synthetic_data", "synthetic_test_split"]

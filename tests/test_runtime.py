@@ -19,7 +19,7 @@ from comp_vlm.adapters.runtime import (
     call_scorer,
     make_token_scorer,
 )
-from comp_vlm.cli import build_parser
+from comp_vlm.cli import build_parser, search_settings
 from comp_vlm.importance import normalize_scores
 from comp_vlm.tokens import TokenState
 
@@ -192,9 +192,9 @@ def test_gradient_checkpointing_replays_the_random_scorer(text_batch, reentrant)
 def test_unknown_scorer_is_a_config_error_everywhere():
     with pytest.raises(ConfigError, match="token_scorer must be one of attention, random, got 'nope'"):
         PruneConfig(token_scorer="nope")
-    with pytest.raises(ConfigError, match="unknown token scorer 'nope'"):
+    with pytest.raises(ConfigError, match="token_scorer must be one of attention, random, got 'nope'"):
         AdapterOptions(token_scorer="nope")
-    with pytest.raises(RecipeError, match="unknown token scorer"):
+    with pytest.raises(RecipeError, match="token_scorer must be one of attention, random"):
         options_from_recipe({"token_scorer": "nope"})
     with pytest.raises(ConfigError, match="choose from attention, random"):
         make_token_scorer("nope")
@@ -215,7 +215,8 @@ def test_pruner_installs_the_configured_scorer_and_records_it():
 def test_cli_flag_lists_the_registry():
     args = build_parser().parse_args(["prune", "--model", "m", "--out", "o", "--token-scorer", "random"])
     assert args.token_scorer == "random"
-    assert build_parser().parse_args(["prune", "--model", "m", "--out", "o"]).token_scorer == "attention"
+    unset = build_parser().parse_args(["prune", "--model", "m", "--out", "o"])
+    assert unset.token_scorer is None and PruneConfig(**search_settings(unset)).token_scorer == "attention"
     action = next(a for a in build_parser()._subparsers._group_actions[0].choices["prune"]._actions
                   if a.dest == "token_scorer")
     assert tuple(action.choices) == tuple(TOKEN_SCORERS)

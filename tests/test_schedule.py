@@ -28,7 +28,9 @@ MODES = ["P_v", "P_l", "T_v", "T_l"]
 
 
 def sched(strategy: str = "comp", modes=None, seed: int = 0, **kw) -> MultiModeScheduler:
-    return MultiModeScheduler(MODES if modes is None else modes, MPSConfig(strategy=strategy, **kw), seed=seed)
+    """A scheduler whose untried modes warm up in the given order (unless ``warmup_order`` says otherwise)."""
+    config = MPSConfig(strategy=strategy, **{"warmup_order": "fixed", **kw})
+    return MultiModeScheduler(MODES if modes is None else modes, config, seed=seed)
 
 
 def step(s: MultiModeScheduler, costs) -> str:
@@ -114,7 +116,7 @@ def test_config_validation():
 
 def test_warmup_runs_untried_modes_in_given_order_without_re():
     order = ["T_l", "P_c", "T_v", "P_v", "P_l"]
-    s = MultiModeScheduler(order, MPSConfig(rho=1.0), seed=3)  # rho = 1: every post-warm-up stage is RE
+    s = MultiModeScheduler(order, MPSConfig(rho=1.0, warmup_order="fixed"), seed=3)  # rho = 1: RE after warm-up
     got = [step(s, lambda m: 1.0) for _ in range(5)]
     assert got == order
     assert [h["how"] for h in s.history] == ["warmup"] * 5

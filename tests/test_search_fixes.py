@@ -227,7 +227,7 @@ def test_sliver_stages_do_not_update_history(setup):
 
 
 def test_scheduler_update_without_history_keeps_R():
-    sched = MultiModeScheduler(["P_v", "T_v"], MPSConfig(), seed=0)
+    sched = MultiModeScheduler(["P_v", "T_v"], MPSConfig(warmup_order="fixed"), seed=0)
     for m, c in (("P_v", 2.0), ("T_v", 1.0)):
         assert sched.choose() == m
         sched.update(m, c)
@@ -257,7 +257,7 @@ def test_exploration_after_probe_costs_counts_never_run_modes_from_the_start():
 
 
 def test_observe_applies_history():
-    sched = MultiModeScheduler(["P_v", "T_v"], MPSConfig(), seed=0)
+    sched = MultiModeScheduler(["P_v", "T_v"], MPSConfig(warmup_order="fixed"), seed=0)
     assert sched.observe("P_v", 3.0) == 3.0 and sched.observe("T_v", 1.0) == 1.0
     m = sched.choose()
     assert m == "T_v" and sched.history[-1]["observed"] == {"P_v": 3.0, "T_v": 1.0}

@@ -26,13 +26,13 @@ from ..errors import ConfigError, RecipeError, UnsupportedModelError
 from ..flops import model_flops, unit_flops
 from ..recipe import TOKEN_POOL, LayerRecipe, Recipe
 from ..structure import PARAM_MODES, TOKEN_MODES, Coupling, LayerStructure, TowerStructure
+from ..validation import validate_dataclass
 from . import units
 from .runtime import (
     KEEP_ATTR,
     PoolLabels,
     TokenPool,
     TokenScorer,
-    check_token_scorer,
     make_token_scorer,
     set_site_keep,
     site_keep,
@@ -135,9 +135,7 @@ class AdapterOptions:
     token_scorer_seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.site_start < 0 or self.site_every < 1:
-            raise ConfigError(f"site_start must be >= 0 and site_every >= 1, got {self.site_start}, {self.site_every}")
-        check_token_scorer(self.token_scorer)
+        validate_dataclass(self)  # the rules of PruneConfig's fields of the same names (validation.RANGES, CONTENT)
 
 
 def options_from_recipe(options: dict) -> AdapterOptions:

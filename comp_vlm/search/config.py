@@ -7,16 +7,19 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from .. import importance
+from ..adapters.base import AdapterOptions
 from ..errors import ConfigError
+from ..schedule import STRATEGIES as SCHEDULES
+from ..schedule import WARMUP_ORDERS, MPSConfig
 from ..validation import validate_prune_config
 from . import budget
 
-STRATEGIES = ("comp", "param-only", "token-only", "sjp", "cycle", "random-mode", "greedy",
-              "no-cip", "uniform-rms", "no-cit", "no-re", "no-hi")
+VARIANTS = {"no-cip": "comp", "uniform-rms": "comp", "no-cit": "comp"}
+"""Strategies that run another's mode schedule with other unit weights or token scores (ablations of CoMP)."""
+STRATEGIES = SCHEDULES + tuple(VARIANTS)
 COST_MEASURES = ("recovered", "immediate", "probe")
 LR_SCHEDULES = ("constant", "cosine")
 FINETUNE_BUDGETS = ("fixed", "equal-total")
-WARMUP_ORDERS = ("random", "fixed")
 
 NEUTRAL: dict[str, Any] = {"token_scorer": "attention", "param_max_cut": 1.0}
 """PruneConfig fields added after searches were recorded, at the value that reproduces the search before them: a
@@ -51,7 +54,7 @@ class PruneConfig:
     token_max_cut: float = 0.5  # a stage removes at most this share of the tokens left at any site
     token_floor: float = 0.1  # every site keeps >= this share of the prunable tokens entering its tower
     param_max_cut: float = 1.0  # a parameter stage removes at most this share of what its mode can still remove
-    warmup_order: str = "random"  # MPS warm-up order of the untried modes: seeded permutation or adapter order
+    warmup_order: str = MPSConfig.warmup_order  # MPS warm-up order of the untried modes (schedule.WARMUP_ORDERS)
     sliver_fraction: float = 0.25  # no remainder below this share of flops_step before a snapshot; no HI from it
     head_floor: int = 1
     neuron_floor: float = 0.05
@@ -60,14 +63,14 @@ class PruneConfig:
     distill: float = 0.0  # weight of the distillation loss towards the dense model (search and fine-tuning)
     stage_metric: bool = True  # also log the task metric on the validation batches after every stage
     bootstrap: int = 200
-    rho: float = 0.2
-    tau: float = 5.0
-    lambda0: float = 0.4
-    i_max: int = 5
-    dead_compute: bool = True
-    site_start: int = 1
-    site_every: int = 1
-    token_scorer: str = "attention"  # how token sites rank tokens (adapters.runtime.TOKEN_SCORERS), seeded by seed
+    rho: float = MPSConfig.rho  # MPS (schedule.MPSConfig): RE probability, temperature; HI decay
+    tau: float = MPSConfig.tau
+    lambda0: float = MPSConfig.lambda0
+    i_max: int = MPSConfig.i_max
+    dead_compute: bool = AdapterOptions.dead_compute  # what the model computes (adapters.AdapterOptions)
+    site_start: int = AdapterOptions.site_start
+    site_every: int = AdapterOptions.site_every
+    token_scorer: str = AdapterOptions.token_scorer  # how token sites rank tokens, seeded by seed
     reference: dict | None = None
     log_path: str | None = None
     checkpoint_dir: str | None = None  # search checkpoints at every stage boundary
@@ -103,7 +106,8 @@ class PruneConfig:
         return {"no-cip": "no-cip", "uniform-rms": "uniform-rms"}.get(self.strategy, "cip")
 
     def scheduler_strategy(self) -> str:
-        return {"no-cip": "comp", "uniform-rms": "comp", "no-cit": "comp"}.get(self.strategy, self.strategy)
+        return VARIANTS.get(self.strategy, self.strategy)
 
 
-__all__ = ["COST_MEASURES", "FINETUNE_BUDGETS", "LR_SCHEDULES", "NEUTRAL", "STRATEGIES", "WARMUP_ORDERS", "PruneConfig"]
+__all__ = ["COST_MEASURES", "FINETUNE_BUDGETS", "LR_SCHEDULES", "NEUTRAL", "STRATEGIES", "VARIANTS", "WARMUP_ORDERS",
+           "PruneConfig"]
