@@ -79,13 +79,16 @@ comp-vlm's token sites; its `save_pretrained` writes a directory like this one.
 """
 
 
-def _refuse_unsupported(kwargs: dict[str, Any], ignored: frozenset[str], what: str) -> None:
+def _shown(name: str, value: Any) -> str:
+    text = repr(value)
+    return f"{name}={text}" if len(text) <= 40 and "\n" not in text else f"{name} (a {type(value).__name__})"
+
+
+def _refuse_unsupported(kwargs: dict[str, Any], ignored: frozenset[str], what: str, why: str) -> None:
     """Refuse, in one line, arguments outside ``ignored`` that ask for something (not None or False)."""
     asked = sorted(k for k, v in kwargs.items() if k not in ignored and v is not None and v is not False)
     if asked:
-        shown = ", ".join(f"{k}={kwargs[k]!r}" for k in asked)
-        raise ConfigError(f"{what} cannot honour {shown}: comp-vlm loads and saves a pruned model whole, on one device, "
-                          "unquantised")
+        raise ConfigError(f"{what} cannot honour {', '.join(_shown(k, kwargs[k]) for k in asked)}: {why}")
 
 
 def _device(device_map: Any) -> torch.device:
@@ -131,7 +134,8 @@ def load_from_auto_class(path: str | os.PathLike, *model_args: Any, config: Any 
     dtype = _dtype(kwargs.pop("dtype", None) or kwargs.pop("torch_dtype", None))
     device = _device(kwargs.pop("device_map", None))
     attn = kwargs.pop("attn_implementation", None)
-    _refuse_unsupported(kwargs, FETCH_KWARGS, "from_pretrained of a comp-vlm pruned model")
+    _refuse_unsupported(kwargs, FETCH_KWARGS, "from_pretrained of a comp-vlm pruned model",
+                        "comp_vlm.load_pruned loads the whole model, unquantised, on one device")
     model = load_pruned(directory, device=device, attn_implementation=attn)
     if config is not None and config_hash(without_auto_map(config)) != config_hash(model.config):
         raise ConfigError(f"the config given to from_pretrained is not {directory}/config.json: a pruned model's "
@@ -150,7 +154,9 @@ def _save_pretrained(self: nn.Module, save_directory: str | os.PathLike, is_main
     from ..adapters.base import get_adapter
     from ..io import save_pruned
 
-    _refuse_unsupported(kwargs, SAVE_IGNORED_KWARGS, "save_pretrained of a comp-vlm pruned model")
+    _refuse_unsupported(kwargs, SAVE_IGNORED_KWARGS, "save_pretrained of a comp-vlm pruned model",
+                        "comp_vlm.save_pruned writes the model's own weights to a local directory (upload that "
+                        "with huggingface_hub)")
     if not is_main_process:
         return
     recipe = get_adapter(self).recipe()
