@@ -165,12 +165,15 @@ def test_a_directory_saved_before_the_rename_loads_and_save_pretrained_upgrades_
     assert_same(AutoModel.from_pretrained(str(tmp_path / "new"), trust_remote_code=True), model, (pixels, text))
 
 
-def test_from_pretrained_honours_dtype_and_one_device_and_refuses_the_rest(out, inputs):
+def test_from_pretrained_honours_dtype_attention_and_one_device_and_refuses_the_rest(out, inputs):
     model = AutoModel.from_pretrained(str(out), trust_remote_code=True, dtype=torch.float64, device_map="cpu")
     assert {p.dtype for p in model.parameters()} == {torch.float64}
     reference = load_pruned(out)
     for x, y in zip(embeds(model, inputs[0].double(), inputs[1]), embeds(reference, *inputs)):
         assert torch.allclose(x.float(), y, atol=1e-5)
+    eager = AutoModel.from_pretrained(str(out), trust_remote_code=True, attn_implementation="eager")
+    assert eager.config._attn_implementation == "eager" != reference.config._attn_implementation
+    assert_same(eager, load_pruned(out, attn_implementation="eager"), inputs)
     for kwargs, named in (({"device_map": "auto"}, "device_map='auto'"),
                           ({"device_map": {"": "cpu"}}, "device_map={'': 'cpu'}"),
                           ({"load_in_8bit": True}, "load_in_8bit=True")):

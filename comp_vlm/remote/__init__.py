@@ -68,7 +68,6 @@ would fill the pruned tensors with random weights). Load it with comp-vlm instal
 import comp_vlm
 model = comp_vlm.load_pruned("DIR")
 
-import transformers
 from transformers import {", ".join(auto_classes)}
 {auto}
 ```
@@ -131,9 +130,11 @@ def load_from_auto_class(path: str | os.PathLike, *model_args: Any, config: Any 
     if model_args:
         raise ConfigError(f"from_pretrained of a comp-vlm pruned model takes no positional model arguments, got "
                           f"{len(model_args)}")
-    dtype = _dtype(kwargs.pop("dtype", None) or kwargs.pop("torch_dtype", None))
+    dtype, torch_dtype = kwargs.pop("dtype", None), kwargs.pop("torch_dtype", None)
+    dtype = _dtype(torch_dtype if dtype is None else dtype)
     device = _device(kwargs.pop("device_map", None))
-    attn = kwargs.pop("attn_implementation", None)
+    # AutoConfig takes attn_implementation into the config it passes on
+    attn = kwargs.pop("attn_implementation", None) or getattr(config, "_attn_implementation", None)
     _refuse_unsupported(kwargs, FETCH_KWARGS, "from_pretrained of a comp-vlm pruned model",
                         "comp_vlm.load_pruned loads the whole model, unquantised, on one device")
     model = load_pruned(directory, device=device, attn_implementation=attn)
