@@ -74,8 +74,9 @@ def save_pruned(
 ) -> Path:
     """Save a (sliced) model with its recipe, complete or not at all (see :mod:`comp_vlm.outputs`). Extra
     ``tokenizer``/``image_processor``/``processor`` objects are saved with their own ``save_pretrained`` so the
-    directory also works in transformers pipelines (``trust_remote_code=True``, :mod:`comp_vlm.remote`). ``overwrite`` lets it replace a model it saved earlier; any
-    other non-empty directory (another comp-vlm output, or one comp-vlm did not write) is refused either way."""
+    directory also works in transformers pipelines (``trust_remote_code=True``, :mod:`comp_vlm.remote`).
+    ``overwrite`` lets it replace a model it saved earlier; any other non-empty directory (another comp-vlm output,
+    or one comp-vlm did not write) is refused either way."""
     _check_sliced(model)
     with outputs.staged(directory, "pruned", overwrite=overwrite, replace_kinds=("pruned",)) as tmp:
         write_pruned_files(model, tmp, recipe=recipe, tokenizer=tokenizer, image_processor=image_processor,
@@ -148,4 +149,4 @@ def weights_path(directory: Path) -> Path:
     for name in (WEIGHTS_FILE, LEGACY_WEIGHTS_FILE):
         if (directory / name).is_file():
             return directory / name
-    raise CheckpointError(f"{directory} holds no {WEIGHTS_FILE}")
+    raise CheckpointError(f"{directory} holds no {WEIGHTS_FILE} (nor the {LEGACY_WEIGHTS_FILE} of earlier versions)")
