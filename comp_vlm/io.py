@@ -1,13 +1,20 @@
-"""Saving and loading pruned models: ``model.safetensors`` + ``config.json`` + ``comp_recipe.json`` (no pickle).
+"""Saving and loading pruned models: ``comp_vlm_model.safetensors`` + ``config.json`` + ``comp_recipe.json`` (no
+pickle), with what transformers' Auto classes need to load them through comp-vlm (:mod:`comp_vlm.remote`).
 
 Saving writes into a temporary sibling directory and renames it into place, so a crash never leaves a
 half-written model, and it never replaces a directory comp-vlm did not write (:mod:`comp_vlm.outputs`). Loading
 builds the model from its (dense) config, slices it to the recipe's structure, loads the weights strictly and
 installs the recipe's token sites.
+
+The weights are not named ``model.safetensors``: transformers would read them into the dense model that
+``config.json`` describes (with ``ignore_mismatched_sizes=True``, re-initialising every pruned tensor at random).
+Under this name ``CLIPModel.from_pretrained`` finds no weights and raises. Directories saved before the rename hold
+``model.safetensors`` (:data:`LEGACY_WEIGHTS_FILE`), which loading still reads.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from pathlib import Path
@@ -16,13 +23,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import outputs
+from . import outputs, remote
 from .adapters.base import adapter_class_for, get_adapter
 from .checkpoint import safetensors_bytes
 from .errors import CheckpointError, RecipeError
 from .recipe import RECIPE_FILE, Recipe
 
-WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_FILE = "comp_vlm_model.safetensors"
+LEGACY_WEIGHTS_FILE = "model.safetensors"  # what comp-vlm wrote before WEIGHTS_FILE (read, never written)
 
 
 def _check_sliced(model: nn.Module) -> None:
@@ -43,8 +51,12 @@ def write_pruned_files(model: nn.Module, directory: Path, *, recipe: Recipe | No
     metadata = {"format": "pt", "comp_vlm": "1"}
     with outputs.writing(directory / WEIGHTS_FILE, safetensors_bytes(state, metadata)):
         save_file(state, str(directory / WEIGHTS_FILE), metadata=metadata)
-    model.config.save_pretrained(directory)
+    auto_classes = type(get_adapter(model)).auto_classes
+    config = copy.deepcopy(model.config)
+    config.auto_map = remote.auto_map(auto_classes)
+    config.save_pretrained(directory)
     (directory / RECIPE_FILE).write_text(recipe.to_json())
+    remote.write_remote_files(directory, auto_classes, recipe, WEIGHTS_FILE)
     for extra in (tokenizer, image_processor, processor):
         if extra is not None:
             extra.save_pretrained(directory)
@@ -62,8 +74,9 @@ def save_pruned(
 ) -> Path:
     """Save a (sliced) model with its recipe, complete or not at all (see :mod:`comp_vlm.outputs`). Extra
     ``tokenizer``/``image_processor``/``processor`` objects are saved with their own ``save_pretrained`` so the
-    directory also works in transformers pipelines. ``overwrite`` lets it replace a model it saved earlier; any
-    other non-empty directory (another comp-vlm output, or one comp-vlm did not write) is refused either way."""
+    directory also works in transformers pipelines (``trust_remote_code=True``, :mod:`comp_vlm.remote`).
+    ``overwrite`` lets it replace a model it saved earlier; any other non-empty directory (another comp-vlm output,
+    or one comp-vlm did not write) is refused either way."""
     _check_sliced(model)
     with outputs.staged(directory, "pruned", overwrite=overwrite, replace_kinds=("pruned",)) as tmp:
         write_pruned_files(model, tmp, recipe=recipe, tokenizer=tokenizer, image_processor=image_processor,
@@ -100,7 +113,8 @@ def load_pruned(
 ) -> nn.Module:
     """Load a directory written by :func:`save_pruned` as an ordinary transformers model instance (eval mode)
     with the recipe's token sites installed; ``attn_implementation`` defaults to the family's
-    (:attr:`comp_vlm.adapters.base.ModelAdapter.attn_implementation`)."""
+    (:attr:`comp_vlm.adapters.base.ModelAdapter.attn_implementation`). Its ``save_pretrained`` writes a pruned
+    directory again (:func:`comp_vlm.remote.enable_save_pretrained`)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -111,14 +125,12 @@ def load_pruned(
     if not config_path.is_file():
         raise CheckpointError(f"{path} holds no config.json")
     try:
-        config = model_cls.config_class.from_json_file(str(config_path))
+        config = remote.without_auto_map(model_cls.config_class.from_json_file(str(config_path)))
     except (json.JSONDecodeError, ValueError, TypeError, OSError) as exc:
         raise CheckpointError(f"{config_path} is unreadable: {exc}") from None
     model = model_cls._from_config(config, attn_implementation=attn_implementation or adapter_cls.attn_implementation)
     get_adapter(model).apply_recipe(recipe)
-    weights = path / WEIGHTS_FILE
-    if not weights.is_file():
-        raise CheckpointError(f"{path} holds no {WEIGHTS_FILE}")
+    weights = weights_path(path)
     try:
         state = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as exc:
@@ -127,4 +139,14 @@ def load_pruned(
     if mismatch:
         raise CheckpointError(f"{weights} does not match the recipe's shapes: {mismatch}")
     model.load_state_dict(state, strict=True)
+    remote.enable_save_pretrained(model, recipe.extra)
     return model.to(device).eval()
+
+
+def weights_path(directory: Path) -> Path:
+    """The weights file of a pruned directory: :data:`WEIGHTS_FILE`, or :data:`LEGACY_WEIGHTS_FILE` in one saved
+    before the rename."""
+    for name in (WEIGHTS_FILE, LEGACY_WEIGHTS_FILE):
+        if (directory / name).is_file():
+            return directory / name
+    raise CheckpointError(f"{directory} holds no {WEIGHTS_FILE} (nor the {LEGACY_WEIGHTS_FILE} of earlier versions)")

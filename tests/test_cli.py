@@ -14,6 +14,7 @@ import torch
 
 import comp_vlm
 from comp_vlm.cli import main
+from comp_vlm.io import WEIGHTS_FILE
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -109,7 +110,7 @@ def test_corrupt_recipe(demo_out, tmp_path, capsys):
 # ---- the quick demo -------------------------------------------------------------------------------------------
 def test_demo_writes_everything(demo_out):
     pruned = demo_out / "pruned"
-    for name in ("model.safetensors", "config.json", "comp_recipe.json", "tokenizer.json", "preprocessor_config.json"):
+    for name in (WEIGHTS_FILE, "config.json", "comp_recipe.json", "tokenizer.json", "preprocessor_config.json"):
         assert (pruned / name).is_file(), name
     assert (demo_out / "plot.png").stat().st_size > 1000
     stages = [json.loads(line) for line in (demo_out / "stages.jsonl").read_text().splitlines()]
@@ -247,14 +248,14 @@ def test_out_refuses_the_model_and_current_directories_and_their_parents(dense_d
 def test_out_needs_overwrite_to_replace_an_earlier_output(dense_dir, tmp_path, capsys):
     out = tmp_path / "p"
     assert main(["prune", "--model", str(dense_dir), "--out", str(out), "--quiet", *FAST]) == 0
-    first = (out / "model.safetensors").read_bytes()
+    first = (out / WEIGHTS_FILE).read_bytes()
     capsys.readouterr()
     assert main(["prune", "--model", str(dense_dir), "--out", str(out), "--quiet", *FAST]) == 1
     assert "--overwrite" in one_error_line(capsys.readouterr().err)
-    assert (out / "model.safetensors").read_bytes() == first
+    assert (out / WEIGHTS_FILE).read_bytes() == first
     assert main(["prune", "--model", str(dense_dir), "--out", str(out), "--quiet", "--overwrite", "--seed", "1",
                  *FAST]) == 0
-    assert (out / "model.safetensors").read_bytes() != first
+    assert (out / WEIGHTS_FILE).read_bytes() != first
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p"]  # no temporary directories, checkpoint removed
 
 
@@ -379,7 +380,7 @@ def test_demo_replaces_its_own_output_and_quiet_prints_one_line(demo_out, capsys
     assert main(["demo", "--quick", "--out", str(demo_out), "--cache", str(demo_out.parent / "cache"), "-q"]) == 0
     captured = capsys.readouterr()
     assert len(captured.out.strip().splitlines()) == 1 and "R@1" in captured.out
-    assert not stale.exists() and (demo_out / "pruned" / "model.safetensors").is_file()
+    assert not stale.exists() and (demo_out / "pruned" / WEIGHTS_FILE).is_file()
 
 
 def test_quick_builtin_learns(demo_out):

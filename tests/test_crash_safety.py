@@ -13,6 +13,7 @@ import sys
 from test_cli import FAST, dense_dir  # noqa: F401  (fixture)
 
 from comp_vlm.cli import main
+from comp_vlm.io import WEIGHTS_FILE
 from comp_vlm.outputs import MARKER, read_marker
 
 
@@ -34,9 +35,9 @@ def assert_complete(out) -> None:
     """A whole prune output: final model, snapshot, stage log, report, and a complete marker."""
     marker = read_marker(out)
     assert marker is not None and marker["complete"] and marker["kind"] == "prune-run"
-    for name in ("model.safetensors", "comp_recipe.json", "stages.jsonl", "report.json"):
+    for name in (WEIGHTS_FILE, "comp_recipe.json", "stages.jsonl", "report.json"):
         assert (out / name).is_file(), name
-    assert (out / "snapshots" / "r0.30" / "model.safetensors").is_file()
+    assert (out / "snapshots" / "r0.30" / WEIGHTS_FILE).is_file()
     assert set(marker["files"]) == {p.name for p in out.iterdir()} - {MARKER}
 
 
@@ -70,7 +71,7 @@ def test_killed_at_a_checkpoint_swap_and_at_the_save_then_resumed(dense_dir, tmp
 def test_killed_while_replacing_an_earlier_output(dense_dir, tmp_path, capsys):  # noqa: F811
     out = tmp_path / "run"
     assert main(["prune", "--model", str(dense_dir), "--out", str(out), "--snapshots", "0.3", "-q", *FAST]) == 0
-    earlier = (out / "model.safetensors").read_bytes()
+    earlier = (out / WEIGHTS_FILE).read_bytes()
     proc = prune_cli(dense_dir, out, "--overwrite", "--seed", "1", fault="prune-run:swap")
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert not out.exists()  # the earlier output lies aside, complete; the new one is not in place
@@ -80,9 +81,9 @@ def test_killed_while_replacing_an_earlier_output(dense_dir, tmp_path, capsys): 
     assert ".run.old-" in capsys.readouterr().err  # a reader names where the earlier output lies
     assert main(["prune", "--model", str(dense_dir), "--out", str(out), "--snapshots", "0.3", *FAST]) == 1
     assert "--overwrite" in capsys.readouterr().err  # the earlier output is back, and protected again
-    assert (out / "model.safetensors").read_bytes() == earlier
+    assert (out / WEIGHTS_FILE).read_bytes() == earlier
     assert main(["prune", "--model", str(dense_dir), "--out", str(out), "--snapshots", "0.3", "--overwrite",
                  "--seed", "1", "-q", *FAST]) == 0
     assert_complete(out)
-    assert (out / "model.safetensors").read_bytes() != earlier
+    assert (out / WEIGHTS_FILE).read_bytes() != earlier
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]

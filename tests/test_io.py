@@ -13,6 +13,7 @@ from transformers import CLIPModel
 
 import comp_vlm
 from comp_vlm import CheckpointError, Recipe, RecipeError, get_adapter, load_pruned, save_pruned
+from comp_vlm.io import WEIGHTS_FILE
 from comp_vlm.recipe import RECIPE_FORMAT_VERSION
 
 
@@ -29,8 +30,8 @@ def test_save_load_identical_outputs(tmp_path, pixels, text_batch, tokenizer):
     model = pruned_model()
     out = save_pruned(model, tmp_path / "m", tokenizer=tokenizer)
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["model.safetensors", "config.json", "comp_recipe.json", "tokenizer.json", "tokenizer_config.json",
-         ".comp-vlm-output.json"])
+        [WEIGHTS_FILE, "config.json", "comp_recipe.json", "tokenizer.json", "tokenizer_config.json",
+         "modeling_comp_vlm.py", "README.md", ".comp-vlm-output.json"])
     loaded = load_pruned(out)
     assert type(loaded) is CLIPModel
     assert_close(embeds(model, pixels, text_batch), embeds(loaded, pixels, text_batch), atol=1e-6)
@@ -121,7 +122,7 @@ def test_directory_errors(tmp_path):
 
 def test_truncated_files_are_refused(tmp_path):
     path = save_pruned(pruned_model(), tmp_path / "m")
-    weights = path / "model.safetensors"
+    weights = path / WEIGHTS_FILE
     data = weights.read_bytes()
     weights.write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="corrupt or truncated"):
@@ -135,7 +136,7 @@ def test_truncated_files_are_refused(tmp_path):
 def test_weights_that_do_not_match_recipe_are_refused(tmp_path):
     a = save_pruned(pruned_model(0), tmp_path / "a")
     b = save_pruned(pruned_model(5), tmp_path / "b")
-    (a / "model.safetensors").write_bytes((b / "model.safetensors").read_bytes())
+    (a / WEIGHTS_FILE).write_bytes((b / WEIGHTS_FILE).read_bytes())
     with pytest.raises(CheckpointError, match="does not match"):
         load_pruned(a)
 
@@ -163,7 +164,7 @@ def test_overwrite_replaces_atomically(tmp_path, pixels):
 def test_weights_mismatch_names_the_first_tensor_only(tmp_path):
     a = save_pruned(pruned_model(0), tmp_path / "a")
     b = save_pruned(pruned_model(5), tmp_path / "b")
-    (a / "model.safetensors").write_bytes((b / "model.safetensors").read_bytes())
+    (a / WEIGHTS_FILE).write_bytes((b / WEIGHTS_FILE).read_bytes())
     with pytest.raises(CheckpointError) as exc:
         load_pruned(a)
     message = str(exc.value)

@@ -16,6 +16,7 @@ from test_io import pruned_model
 import comp_vlm
 from comp_vlm import OutputError, load_pruned, save_pruned
 from comp_vlm import checkpoint as ckpt_io
+from comp_vlm.io import WEIGHTS_FILE
 from comp_vlm.outputs import MARKER, read_marker, write_marker
 
 
@@ -111,7 +112,7 @@ def test_saved_directories_and_weights_follow_the_umask(tmp_path, umask, mask, d
     umask(mask)
     out = save_pruned(pruned_model(), tmp_path / "m")
     assert out.stat().st_mode & 0o777 == dir_mode
-    assert (out / "model.safetensors").stat().st_mode & 0o777 == file_mode
+    assert (out / WEIGHTS_FILE).stat().st_mode & 0o777 == file_mode
     ck = ckpt_io.write_checkpoint(tmp_path / "c", {"a": 1}, {"t": torch.zeros(2)})
     assert ck.stat().st_mode & 0o777 == dir_mode
     assert (ck / ckpt_io.TENSORS).stat().st_mode & 0o777 == file_mode
@@ -125,7 +126,7 @@ def test_leftover_temporary_directory_of_a_dead_writer_is_removed(tmp_path):
     pid = dead_pid()
     tmp = tmp_path / f".m.tmp-{pid}-abcd"
     tmp.mkdir()
-    (tmp / "model.safetensors").write_bytes(b"half")
+    (tmp / WEIGHTS_FILE).write_bytes(b"half")
     (tmp / MARKER).write_text(json.dumps({"kind": "pruned", "complete": False, "pid": pid, "files": None}))
     foreign = tmp_path / ".m.tmp-user"  # the same pattern without a marker is not comp-vlm's
     foreign.mkdir()

@@ -21,6 +21,7 @@ from test_cli_data import COCO, TINY, clip_dir, tokenizer  # noqa: F401  (fixtur
 
 from comp_vlm import checkpoint, outputs
 from comp_vlm.cli import main
+from comp_vlm.io import WEIGHTS_FILE
 from comp_vlm.loading import load_dense_dir
 from comp_vlm.search import state
 from comp_vlm.tasks.retrieval import RetrievalTask
@@ -206,14 +207,14 @@ def test_full_disk_at_a_checkpoint_and_at_the_save_then_resumed(dense_dir, tmp_p
     calls = fill_disk_at(monkeypatch, {1}, where=".run.tmp-")
     assert prune(dense_dir, out, "--resume", *FAST) == 1
     line = one_error_line(capsys.readouterr().err)
-    assert len(calls) == 1 and f"no space left on device for {out / 'model.safetensors'}: it needs " in line
+    assert len(calls) == 1 and f"no space left on device for {out / WEIGHTS_FILE}: it needs " in line
     needed = int(line.split("it needs ")[1].split(" bytes")[0].replace(",", ""))
     assert abs(needed - calls[0]) <= 16
     assert not out.exists() and checkpoint.has_checkpoint(ckpt)
     monkeypatch.undo()
     assert main(["prune", "--model", str(dense_dir), "--out", str(out), "--resume", *FAST]) == 0
     assert "resumed the search" in capsys.readouterr().err
-    assert (out / "model.safetensors").is_file() and not ckpt.exists()
+    assert (out / WEIGHTS_FILE).is_file() and not ckpt.exists()
 
 
 def test_a_full_disk_in_a_staged_output_names_it(tmp_path):

@@ -190,11 +190,14 @@ class ModelAdapter(ABC):
     """Protocol + generic implementation. Subclasses set ``family``/``model_classes`` and implement the
     abstract methods; register them with :func:`register_adapter`. ``attn_implementation``: what comp-vlm builds
     the family's models with (``io.load_pruned``, the dense models of ``bench`` and the presets); a family whose
-    transformers classes lack sdpa says ``"eager"``. Construction checks the unit kinds' modes (ConfigError)."""
+    transformers classes lack sdpa says ``"eager"``. ``auto_classes``: the transformers Auto classes whose
+    ``from_pretrained(dir, trust_remote_code=True)`` loads a saved pruned model (``auto_map``, :mod:`comp_vlm.remote`);
+    a family adds those of its tasks. Construction checks the unit kinds' modes (ConfigError)."""
 
     family: ClassVar[str]
     model_classes: ClassVar[tuple[type, ...]]
     attn_implementation: ClassVar[str] = "sdpa"
+    auto_classes: ClassVar[tuple[str, ...]] = ("AutoModel",)
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model

@@ -108,6 +108,7 @@ def clip_layer_forward(self: nn.Module, hidden_states: torch.Tensor, attention_m
 class CLIPAdapter(ModelAdapter):
     family = "clip"
     model_classes = (CLIPModel,)
+    auto_classes = ("AutoModel", "AutoModelForZeroShotImageClassification")
     supports_dead_compute = True
 
     def _tower_modules(self) -> dict[str, nn.Module]:

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from .. import checkpoint
 from ..errors import ConfigError
 from ..recipe import Recipe
+from ..remote import enable_save_pretrained
 from ..training import (
     adamw,
     cycle_batches,
@@ -114,6 +115,7 @@ def _finetune_snapshots(pruner: Pruner, task: Any, train_data: Iterable, config:
             train_steps(pruned, task, cycle_batches(train_data), steps, config, teacher,
                         desc=f"fine-tune {ratio_key(snap.ratio)}")
         pruned.eval()
+        enable_save_pretrained(pruned, snap.recipe.extra)  # its save_pretrained writes a pruned directory
         if test_data is not None:
             metrics[snap.ratio] = task.evaluate(pruned, test_data)
         results[snap.ratio] = (pruned, snap.recipe)
