@@ -14,7 +14,7 @@ import logging
 import math
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,15 +23,7 @@ import torch
 from torch import nn
 
 from .. import importance
-from ..adapters.base import (
-    AdapterOptions,
-    ModelAdapter,
-    Site,
-    TowerSpec,
-    dense_units,
-    get_adapter,
-    structure_fields,
-)
+from ..adapters.base import AdapterOptions, ModelAdapter, Site, get_adapter
 from ..adapters.units import UnitGroup, UnitKey, UnitSpec
 from ..collect import StatsCollector
 from ..errors import ConfigError, NonFiniteError
@@ -41,7 +33,7 @@ from ..recipe import Recipe
 from ..schedule import MPSConfig, MultiModeScheduler, NoModeLeftError, mode_kind, stage_cost
 from ..structure import TowerStructure, resolve_couplings
 from ..tasks.base import model_device
-from . import budget
+from . import bookkeeping, budget
 from .config import PruneConfig
 
 log = logging.getLogger("comp_vlm")
@@ -108,11 +100,14 @@ class Pruner:
         self.reference = self.adapter.reference(config.reference)
         object.__setattr__(model, "comp_vlm_reference", dict(self.reference))
         self.couplings = self.adapter.couplings()
-        self.dense_flops = float(self.adapter.dense_flops(self.reference))
         self.collector = StatsCollector(config.weighting())
         self.collector.enabled = True  # collects in train-mode forwards until the search ends (also after resume)
         self.adapter.attach_collector(self.collector)
         self.specs = {s.name: s for s in self.adapter.tower_specs()}
+        # the FLOPs bookkeeping's data, read once: every candidate's structure derives from it (bookkeeping.py)
+        self.dense_towers = tuple(self.adapter.dense_structure(self.reference))
+        self.dense_flops = float(model_flops(self.dense_towers, self.couplings))
+        self.site_layers = {name: self.adapter.site_layers(spec) for name, spec in self.specs.items()}
         self.groups: dict[UnitKey, UnitGroup] = {g.key: g for g in self.adapter.unit_groups()}
         self.kinds = list(dict.fromkeys(key[0] for key in self.groups))  # the unit kinds, in adapter order
         self.selected = {key: torch.zeros(g.size, dtype=torch.bool) for key, g in self.groups.items()}
@@ -149,22 +144,14 @@ class Pruner:
     def floor_flops(self, strategy: str | None = None) -> float:
         """The lowest FLOPs fraction the strategy can reach (all floors hit / every site keeps one token)."""
         strategy = strategy or self.config.strategy
-        params = strategy != "token-only"
-        tokens = strategy != "param-only"
-        towers = []
-        floor_level = budget.floor_level(self.config.token_plan, self.config.token_floor)
-        for t in self.structural_towers():
-            spec = self.specs[t.name]
-            keeps = self._site_keeps(t.name, floor_level)
-            layers = []
-            for i, lay in enumerate(t.layers):
-                if params:
-                    lay = self._at_floors(lay, spec, spec.units)
-                if tokens and i in keeps:
-                    lay = replace(lay, site_keep=keeps[i])
-                layers.append(lay)
-            towers.append(replace(t, layers=tuple(layers)))
-        return self._kept(towers)
+        counts = bookkeeping.kept_units(self.selected)
+        if strategy != "token-only":
+            counts = bookkeeping.at_floors(counts, self._floors())
+        keeps = None
+        if strategy != "param-only":
+            level = budget.floor_level(self.config.token_plan, self.config.token_floor)
+            keeps = {name: self._site_keeps(name, level) for name in self.specs}
+        return self._kept(self.structural_towers(counts, keeps))
 
     def _kept(self, towers: list[TowerStructure]) -> float:
         """FLOPs fraction of the dense model that ``towers`` keep, all towers together through the model's
@@ -173,27 +160,19 @@ class Pruner:
 
     def _site_keeps(self, tower: str, level: float) -> dict[int, float]:
         """Per-site keep ratios of a tower's token mode at ``level`` (its deepest site's cumulative keep)."""
-        return budget.site_keeps(self.adapter.site_layers(self.specs[tower]), level, self.config.token_plan)
+        return budget.site_keeps(self.site_layers[tower], level, self.config.token_plan)
 
     def _unit_floor(self, unit: UnitSpec) -> int:
         return budget.unit_floor(unit.kind, unit.dense, self.config.head_floor, self.config.neuron_floor)
 
-    def _at_floors(self, lay: Any, spec: TowerSpec, units: Iterable[UnitSpec]) -> Any:
-        """The layer structure ``lay`` of a layer of ``spec`` with each of ``units`` cut to its floor (none added
-        back); every structure field of a kind follows its count."""
-        cut = {u.kind for u in units}
-        counts = {u.kind: getattr(lay, u.structure_field) for u in spec.units}
-        return replace(lay, **structure_fields(spec, {u.kind: min(counts[u.kind], self._unit_floor(u))
-                                                      if u.kind in cut else counts[u.kind] for u in spec.units}))
+    def _floors(self, modes: Iterable[str] | None = None) -> dict[UnitKey, int]:
+        """The floor of every unit group (of a parameter mode among ``modes``, if given)."""
+        return {key: self._unit_floor(g.spec) for key, g in self.groups.items() if modes is None or g.mode in modes}
 
     def _param_removable(self, mode: str) -> float:
         """FLOPs fraction the parameter mode can still remove: everything else as planned, its units at floors."""
-        modes = self._param_modes(mode)
-        towers = [replace(t, layers=tuple(
-            self._at_floors(lay, self.specs[t.name],
-                            [u for u in self.specs[t.name].units if self.groups[(u.kind, t.name, i)].mode in modes])
-            for i, lay in enumerate(t.layers))) for t in self.structural_towers()]
-        return self.flops_kept() - self._kept(towers)
+        counts = bookkeeping.at_floors(bookkeeping.kept_units(self.selected), self._floors(self._param_modes(mode)))
+        return self.flops_kept() - self._kept(self.structural_towers(counts))
 
     def _check_floors(self) -> None:
         floor = self.floor_flops()
@@ -209,20 +188,14 @@ class Pruner:
         self.pending_targets = reachable
 
     # ---- structure -----------------------------------------------------------------------------------------------
-    def structural_towers(self) -> list[TowerStructure]:
+    def structural_towers(self, counts: dict[UnitKey, int] | None = None,
+                          keeps: bookkeeping.SiteKeeps | None = None) -> list[TowerStructure]:
         """The structure with every selected unit removed and the planned keep ratios (method.md §1: during
-        the search FLOPs are structural)."""
-        towers = []
-        for t in self.adapter.structure(self.reference):
-            spec = self.specs[t.name]
-            keeps = self._pool_site_keeps(t.name)
-            layers = []
-            for i, lay in enumerate(t.layers):
-                kept = structure_fields(spec, {u.kind: int((~self.selected[(u.kind, t.name, i)]).sum())
-                                               for u in spec.units})
-                layers.append(replace(lay, site_keep=keeps.get(i), **kept))
-            towers.append(replace(t, layers=tuple(layers)))
-        return towers
+        the search FLOPs are structural), derived from the dense structure; ``counts`` (units kept per group) and
+        ``keeps`` (keep ratio per tower and site) replace the planned ones."""
+        counts = bookkeeping.kept_units(self.selected) if counts is None else counts
+        keeps = {name: self._pool_site_keeps(name) for name in self.specs} if keeps is None else keeps
+        return bookkeeping.derive_structure(self.dense_towers, self.specs, counts, keeps)
 
     @property
     def search_steps(self) -> int:
@@ -433,10 +406,11 @@ class Pruner:
         it, :mod:`comp_vlm.search.budget`) for the FLOPs step, within the stage bound and the mode's floor."""
         current = self.token_levels[mode]
         goal = self.flops_kept() - target / self.dense_flops
+        counts = bookkeeping.kept_units(self.selected)  # a token stage moves no unit
 
         def kept_at(q: float) -> float:
             self.token_levels[mode] = q
-            return self.flops_kept()
+            return self._kept(self.structural_towers(counts))
 
         lo, hi = budget.token_level_range(current, self.config.token_plan, self.config.token_floor,
                                           self.config.token_max_cut)
@@ -545,9 +519,8 @@ class Pruner:
             self._start_stage()
 
     def _token_only_kept(self) -> float:
-        towers = [replace(t, layers=tuple(dense_units(lay, self.specs[t.name]) for lay in t.layers))
-                  for t in self.structural_towers()]
-        return self._kept(towers)
+        layers = {t.name: len(t.layers) for t in self.dense_towers}
+        return self._kept(self.structural_towers(bookkeeping.dense_counts(self.specs.values(), layers)))
 
     def _take_snapshots(self) -> None:
         kept = self.flops_kept()
