@@ -18,7 +18,7 @@ LR_SCHEDULES = ("constant", "cosine")
 FINETUNE_BUDGETS = ("fixed", "equal-total")
 WARMUP_ORDERS = ("random", "fixed")
 
-NEUTRAL: dict[str, Any] = {"token_scorer": "attention", "param_max_cut": 1.0}
+NEUTRAL: dict[str, Any] = {"token_scorer": "attention", "param_max_cut": 1.0, "token_reducer": "drop"}
 """PruneConfig fields added after searches were recorded, at the value that reproduces the search before them: a
 search checkpoint without the field resumes at it, and the quality suite leaves a field at it out of its suite key
 (earlier suites keep their keys)."""
@@ -68,6 +68,7 @@ class PruneConfig:
     site_start: int = 1
     site_every: int = 1
     token_scorer: str = "attention"  # how token sites rank tokens (adapters.runtime.TOKEN_SCORERS), seeded by seed
+    token_reducer: str = "drop"  # what sites do with the tokens they do not keep (adapters.runtime.TOKEN_REDUCERS)
     reference: dict | None = None
     log_path: str | None = None
     checkpoint_dir: str | None = None  # search checkpoints at every stage boundary
