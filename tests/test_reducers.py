@@ -17,6 +17,7 @@ from conftest import make_clip
 from contract.families import CLIP, call, random_unit_masks, registered
 from test_clip_adapter import prune_all_sites
 from test_token_pools import TwoPoolCLIPAdapter, set_keeps, two_pool_clip
+from tiny_clip import fresh, quick, tiny_setup
 from torch.utils.flop_counter import FlopCounterMode
 
 from comp_vlm import (
@@ -26,6 +27,7 @@ from comp_vlm import (
     RecipeError,
     get_adapter,
     load_pruned,
+    prune,
     save_pruned,
 )
 from comp_vlm.adapters import runtime
@@ -36,6 +38,7 @@ from comp_vlm.cli import main
 from comp_vlm.flops import tower_flops
 from comp_vlm.recipe import RECIPE_FILE
 from comp_vlm.structure import LayerStructure, TowerStructure
+from comp_vlm.tasks.retrieval import RetrievalTask
 from comp_vlm.tokens import TokenState, fuse_dropped, merge_targets, merge_tokens, with_fused_slots
 
 ATOL = 2e-5
@@ -276,6 +279,17 @@ def test_reducers_change_the_output_and_keep_all_changes_nothing(reducer):
     plain = call(CLIP, reduced_clip(3, "drop", keep=1.0)[0], batch)
     for a, b in zip(keep_all, plain):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("reducer", ("fuse", "merge"))
+def test_the_search_runs_with_each_reducer_and_records_it(reducer):
+    cfg, _, loaders = tiny_setup()
+    res = prune(fresh(cfg), RetrievalTask(), loaders.train, loaders.val,
+                quick(ratio=0.3, strategy="sjp", finetune_steps=0, token_reducer=reducer))
+    assert res.recipe.options["token_reducer"] == reducer and res.recipe.flops_kept <= 0.7 + 1e-9
+    assert any(lay.keep_ratios for tower in res.recipe.towers.values() for lay in tower)
+    model = next(iter(res.snapshots.values()))[0]
+    assert get_adapter(model).options.token_reducer == reducer
 
 
 # ---- recipes -----------------------------------------------------------------------------------------------------------
