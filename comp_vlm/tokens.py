@@ -6,8 +6,7 @@ or a filler), whether a site may drop it, and the token pool it belongs to (a to
 image and instruction tokens in one LLM sequence; a site keeps the top k of each). Sites gather (never mask) the
 kept tokens in their original order, so causality is preserved; samples that keep fewer tokens than the longest
 one are padded with dropped tokens marked invalid, which the rebuilt attention mask hides. The per-slot fields
-(:data:`SLOT_FIELDS`) travel together through every gather: a further per-slot label (a merged token's size)
-joins them there.
+(:data:`SLOT_FIELDS`) travel together through every gather.
 
 Token reducers (what a site does with the tokens it does not keep, :data:`comp_vlm.adapters.runtime.TOKEN_REDUCERS`)
 build on the same state: ``drop`` discards them; ``fuse`` folds each pool's dropped tokens into one fused token per

@@ -254,6 +254,17 @@ def test_a_causal_merge_on_clips_text_tower_only_uses_earlier_tokens(monkeypatch
 
 
 @pytest.mark.parametrize("reducer", ("fuse", "merge"))
+def test_sdpa_equals_eager(reducer):
+    """The proportional-attention bias rides on the mask, so sdpa (the layers without an active site) sees it too."""
+    outs = []
+    for attn in ("eager", "sdpa"):
+        model = make_clip(3, attn=attn)
+        prune_all_sites(get_adapter(model).install(AdapterOptions(token_reducer=reducer, dead_compute=False)), 0.4)
+        outs.append(call(CLIP, model, CLIP.batch()))
+    close(*outs, atol=1e-5)
+
+
+@pytest.mark.parametrize("reducer", ("fuse", "merge"))
 @pytest.mark.parametrize("reentrant", [True, False])
 def test_gradient_checkpointing_with_the_random_scorer(reducer, reentrant):
     batch = CLIP.batch()
