@@ -7,6 +7,10 @@ is what the analytic FLOPs model promises (dense FLOPs / pruned FLOPs); the suit
 
     python benchmarks/speed.py                      # writes benchmarks/results/speed.{json,md}
     python benchmarks/speed.py --quick              # tiny model, for a smoke test
+    python benchmarks/speed.py --reducers           # the token reducers' own cost: speed_reducers.{json,md}
+
+``--reducers`` times each recipe's model under every token reducer (the same kept units and keep ratios, so the
+same tokens kept), against drop: what fusing or merging the dropped tokens costs, measured and in FLOPs.
 
 Timing: median of ``--repeats`` (>= 7) interleaved runs after warm-up, so slow drifts hit every variant alike.
 """
@@ -14,6 +18,7 @@ Timing: median of ``--repeats`` (>= 7) interleaved runs after warm-up, so slow d
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import sys
@@ -25,6 +30,7 @@ from transformers import CLIPConfig, CLIPModel
 
 import comp_vlm
 from comp_vlm import AdapterOptions, get_adapter
+from comp_vlm.adapters.runtime import TOKEN_REDUCERS
 from comp_vlm.measure import interleaved_latency_ms
 
 VIT_B16 = {
@@ -87,6 +93,57 @@ def recipe_for(cfg: dict, kept_target: float, unit_keep: float, reference: dict,
     return recipe
 
 
+def from_recipe(cfg: dict, recipe: comp_vlm.Recipe, reducer: str | None = None) -> CLIPModel:
+    """A model sliced to ``recipe`` (under token reducer ``reducer`` if given)."""
+    if reducer is not None:
+        recipe = copy.deepcopy(recipe)
+        recipe.options = {**recipe.options, "token_reducer": reducer}
+    model = CLIPModel._from_config(CLIPConfig(**cfg), attn_implementation="sdpa").eval()
+    comp_vlm.apply_recipe(model, recipe)
+    return model
+
+
+def make_inputs(cfg: dict, batch: int, text_length: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(2, cfg["text_config"]["vocab_size"] - 2, (batch, text_length), generator=g)
+    ids[:, 0] = cfg["text_config"]["bos_token_id"]
+    ids[:, -1] = cfg["text_config"]["eos_token_id"]
+    image = cfg["vision_config"]["image_size"]
+    return {"pixel_values": torch.randn(batch, 3, image, image, generator=g), "input_ids": ids}
+
+
+def reducer_rows(cfg: dict, recipes: dict[str, comp_vlm.Recipe], batches: list[int], text_length: int,
+                 reference: dict, repeats: int) -> list[dict]:
+    """Each recipe under every reducer, timed (interleaved) against its drop variant at each batch size."""
+    rows = []
+    for plan, recipe in recipes.items():
+        variants = {reducer: from_recipe(cfg, recipe, reducer) for reducer in TOKEN_REDUCERS}
+        flops = {reducer: comp_vlm.count_flops(m, reference) for reducer, m in variants.items()}
+        for batch in batches:
+            lat = dict(zip(variants, interleaved_latency_ms(list(variants.values()), make_inputs(cfg, batch, text_length),
+                                                            repeats, warmup=1)))
+            for reducer in TOKEN_REDUCERS:
+                rows.append({"batch": batch, "plan": plan, "reducer": reducer, "flops": flops[reducer],
+                             "ms": lat[reducer], "ms_over_drop": lat[reducer] / lat["drop"],
+                             "flops_over_drop": flops[reducer] / flops["drop"]})
+                print(f"batch {batch:2d} {plan} {reducer:5s}: {lat[reducer]:8.1f} ms  x{lat[reducer] / lat['drop']:.3f} "
+                      f"of drop (FLOPs x{flops[reducer] / flops['drop']:.4f})")
+    return rows
+
+
+def write_reducers(out: Path, stem: str, meta: dict, rows: list[dict]) -> None:
+    (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    lines = [f"# Speed: the token reducers' own cost ({meta['model']})", "",
+             (f"`{meta['command']}` — torch {meta['torch']}, {meta['threads']} threads, median of {meta['repeats']} "
+              f"interleaved runs; each plan's recipe (same kept units and keep ratios) under every reducer, at "
+              f"{meta['reference']}."), "",
+             "| batch | plan | reducer | ms | ms / drop | FLOPs / drop |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['batch']} | {r['plan']} | {r['reducer']} | {r['ms']:.1f} | {r['ms_over_drop']:.3f} | "
+              f"{r['flops_over_drop']:.4f} |" for r in rows]
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {out / (stem + '.json')} and {out / (stem + '.md')}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny model (smoke test)")
@@ -95,27 +152,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--text-length", type=int, default=16)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--reducers", action="store_true", help="time each token reducer against drop instead")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     cfg = QUICK if args.quick else VIT_B16
     image = cfg["vision_config"]["image_size"]
     reference = {"image_size": image, "text_length": args.text_length}
     plans = {"kept_0.5": (0.5, 0.75), "kept_0.2": (0.2, 0.5)}  # FLOPs kept -> fraction of heads/neurons kept
-    variants = {"dense": build(cfg)}
-    recipes = {}
-    for name, (kept, unit_keep) in plans.items():
-        recipes[name] = recipe_for(cfg, kept, unit_keep, reference, seed=1)
-        model = CLIPModel._from_config(CLIPConfig(**cfg), attn_implementation="sdpa").eval()
-        comp_vlm.apply_recipe(model, recipes[name])
-        variants[name] = model
+    recipes = {name: recipe_for(cfg, kept, unit_keep, reference, seed=1) for name, (kept, unit_keep) in plans.items()}
+    batches = [int(b) for b in args.batches.split(",")]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = "speed_quick" if args.quick else "speed"
+    meta = {"model": "tiny" if args.quick else "CLIP ViT-B/16 shape (random weights)", "reference": reference,
+            "repeats": args.repeats, "threads": args.threads, "torch": torch.__version__, "versions": versions(),
+            "machine": platform.machine(), "processor": platform.processor(),
+            "command": " ".join(["python benchmarks/speed.py", *(sys.argv[1:] if argv is None else argv)])}
+    if args.reducers:
+        rows = reducer_rows(cfg, recipes, batches, args.text_length, reference, args.repeats)
+        write_reducers(out, stem.replace("speed", "speed_reducers"), meta, rows)
+        return 0
+    variants = {"dense": build(cfg), **{name: from_recipe(cfg, recipe) for name, recipe in recipes.items()}}
     flops = {name: comp_vlm.count_flops(m, reference) for name, m in variants.items()}
     rows = []
-    for batch in [int(b) for b in args.batches.split(",")]:
-        g = torch.Generator().manual_seed(0)
-        ids = torch.randint(2, cfg["text_config"]["vocab_size"] - 2, (batch, args.text_length), generator=g)
-        ids[:, 0] = cfg["text_config"]["bos_token_id"]
-        ids[:, -1] = cfg["text_config"]["eos_token_id"]
-        inputs = {"pixel_values": torch.randn(batch, 3, image, image, generator=g), "input_ids": ids}
+    for batch in batches:
+        inputs = make_inputs(cfg, batch, args.text_length)
         times = interleaved_latency_ms(list(variants.values()), inputs, args.repeats, warmup=1)
         lat = dict(zip(variants, times))
         for name in plans:
@@ -129,13 +190,7 @@ def main(argv: list[str] | None = None) -> int:
             })
             print(f"batch {batch:2d} {name}: FLOPs kept {flops[name] / flops['dense']:.3f}  dense {lat['dense']:8.1f} ms"
                   f"  pruned {lat[name]:8.1f} ms  speedup {measured:.2f}x / ideal {ideal:.2f}x = {measured / ideal:.2f}")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = "speed_quick" if args.quick else "speed"
-    meta = {"model": "tiny" if args.quick else "CLIP ViT-B/16 shape (random weights)", "reference": reference,
-            "repeats": args.repeats, "threads": args.threads, "torch": torch.__version__, "versions": versions(),
-            "machine": platform.machine(), "processor": platform.processor(), "dense_gflops": flops["dense"] / 1e9,
-            "command": " ".join(["python benchmarks/speed.py", *(sys.argv[1:] if argv is None else argv)])}
+    meta["dense_gflops"] = flops["dense"] / 1e9
     (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     lines = [f"# Speed: measured vs ideal speedup ({meta['model']})", "",
              (f"`{meta['command']}` — torch {meta['torch']}, {args.threads} threads, median of {args.repeats} "

@@ -489,7 +489,7 @@ class _Parser(argparse.ArgumentParser):
 
 #: PruneConfig fields that ``prune`` takes as they are, one flag each (``--cost-measure`` for ``cost_measure``)
 SEARCH_OPTIONS = ("cost_measure", "selection", "token_plan", "token_max_cut", "token_floor", "token_scorer",
-                  "warmup_order", "sliver_fraction", "lr_schedule", "finetune_schedule", "finetune_budget",
+                  "token_reducer", "warmup_order", "sliver_fraction", "lr_schedule", "finetune_schedule", "finetune_budget",
                   "param_max_cut")
 #: The PruneConfig fields of ``prune``'s search flags: unset (None), a field is a built-in model's preset override
 #: (``zoo.ModelPreset.prune_overrides``), else PruneConfig's default
@@ -522,7 +522,7 @@ def _search_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of :data:`SEARCH_OPTIONS`: defaults (help) from ``PruneConfig()``, choices from the engine's tables,
     ranges from :data:`comp_vlm.validation.RANGES` (checked by ``PruneConfig``)."""
     from . import importance
-    from .adapters.runtime import TOKEN_SCORERS
+    from .adapters.runtime import TOKEN_REDUCERS, TOKEN_SCORERS
     from .search import budget
     from .search.config import COST_MEASURES, FINETUNE_BUDGETS, LR_SCHEDULES, WARMUP_ORDERS
     from .validation import RANGES
@@ -544,6 +544,9 @@ def _search_arguments(parser: argparse.ArgumentParser) -> None:
         "token_scorer": (tuple(TOKEN_SCORERS), (
             "how token sites rank tokens: attention (CIT, Eq. 6-7) or 'random' (uniform, seeded by --seed: the "
             "token-random baseline)")),
+        "token_reducer": (tuple(TOKEN_REDUCERS), (
+            "what token sites do with the tokens they do not keep: drop them, fuse each pool's into one token "
+            "(score-weighted mean), or merge each into its most similar kept token (ToMe)")),
         "warmup_order": (WARMUP_ORDERS,
                          "order in which MPS first tries each mode: a seeded permutation or the adapter's order"),
         "sliver_fraction": (float, (

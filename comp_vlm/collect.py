@@ -7,6 +7,11 @@ mask). The weights ω come from CIT token scores: a layer's attention uses that 
 layer's (the last layer's MLP its own, gathered to the tokens its MLP saw). The MLP input of one layer waits in a
 one-layer transient buffer until the next layer's scores exist. Persistent memory: one float64 per channel.
 
+Reduced tokens (``token_reducer``): a fused token is never prunable, so the sites' scores give it 0 and ``cip``
+weights it ω = 0, as any always-kept token other than the anchor (``uniform-rms``: 1/N, ``no-cip``: 1, like any
+other token). A merged token is weighted by its own score: under proportional attention the attention it receives
+counts the tokens it holds, so its ω grows with its size without a further factor.
+
 Collection happens only while enabled, in train mode, with grad enabled, and not inside a backward pass (so
 gradient-checkpoint recomputation does not count twice); never during validation (eval mode, no_grad).
 """

@@ -16,12 +16,13 @@ from .structure import (
     LayerStructure,
     TowerStructure,
     kept_token_count,
+    merge_pairs,
     resolve_couplings,
     site_token_counts,
 )
 
-__all__ = ["TowerFlops", "attention_flops", "cross_attention_flops", "kept_token_count", "mlp_flops", "model_flops",
-           "model_tower_flops", "tower_flops", "unit_flops"]
+__all__ = ["TowerFlops", "attention_flops", "cross_attention_flops", "kept_token_count", "merge_flops", "mlp_flops",
+           "model_flops", "model_tower_flops", "tower_flops", "unit_flops"]
 
 
 def attention_flops(tokens: int, layer: LayerStructure) -> int:
@@ -48,6 +49,13 @@ def cross_attention_flops(tokens: int, layer: LayerStructure) -> int:
     kv = 2 * layer.cross_kv_tokens * layer.cross_kv_hidden * width * 2
     mix = 2 * 2 * tokens * layer.cross_kv_tokens * width
     return q_out + kv + mix
+
+
+def merge_flops(pairs: int, layer: LayerStructure) -> int:
+    """The ``merge`` reducer's similarity matmul: ``pairs`` (dropped, kept) key dot products of the layer's key
+    width (:func:`comp_vlm.structure.merge_pairs`)."""
+    kv = layer.heads if layer.kv_heads is None else layer.kv_heads
+    return 2 * pairs * kv * layer.head_dim
 
 
 def mlp_flops(tokens: int, layer: LayerStructure) -> int:
@@ -101,11 +109,12 @@ def tower_flops(tower: TowerStructure) -> TowerFlops:
     """FLOPs of one tower at its reference shape, following the token counts through every site (its couplings,
     if any, already resolved: :func:`model_tower_flops`)."""
     per_layer, tin, tmlp = [], [], []
-    for layer, (n_in, n) in zip(tower.layers, site_token_counts(tower)):
+    for layer, (n_in, n), pairs in zip(tower.layers, site_token_counts(tower), merge_pairs(tower)):
         tin.append(n_in)
         n_mlp = 1 if layer.mlp_tokens_pooled_only else n
         tmlp.append(n_mlp)
-        per_layer.append(attention_flops(n_in, layer) + cross_attention_flops(n, layer) + mlp_flops(n_mlp, layer))
+        per_layer.append(attention_flops(n_in, layer) + merge_flops(pairs, layer) + cross_attention_flops(n, layer)
+                         + mlp_flops(n_mlp, layer))
     return TowerFlops(tower.extra_flops + sum(per_layer), tuple(per_layer), tuple(tin), tuple(tmlp))
 
 

@@ -3,7 +3,9 @@
 It records, per tower and layer, the kept units of each kind (indices into the dense model, under the kind's name:
 "head", "neuron", "cross_head", ...) and the keep ratio of each token pool at the layer's token site (CLIP: one pool,
 :data:`TOKEN_POOL`; none: no site); the adapter options; the reference input shape for FLOPs; the dense and pruned
-FLOPs; and a hash of the base (dense) config, so a recipe cannot be applied to a different architecture.
+FLOPs; and a hash of the base (dense) config, so a recipe cannot be applied to a different architecture. An option
+a recipe lacks reads as its legacy value (:data:`LEGACY_OPTIONS`): a recipe without ``token_reducer`` loads as
+``drop``, whatever the default.
 
 Format 2 writes a layer as ``{"units": {kind: [indices]}, "keep_ratios": {pool: ratio}}``. Format 1 (comp-vlm up to
 commit 0d57e16) wrote ``{"heads": [...], "neurons": [...], "keep_ratio": ratio or null}``; reading migrates it
@@ -27,6 +29,11 @@ from .validation import reference_problem
 RECIPE_FORMAT_VERSION = 2
 RECIPE_FILE = "comp_recipe.json"
 # TOKEN_POOL (from structure): the one token pool of a single-pool site (CLIP); format 1's "keep_ratio" is its ratio
+LEGACY_OPTIONS = {"dead_compute": True, "site_start": 1, "site_every": 1, "cit": True, "token_scorer": "attention",
+                  "token_scorer_seed": 0, "token_reducer": "drop"}
+"""The value of every adapter option in the comp-vlm that wrote a recipe without it (what that model computed): a
+recipe that lacks an option loads with it from here, never with the current default (an option added later joins
+this table at the value that reproduces the models before it)."""
 
 
 @dataclass

@@ -13,6 +13,10 @@ T_l    language tokens
 A model's towers may feed one another (:class:`Coupling`: BLIP's vision tokens are the K/V of the text tower's
 cross-attention, LLaVA's image features are a span of the LLM's input): :func:`resolve_couplings` fills the token
 counts a tower takes from another, so the FLOPs of every tower follow the tokens the others keep.
+
+A tower's token ``reducer`` (what its sites do with the tokens they do not keep) changes its counts: ``fuse`` adds
+one token per pool from the first active site on (:func:`site_token_counts`); ``merge`` adds each site's similarity
+matmul, (dropped x kept) keys of each pool (:func:`merge_pairs`).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ TOKEN_MODES = ("T_v", "T_l")
 MODES = PARAM_MODES + TOKEN_MODES
 COUPLING_KINDS = ("cross_kv", "token_span")
 TOKEN_POOL = "tokens"  # the pool of a single-pool tower (CLIP), and of a TowerStructure that lists no pools
+REDUCERS = ("drop", "fuse", "merge")  # adapters.runtime.TOKEN_REDUCERS, as the FLOPs model knows them
 
 
 @dataclass(frozen=True)
@@ -70,7 +75,8 @@ class TowerStructure:
     (patch embedding, projection heads). ``pools``: (name, count) of each token pool among the tower's own
     prunable tokens (``tokens - always_kept``, span tokens aside); none listed: one pool :data:`TOKEN_POOL` holds
     them all. ``span_tokens``: of ``tokens``, those other towers bring in through ``token_span`` couplings, and
-    ``span_pools`` the pools they join (both set by :func:`resolve_couplings`)."""
+    ``span_pools`` the pools they join (both set by :func:`resolve_couplings`). ``reducer``: what its sites do with
+    the tokens they do not keep (:data:`REDUCERS`)."""
 
     name: str
     tokens: int
@@ -81,8 +87,11 @@ class TowerStructure:
     span_tokens: int = 0
     pools: tuple[tuple[str, int], ...] = ()
     span_pools: tuple[tuple[str, int], ...] = ()
+    reducer: str = "drop"
 
     def __post_init__(self) -> None:
+        if self.reducer not in REDUCERS:
+            raise ValueError(f"tower {self.name!r}: unknown token reducer {self.reducer!r} (known: {REDUCERS})")
         names = [name for name, _ in self.pools]
         if len(set(names)) < len(names) or any(n < 0 for _, n in self.pools):
             raise ValueError(f"tower {self.name!r}: token pools need unique names and counts >= 0, got {self.pools}")
@@ -142,21 +151,38 @@ def kept_token_count(prunable: int, keep_ratio: float) -> int:
 def site_token_counts(tower: TowerStructure) -> tuple[tuple[int, int], ...]:
     """Per layer, (tokens entering its attention, tokens after its site) at the reference shape. A site keeps,
     of each token pool, :func:`kept_token_count` of the pool's prunable tokens reaching it at the pool's keep
-    ratio; a layer with no heads has no attention map, so its site is off (method.md §1). Raises ValueError on a
-    site keep ratio for a pool the tower lacks."""
-    n, pools, counts = tower.tokens, tower.pool_tokens(), []
+    ratio; a layer with no heads has no attention map, so its site is off (method.md §1). Under ``fuse`` the tower
+    holds one fused token per pool from its first active site (a pool keep ratio below 1) on. Raises ValueError
+    on a site keep ratio for a pool the tower lacks."""
+    return tuple((n_in, n) for n_in, n, _ in _sites(tower))
+
+
+def merge_pairs(tower: TowerStructure) -> tuple[int, ...]:
+    """Per layer, the (dropped, kept) token pairs its site compares under ``merge``: sum over pools of
+    (m - k) * k, m of the pool's tokens reaching the site and k kept (0 under the other reducers)."""
+    if tower.reducer != "merge":
+        return tuple(0 for _ in tower.layers)
+    return tuple(sum((m - k) * k for m, k in pools) for _, _, pools in _sites(tower))
+
+
+def _sites(tower: TowerStructure) -> list[tuple[int, int, list[tuple[int, int]]]]:
+    """Per layer: tokens in, tokens after the site, and (m, k) per pool at an active site (empty elsewhere)."""
+    n, pools, out, fused = tower.tokens, tower.pool_tokens(), [], 0
     for i, layer in enumerate(tower.layers):
-        n_in = n
+        n_in, site = n, []
         if isinstance(layer.site_keep, Mapping) and not set(layer.site_keep) <= set(pools):
             raise ValueError(f"tower {tower.name!r} layer {i}: keep ratios for token pools "
                              f"{sorted(set(layer.site_keep) - set(pools))} it lacks (pools: {list(pools)})")
         if layer.site_keep is not None and layer.heads > 0:
+            keeps = {pool: layer.pool_keep(pool) for pool in pools}
+            if tower.reducer == "fuse" and any(k is not None and k < 1.0 for k in keeps.values()):
+                fused = len(pools)
             for pool, m in pools.items():
-                keep = layer.pool_keep(pool)
-                pools[pool] = m if keep is None else kept_token_count(m, keep)
-            n = sum(pools.values()) + tower.always_kept
-        counts.append((n_in, n))
-    return tuple(counts)
+                pools[pool] = m if keeps[pool] is None else kept_token_count(m, keeps[pool])
+                site.append((m, pools[pool]))
+            n = sum(pools.values()) + tower.always_kept + fused
+        out.append((n_in, n, site))
+    return out
 
 
 def source_output_tokens(tower: TowerStructure) -> int:

@@ -6,18 +6,25 @@ or a filler), whether a site may drop it, and the token pool it belongs to (a to
 image and instruction tokens in one LLM sequence; a site keeps the top k of each). Sites gather (never mask) the
 kept tokens in their original order, so causality is preserved; samples that keep fewer tokens than the longest
 one are padded with dropped tokens marked invalid, which the rebuilt attention mask hides. The per-slot fields
-(:data:`SLOT_FIELDS`) travel together through every gather: a further per-slot label (a merged token's size)
-joins them there.
+(:data:`SLOT_FIELDS`) travel together through every gather.
+
+Token reducers (what a site does with the tokens it does not keep, :data:`comp_vlm.adapters.runtime.TOKEN_REDUCERS`)
+build on the same state: ``drop`` discards them; ``fuse`` folds each pool's dropped tokens into one fused token per
+pool (:func:`with_fused_slots`, :func:`fuse_dropped`), held in the last ``fused`` slots of the sequence; ``merge``
+averages each into its most similar kept token (:func:`merge_targets`, :func:`merge_tokens`). The per-slot
+``size`` records what a slot holds (None: every slot holds one token).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
+from torch.nn import functional as nn_functional
 
-SLOT_FIELDS = ("positions", "valid", "prunable", "pool")  # the (B, n) fields of a TokenState, gathered together
+SLOT_FIELDS = ("positions", "valid", "prunable", "pool", "size")  # the (B, n) fields of a TokenState, gathered together
 
 
 @dataclass(frozen=True)
@@ -31,6 +38,8 @@ class TokenState:
     full_length: int = 0
     pool: torch.Tensor | None = None  # (B, n) long: the pool index of each prunable slot (-1 elsewhere); None: one
     n_pools: int = 1
+    size: torch.Tensor | None = None  # (B, n) float: merge, the tokens a slot holds; fuse, a fused slot's score mass
+    fused: int = 0  # the last ``fused`` slots hold the fused tokens, one per pool (fuse), from the first site on
 
     @staticmethod
     def start(
@@ -109,7 +118,6 @@ def select_tokens(scores: torch.Tensor, state: TokenState, keep_ratio: float | S
     ``(slots, slot_valid)``: (B, n') indices into the current sequence, kept ones first in ascending order, then
     fillers (dropped slots, marked invalid) up to the longest sample's count.
     """
-    b, n = scores.shape
     members = pool_members(state)
     ratios = [keep_ratio] * len(members) if isinstance(keep_ratio, (int, float)) else list(keep_ratio)
     if len(ratios) != len(members):
@@ -117,13 +125,26 @@ def select_tokens(scores: torch.Tensor, state: TokenState, keep_ratio: float | S
     keep = state.valid & ~state.prunable
     for pool, ratio in zip(members, ratios):
         keep = keep | top_k(scores, pool, ratio)
-    slot = torch.arange(n, device=scores.device).expand(b, n)
-    key = torch.where(keep, slot, slot + n)
-    count = keep.sum(dim=1)
+    return packed(keep)
+
+
+def packed(members: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(slots, ok)`` (B, w): each sample's ``members`` slots in ascending order, then other slots (``ok`` False)
+    up to the largest count w."""
+    b, n = members.shape
+    slot = torch.arange(n, device=members.device).expand(b, n)
+    key = torch.where(members, slot, slot + n)
+    count = members.sum(dim=1)
     width = int(count.max().item()) if b > 0 else 0
     slots = torch.sort(key, dim=1).values[:, :width] % n
-    slot_valid = torch.arange(width, device=scores.device)[None, :] < count[:, None]
-    return slots, slot_valid
+    ok = torch.arange(width, device=members.device)[None, :] < count[:, None]
+    return slots, ok
+
+
+def slot_mask(slots: torch.Tensor, ok: torch.Tensor, n: int) -> torch.Tensor:
+    """(B, n) bool: the slots ``slots`` (B, w) names where ``ok``."""
+    mask = torch.zeros(slots.shape[0], n, dtype=torch.long, device=slots.device)
+    return mask.scatter_add(1, slots, ok.long()) > 0
 
 
 def gather_tokens(hidden: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
@@ -154,11 +175,13 @@ def keep_pooled_only(hidden: torch.Tensor, state: TokenState) -> tuple[torch.Ten
     slot = state.pooled_slot[:, None]
     ones = torch.ones_like(slot, dtype=torch.bool)
     fields = {**state.slot_fields(slot), "valid": ones, "prunable": ~ones}
-    return gather_tokens(hidden, slot), replace(state, **fields, attn_mask=None, gathered=True)
+    return gather_tokens(hidden, slot), replace(state, **fields, attn_mask=None, gathered=True, fused=0)
 
 
 def scatter_to_full(hidden: torch.Tensor, state: TokenState) -> torch.Tensor:
-    """Put the valid slots back at their original positions of a zero (B, N, D) tensor."""
+    """Put the valid slots back at their original positions of a zero (B, N, D) tensor. A fused token sits at its
+    position id, that of the last token it absorbed (a dropped token's place, which drop leaves at zero); a merged
+    token at its own position, or in a causal tower at the last token it holds (:func:`merge_tokens`)."""
     if not state.gathered:
         return hidden
     b, _, d = hidden.shape
@@ -166,3 +189,87 @@ def scatter_to_full(hidden: torch.Tensor, state: TokenState) -> torch.Tensor:
     batch_idx = torch.arange(b, device=hidden.device)[:, None].expand_as(state.positions)
     out[batch_idx[state.valid], state.positions[state.valid]] = hidden[state.valid]
     return out
+
+
+# ---- reducers: fuse and merge ----------------------------------------------------------------------------------------
+def with_fused_slots(hidden: torch.Tensor, scores: torch.Tensor, state: TokenState,
+                     ) -> tuple[torch.Tensor, torch.Tensor, TokenState]:
+    """``hidden``, ``scores`` and ``state`` with one empty fused slot per pool appended (zero, invalid, never
+    prunable, size 0, position -1), unless the state holds them already."""
+    if state.fused:
+        return hidden, scores, state
+    b, p = hidden.shape[0], state.n_pools
+
+    def tail(x: torch.Tensor, value: Any) -> torch.Tensor:
+        return torch.cat([x, torch.full((b, p, *x.shape[2:]), value, dtype=x.dtype, device=x.device)], dim=1)
+
+    size = state.size if state.size is not None else torch.ones(state.valid.shape, device=hidden.device)
+    fields = {"positions": tail(state.positions, -1), "valid": tail(state.valid, False),
+              "prunable": tail(state.prunable, False), "size": tail(size, 0.0)}
+    if state.pool is not None:
+        fields["pool"] = tail(state.pool, -1)
+    return tail(hidden, 0.0), tail(scores, 0.0), replace(state, **fields, attn_mask=None, fused=p)
+
+
+def fuse_dropped(hidden: torch.Tensor, scores: torch.Tensor, state: TokenState, kept: torch.Tensor,
+                 ) -> tuple[torch.Tensor, TokenState]:
+    """Fold each pool's dropped tokens (prunable, not ``kept``) into the pool's fused slot (the state's last
+    ``n_pools`` slots): the mean of the fused token and the dropped ones weighted by their scores, the fused token
+    by the score mass it holds already (its ``size``; uniform weights where a sample's dropped tokens all score
+    0). The fused token turns valid once it holds a token and takes the position of the last token it absorbed."""
+    n, p = hidden.shape[1], state.fused
+    columns: dict[str, list[torch.Tensor]] = {"hidden": [], "size": [], "positions": [], "valid": []}
+    for i, members in enumerate(pool_members(replace(state, prunable=state.prunable & ~kept))):
+        t = n - p + i
+        w = torch.where(members, scores.float(), 0.0)
+        w = torch.where(members & (w.sum(dim=1, keepdim=True) == 0), 1.0, w)
+        mass = state.size[:, t] + w.sum(dim=1)
+        total = state.size[:, t, None] * hidden[:, t].float() + (w[:, :, None] * hidden.float()).sum(dim=1)
+        fused = torch.where(mass[:, None] > 0, total / torch.where(mass > 0, mass, 1.0)[:, None], 0.0)
+        last = torch.where(members, state.positions, -1).amax(dim=1)
+        columns["hidden"].append(fused.to(hidden.dtype))
+        columns["size"].append(mass)
+        columns["positions"].append(torch.maximum(state.positions[:, t], last))
+        columns["valid"].append(state.valid[:, t] | members.any(dim=1))
+    new = {k: torch.cat([getattr(state, k)[:, :n - p], torch.stack(v, dim=1)], dim=1)
+           for k, v in columns.items() if k != "hidden"}
+    return torch.cat([hidden[:, :n - p], torch.stack(columns["hidden"], dim=1)], dim=1), replace(state, **new)
+
+
+def merge_targets(keys: torch.Tensor, sources: torch.Tensor, targets: torch.Tensor, positions: torch.Tensor,
+                  causal: bool) -> torch.Tensor:
+    """(B, n) long: the slot each ``sources`` slot merges into, the ``targets`` slot whose key (``keys`` (B, n, W))
+    has the highest cosine with its own (ties: the lower slot); in a causal tower only a target at an earlier
+    position qualifies. -1 elsewhere, and where no target qualifies (the token is dropped). The similarity is one
+    (S, W) x (W, T) matmul per sample, S and T the largest source and target counts of the batch."""
+    b, n = sources.shape
+    out = torch.full((b, n), -1, dtype=torch.long, device=sources.device)
+    src, src_ok = packed(sources)
+    dst, dst_ok = packed(targets)
+    if src.shape[1] == 0 or dst.shape[1] == 0:
+        return out
+    unit = nn_functional.normalize(keys.float(), dim=-1)
+    sim = torch.matmul(gather_tokens(unit, src), gather_tokens(unit, dst).transpose(1, 2))
+    allowed = src_ok[:, :, None] & dst_ok[:, None, :]
+    if causal:
+        allowed = allowed & (positions.gather(1, dst)[:, None, :] < positions.gather(1, src)[:, :, None])
+    best = sim.masked_fill(~allowed, float("-inf")).argmax(dim=-1)
+    chosen = torch.where(src_ok & allowed.any(dim=-1), dst.gather(1, best), -1)
+    return out.scatter(1, src, chosen)
+
+
+def merge_tokens(hidden: torch.Tensor, size: torch.Tensor, positions: torch.Tensor, target: torch.Tensor,
+                 causal: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Average every slot with a ``target`` (>= 0) into it, weighted by size: a target becomes
+    ``sum(size_i x_i) / sum(size_i)`` over itself and its sources, of size ``sum(size_i)``; in a causal tower it
+    takes the position of the last token it holds, so no earlier query sees it. Slots that receive nothing are
+    unchanged (the sources too: the site drops them). Returns (hidden, size, positions)."""
+    b, n, d = hidden.shape
+    into = torch.where(target >= 0, target, torch.arange(n, device=hidden.device).expand(b, n))
+    received = torch.zeros_like(target).scatter_add(1, into, (target >= 0).long()) > 0
+    total = torch.zeros_like(hidden).scatter_add(1, into[:, :, None].expand(-1, -1, d), hidden * size[:, :, None])
+    mass = torch.zeros_like(size).scatter_add(1, into, size)
+    merged = total / torch.where(received, mass, 1.0)[:, :, None]
+    new_positions = positions.scatter_reduce(1, into, positions, "amax") if causal else positions
+    return (torch.where(received[:, :, None], merged, hidden), torch.where(received, mass, size),
+            torch.where(received, new_positions, positions))

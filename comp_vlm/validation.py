@@ -130,9 +130,17 @@ def token_scorer_problem(value: str) -> str | None:
     return None if value in TOKEN_SCORERS else f"must be one of {', '.join(TOKEN_SCORERS)}, got {value!r}"
 
 
+def token_reducer_problem(value: str) -> str | None:
+    """A token reducer is one of the built-in reducers, by name."""
+    from .adapters.runtime import TOKEN_REDUCERS
+
+    return None if value in TOKEN_REDUCERS else f"must be one of {', '.join(TOKEN_REDUCERS)}, got {value!r}"
+
+
 #: PruneConfig (and AdapterOptions) fields with a content check: a function returning what is wrong, or None.
 CONTENT: dict[str, Callable[[Any], str | None]] = {"reference": reference_problem,
-                                                   "token_scorer": token_scorer_problem}
+                                                   "token_scorer": token_scorer_problem,
+                                                   "token_reducer": token_reducer_problem}
 
 
 # ---- types ----------------------------------------------------------------------------------------------------

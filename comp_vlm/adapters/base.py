@@ -24,7 +24,7 @@ from torch import nn
 from .. import masks
 from ..errors import ConfigError, RecipeError, UnsupportedModelError
 from ..flops import model_flops, unit_flops
-from ..recipe import TOKEN_POOL, LayerRecipe, Recipe
+from ..recipe import LEGACY_OPTIONS, TOKEN_POOL, LayerRecipe, Recipe
 from ..structure import PARAM_MODES, TOKEN_MODES, Coupling, LayerStructure, TowerStructure
 from ..validation import validate_dataclass
 from . import units
@@ -125,6 +125,7 @@ class AdapterOptions:
     a sliced model has no masks, so this does not change what it computes).
     ``token_scorer``/``token_scorer_seed``: the built-in scorer the sites rank tokens by (runtime.TOKEN_SCORERS) and
     its seed (read only by scorers that draw random numbers).
+    ``token_reducer``: what a site does with the tokens it does not keep (runtime.TOKEN_REDUCERS).
     """
 
     dead_compute: bool = True
@@ -133,13 +134,15 @@ class AdapterOptions:
     cit: bool = True
     token_scorer: str = "attention"
     token_scorer_seed: int = 0
+    token_reducer: str = "drop"
 
     def __post_init__(self) -> None:
         validate_dataclass(self)  # the rules of PruneConfig's fields of the same names (validation.RANGES, CONTENT)
 
 
 def options_from_recipe(options: dict) -> AdapterOptions:
-    """AdapterOptions from a recipe's JSON, type-checked (a recipe is untrusted input)."""
+    """AdapterOptions from a recipe's JSON, type-checked (a recipe is untrusted input); an option it lacks takes its
+    legacy value (:data:`comp_vlm.recipe.LEGACY_OPTIONS`), never the current default."""
     fields = {f: type(v) for f, v in asdict(AdapterOptions()).items()}
     unknown = sorted(set(options) - set(fields))
     if unknown:
@@ -149,7 +152,7 @@ def options_from_recipe(options: dict) -> AdapterOptions:
         if type(value) is not kind:  # bool is not int here, and "no" is not a bool
             raise RecipeError(f"recipe option {key!r} must be {kind.__name__}, got {value!r}")
     try:
-        return AdapterOptions(**options)
+        return AdapterOptions(**{**LEGACY_OPTIONS, **options})
     except ConfigError as exc:
         raise RecipeError(f"recipe options: {exc}") from None
 
@@ -225,6 +228,7 @@ class ModelAdapter(ABC):
         """Restore the class forwards."""
 
     supports_dead_compute: ClassVar[bool] = False
+    token_reducers: ClassVar[tuple[str, ...]] = ("drop", "fuse")  # merge needs the family to capture its keys
 
     def layer_fields(self, spec: TowerSpec, layer: int) -> dict[str, Any]:
         """Further :class:`LayerStructure` fields of layer ``layer`` of ``spec`` (e.g. ``cross_kv_hidden``,
@@ -267,7 +271,11 @@ class ModelAdapter(ABC):
     def install(self, options: AdapterOptions | None = None, scorer: TokenScorer | None = None) -> ModelAdapter:
         """Install token sites (all keep ratios 1) and options on the instance; idempotent. The sites rank tokens by
         ``scorer`` if given (a custom scorer is not part of the recipe), else by the one already installed, else by
-        the one ``options.token_scorer`` names."""
+        the one ``options.token_scorer`` names. Raises ConfigError on a reducer the family cannot run."""
+        reducer = (options or self.options).token_reducer
+        if reducer not in self.token_reducers:
+            raise ConfigError(f"the {self.family} adapter cannot run token_reducer {reducer!r} (it runs "
+                              f"{', '.join(self.token_reducers)})")
         if options is not None:
             if asdict(options) != asdict(self.options):
                 if self.is_installed():
@@ -494,7 +502,8 @@ class ModelAdapter(ABC):
                 layers.append(replace(layer, **{**self.layer_fields(spec, i), **kept}))
             tokens, always, extra = self.tower_io(spec, ref)
             pools = tuple(self.pool_tokens(spec, ref, tokens - always).items())
-            towers.append(TowerStructure(spec.name, tokens, always, tuple(layers), extra, pools=pools))
+            towers.append(TowerStructure(spec.name, tokens, always, tuple(layers), extra, pools=pools,
+                                         reducer=self.options.token_reducer))
         return towers
 
     def count_flops(self, reference: dict | None = None) -> int:

@@ -19,8 +19,10 @@ from .. import masks, tokens
 from ..tokens import TokenState
 from .base import ModelAdapter, TowerSpec, register_adapter
 from .common import restore_sdpa, use_comp_attention
-from .runtime import LayerCall, SiteRuntime, end_tower, label_pools
+from .runtime import KeyCapture, LayerCall, SiteRuntime, end_tower, label_pools
 from .units import UnitSpec, attention_heads, mlp_neurons
+
+CLIP_KEYS = "self_attn.k_proj"  # a layer's key projection (the merge reducer compares its output)
 
 
 def clip_units(heads: int, head_dim: int, neurons: int) -> tuple[UnitSpec, ...]:
@@ -110,6 +112,7 @@ class CLIPAdapter(ModelAdapter):
     model_classes = (CLIPModel,)
     auto_classes = ("AutoModel", "AutoModelForZeroShotImageClassification")
     supports_dead_compute = True
+    token_reducers = ("drop", "fuse", "merge")
 
     def _tower_modules(self) -> dict[str, nn.Module]:
         return {"vision": self.model.vision_model, "text": self.model.text_model}
@@ -160,7 +163,7 @@ class CLIPAdapter(ModelAdapter):
                 layer.forward = MethodType(clip_layer_forward, layer)
                 layer.comp_runtime = SiteRuntime(spec.name, i, spec.causal, spec.site_pools(), self.token_scorer, head,
                                                  neuron, pooled_only and i == len(layers) - 1, self.options.cit,
-                                                 spec.pool_labels)
+                                                 spec.pool_labels, self.options.token_reducer, CLIP_KEYS)
         text = self.model.text_model
         if not masks.has_hook(text, (TextCallHook,)):
             text.register_forward_pre_hook(TextCallHook(), with_kwargs=True)
@@ -174,6 +177,7 @@ class CLIPAdapter(ModelAdapter):
             for layer in self.layers(spec):
                 layer.__dict__.pop("forward", None)
                 layer.__dict__.pop("comp_runtime", None)
+                masks.remove_hooks(layer.get_submodule(CLIP_KEYS), (KeyCapture,))
         masks.remove_hooks(self.model.text_model, (TextCallHook,))
         restore_sdpa(self.model)
         self.model.__dict__.pop("_comp_vlm_installed", None)

@@ -6,6 +6,10 @@ probabilities (an active token site, statistics collection); there it runs eager
 Registered once, by name, in transformers' ``AttentionInterface`` (and the sdpa mask builder under the same name,
 without which ``create_causal_mask`` silently returns no mask at all); selected per model instance through
 ``config._attn_implementation`` -- no class is patched.
+
+Proportional attention (ToMe; the ``merge`` reducer): a key that stands for ``s`` tokens gets ``log s`` added to its
+logits (:func:`proportional_bias`), so it weighs as its ``s`` tokens would. The bias rides on the additive mask the
+layer passes, so sdpa, eager and the probabilities this module returns all see it.
 """
 
 from __future__ import annotations
@@ -48,6 +52,16 @@ def eager_attention_with_probs(
     probs_used = nn.functional.dropout(probs, p=dropout, training=module.training)
     out = torch.matmul(probs_used, value).transpose(1, 2).contiguous()
     return out, probs
+
+
+def proportional_bias(mask: torch.Tensor | None, size: torch.Tensor) -> torch.Tensor | None:
+    """The additive mask (B, 1, n, n) with ``log(size)`` (size (B, n): the tokens each key stands for) added on the
+    key axis; ``mask`` itself, untouched, while every size is 1. A ``None`` mask needs a dtype: give a zero one."""
+    if bool((size == 1).all()):
+        return mask
+    if mask is None:
+        raise ValueError("proportional attention needs an additive mask of the attention's dtype (zeros for none)")
+    return mask + size.log().to(mask.dtype)[:, None, None, :]
 
 
 def comp_attention_forward(

@@ -14,13 +14,16 @@ the layer module as ``comp_runtime``) at three points::
 the scorer with its random draws -- outside any gradient checkpoint (a checkpoint recompute must replay the forward,
 never record it or draw anew), and checkpoints the body when the layer asks.
 
-Tokens are ranked by a :data:`TokenScorer`, passed at install; :data:`TOKEN_SCORERS` names the built-in ones.
+Tokens are ranked by a :data:`TokenScorer`, passed at install; :data:`TOKEN_SCORERS` names the built-in ones. What
+a site does with the tokens it does not keep is its reducer (:data:`TOKEN_REDUCERS`): ``drop``, ``fuse`` or
+``merge``; ``merge`` compares the layer's attention keys, which a :class:`KeyCapture` hook on the key projection
+hands over, and makes later attention proportional (:func:`comp_vlm.adapters.common.proportional_bias`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
 
@@ -32,6 +35,7 @@ from ..collect import CAPTURE_FLAG, in_backward, pop_captured
 from ..errors import CompVLMError, ConfigError
 from ..structure import TOKEN_POOL
 from ..tokens import TokenState
+from .common import proportional_bias
 
 KEEP_ATTR = "comp_site_keep"  # a layer's site keep ratio per token pool, {pool: ratio} (ModelAdapter.set_keep_ratio)
 COLLECTOR_ATTR = "comp_collector"  # the StatsCollector a layer feeds (set by ModelAdapter.attach_collector)
@@ -159,6 +163,99 @@ def site_step(
     return tokens.gather_tokens(hidden, slots), state.gather(slots, slot_valid, causal, hidden.dtype), slots
 
 
+# ---- reducers -------------------------------------------------------------------------------------------------------
+Keep = float | Sequence[float]
+TokenReducer = Callable[[torch.Tensor, torch.Tensor, TokenState, Keep, bool, "torch.Tensor | None"],
+                        tuple[torch.Tensor, TokenState, torch.Tensor]]
+"""``reducer(hidden, scores, state, keep, causal, keys) -> (hidden, state, scores)``: a site's step, the
+tokens it keeps (top-k of each pool by ``scores``) gathered and the others reduced; ``keys`` (B, n, W) are the
+layer's attention keys (read by ``merge`` only)."""
+
+
+def drop_step(hidden: torch.Tensor, scores: torch.Tensor, state: TokenState, keep: Keep, causal: bool,
+              keys: torch.Tensor | None = None) -> tuple[torch.Tensor, TokenState, torch.Tensor]:
+    """``drop``: the tokens a site does not keep are gone (method.md §1)."""
+    hidden, state, slots = site_step(hidden, scores, state, keep, causal)
+    return hidden, state, scores.gather(1, slots)
+
+
+def fuse_step(hidden: torch.Tensor, scores: torch.Tensor, state: TokenState, keep: Keep, causal: bool,
+              keys: torch.Tensor | None = None) -> tuple[torch.Tensor, TokenState, torch.Tensor]:
+    """``fuse`` (EViT, MADTP): each pool's dropped tokens fold into the pool's fused token (score-weighted mean,
+    :func:`comp_vlm.tokens.fuse_dropped`). The fused tokens are allotted at a tower's first active site, one per
+    pool, as its last slots (an empty one stays masked); they are never pruned and carry score 0."""
+    hidden, scores, state = tokens.with_fused_slots(hidden, scores, state)
+    b, n = scores.shape
+    body = torch.arange(n, device=scores.device) < n - state.fused
+    slots, ok = tokens.select_tokens(scores, replace(state, valid=state.valid & body), keep)
+    hidden, state = tokens.fuse_dropped(hidden, scores, state, tokens.slot_mask(slots, ok, n))
+    slots = torch.cat([slots, torch.arange(n - state.fused, n, device=slots.device).expand(b, -1)], dim=1)
+    ok = torch.cat([ok, torch.ones(b, state.fused, dtype=torch.bool, device=ok.device)], dim=1)
+    return tokens.gather_tokens(hidden, slots), state.gather(slots, ok, causal, hidden.dtype), scores.gather(1, slots)
+
+
+def merge_step(hidden: torch.Tensor, scores: torch.Tensor, state: TokenState, keep: Keep, causal: bool,
+               keys: torch.Tensor | None = None) -> tuple[torch.Tensor, TokenState, torch.Tensor]:
+    """``merge`` (ToMe): each dropped token averages into its most similar kept token of its pool (cosine of the
+    keys; in a causal tower an earlier one), weighted by size (:func:`comp_vlm.tokens.merge_targets`,
+    :func:`comp_vlm.tokens.merge_tokens`); the sizes travel in the state for proportional attention."""
+    if keys is None:
+        raise CompVLMError("the merge reducer needs the layer's attention keys, which this layer did not capture")
+    n = scores.shape[1]
+    slots, ok = tokens.select_tokens(scores, state, keep)
+    kept = tokens.slot_mask(slots, ok, n)
+    target = torch.full_like(state.positions, -1)
+    for members in tokens.pool_members(state):
+        target = torch.maximum(target, tokens.merge_targets(keys, members & ~kept, members & kept, state.positions,
+                                                            causal))
+    size = state.size if state.size is not None else torch.ones(state.valid.shape, device=hidden.device)
+    hidden, size, positions = tokens.merge_tokens(hidden, size, state.positions, target, causal)
+    state = replace(state, size=size, positions=positions).gather(slots, ok, causal, hidden.dtype)
+    if state.attn_mask is None:  # proportional attention adds its bias to a mask of the hidden dtype
+        w = slots.shape[1]
+        state = replace(state, attn_mask=torch.zeros(len(slots), 1, w, w, dtype=hidden.dtype, device=hidden.device))
+    return tokens.gather_tokens(hidden, slots), state, scores.gather(1, slots)
+
+
+TOKEN_REDUCERS: dict[str, TokenReducer] = {"drop": drop_step, "fuse": fuse_step, "merge": merge_step}
+"""The reducers by name (``PruneConfig.token_reducer``, ``AdapterOptions.token_reducer``)."""
+KEY_REDUCERS = ("merge",)  # reducers that read the layer's attention keys (a family must expose them)
+
+
+def check_token_reducer(name: str) -> None:
+    """Raise ConfigError unless ``name`` is a reducer."""
+    if name not in TOKEN_REDUCERS:
+        raise ConfigError(f"unknown token_reducer {name!r}; choose from {', '.join(TOKEN_REDUCERS)}")
+
+
+KEYS = "comp_captured_keys"
+
+
+class KeyCapture:
+    """Forward hook (prepended: it sees the keys before any head-mask hook) on a layer's key projection: keeps its
+    output, detached, while the layer's site asks for it (``module.comp_capture_keys``)."""
+
+    def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        if module.__dict__.get("comp_capture_keys", False):
+            module.__dict__[KEYS] = output.detach()
+
+
+def install_key_capture(linear: nn.Module) -> None:
+    """Hook ``linear`` (a layer's key projection) with a :class:`KeyCapture` (idempotent)."""
+    if not any(isinstance(h, KeyCapture) for h in linear._forward_hooks.values()):
+        linear.register_forward_hook(KeyCapture(), prepend=True)
+
+
+def site_keys(linear: nn.Module, n_heads: int, head_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The keys ``linear`` captured in this forward (B, n, W), each head's channels scaled by its soft mask (as the
+    attention sees them: a sliced model's keys and a hard-masked one's have the same cosines)."""
+    keys = linear.__dict__.pop(KEYS, None)
+    if keys is None or head_mask is None:
+        return keys
+    b, n, w = keys.shape
+    return (keys.view(b, n, n_heads, w // n_heads) * head_mask.to(keys.dtype)[:, None]).view(b, n, w)
+
+
 # ---- the runtime ----------------------------------------------------------------------------------------------------
 def call_scorer(scorer: TokenScorer) -> TokenScorer:
     """The scorer of one layer forward: a scorer with ``per_call()`` fixes its random draws through it (so that a
@@ -200,6 +297,8 @@ class SiteRuntime:
     pooled_only_mlp: bool = False
     cit: bool = True
     pool_labels: PoolLabels | None = None
+    reducer: str = "drop"
+    key_output: str | None = None  # path of the key projection whose output merge compares (KeyCapture)
 
     def run(self, layer: nn.Module, body: Callable[..., Any], hidden: torch.Tensor, attention_mask: Any,
             state: TokenState, **kwargs: Any) -> Any:
@@ -222,8 +321,13 @@ class SiteRuntime:
             layer.get_submodule(path).__dict__[CAPTURE_FLAG] = collect
         keep = tuple(pool.keep(layer) for pool in self.pools)
         alive = heads_alive(n_heads, head_mask)
-        return LayerStep(self, layer, state, call.scorer, head_mask, keep, alive, min(keep, default=1.0) < 1.0 and alive,
-                         collector, wants, collect)
+        site_on = min(keep, default=1.0) < 1.0 and alive
+        if self.key_output is not None and self.reducer in KEY_REDUCERS:
+            linear = layer.get_submodule(self.key_output)
+            install_key_capture(linear)  # here, not at install: slicing replaces the linear
+            linear.__dict__["comp_capture_keys"] = site_on
+        return LayerStep(self, layer, state, call.scorer, head_mask, keep, alive, site_on, collector, wants, collect,
+                         n_heads=n_heads)
 
 
 @dataclass(frozen=True)
@@ -250,6 +354,7 @@ class LayerStep:
     wants: bool
     collect: bool
     scores: torch.Tensor | None = None
+    n_heads: int = 0
 
     @property
     def need_probs(self) -> bool:
@@ -257,8 +362,13 @@ class LayerStep:
         return self.site_on or self.wants
 
     def attention_mask(self, mask: Any) -> Any:
-        """The mask of the current slots once a site gathered tokens, else the model's own."""
-        return self.state.attn_mask if self.state.gathered else mask
+        """The mask of the current slots once a site gathered tokens, else the model's own; under ``merge``, with
+        the proportional-attention bias log(size) on the key axis (none while every size is 1)."""
+        if not self.state.gathered:
+            return mask
+        if self.runtime.reducer == "merge" and self.state.size is not None:
+            return proportional_bias(self.state.attn_mask, self.state.size)
+        return self.state.attn_mask
 
     def after_attention(self, probs: torch.Tensor | None) -> None:
         """Score the current slots (when a site or the collector needs it) and feed the head statistic."""
@@ -278,8 +388,12 @@ class LayerStep:
     def site(self, hidden: torch.Tensor) -> torch.Tensor:
         """The token site (top-k by the scores, gathered), then the pooled-only step; returns the shorter hidden."""
         if self.site_on:
-            hidden, self.state, slots = site_step(hidden, self.scores, self.state, self.keep, self.runtime.causal)
-            self.scores = self.scores.gather(1, slots)
+            rt = self.runtime
+            keys = None
+            if rt.key_output is not None and rt.reducer in KEY_REDUCERS:
+                keys = site_keys(self.layer.get_submodule(rt.key_output), self.n_heads, self.head_mask)
+            hidden, self.state, self.scores = TOKEN_REDUCERS[rt.reducer](hidden, self.scores, self.state, self.keep,
+                                                                        rt.causal, keys)
         if self.runtime.pooled_only_mlp:
             slot = self.state.pooled_slot[:, None]
             hidden, self.state = tokens.keep_pooled_only(hidden, self.state)

@@ -21,7 +21,7 @@ COST_MEASURES = ("recovered", "immediate", "probe")
 LR_SCHEDULES = ("constant", "cosine")
 FINETUNE_BUDGETS = ("fixed", "equal-total")
 
-NEUTRAL: dict[str, Any] = {"token_scorer": "attention", "param_max_cut": 1.0}
+NEUTRAL: dict[str, Any] = {"token_scorer": "attention", "param_max_cut": 1.0, "token_reducer": "drop"}
 """PruneConfig fields added after searches were recorded, at the value that reproduces the search before them: a
 search checkpoint without the field resumes at it, and the quality suite leaves a field at it out of its suite key
 (earlier suites keep their keys)."""
@@ -71,6 +71,7 @@ class PruneConfig:
     site_start: int = AdapterOptions.site_start
     site_every: int = AdapterOptions.site_every
     token_scorer: str = AdapterOptions.token_scorer  # how token sites rank tokens, seeded by seed
+    token_reducer: str = AdapterOptions.token_reducer  # what sites do with the tokens they do not keep
     reference: dict | None = None
     log_path: str | None = None
     checkpoint_dir: str | None = None  # search checkpoints at every stage boundary

@@ -96,7 +96,7 @@ class Pruner:
         self.adapter.clear_masks()
         self.adapter.install(AdapterOptions(config.dead_compute, config.site_start, config.site_every,
                                             cit=config.strategy != "no-cit", token_scorer=config.token_scorer,
-                                            token_scorer_seed=config.seed))
+                                            token_scorer_seed=config.seed, token_reducer=config.token_reducer))
         self.reference = self.adapter.reference(config.reference)
         object.__setattr__(model, "comp_vlm_reference", dict(self.reference))
         self.couplings = self.adapter.couplings()
