@@ -109,8 +109,9 @@ def check_every_stage(monkeypatch) -> list[str]:
     return modes
 
 
+@pytest.mark.parametrize("reducer", ["drop", "fuse", "merge"])
 @pytest.mark.parametrize("two_pools", [False, True], ids=["clip", "two-pool-clip"])
-def test_the_derived_structure_is_the_adapters_after_every_stage(setup, monkeypatch, two_pools):
+def test_the_derived_structure_is_the_adapters_after_every_stage(setup, monkeypatch, two_pools, reducer):
     cfg, _, loaders = setup
     model = fresh(cfg)
     if two_pools:  # the text tower's tokens in pools "early" (T_l) and "late" (T_v)
@@ -118,9 +119,10 @@ def test_the_derived_structure_is_the_adapters_after_every_stage(setup, monkeypa
     modes = check_every_stage(monkeypatch)
     loaders.train.load_state_dict({"epoch": 0, "position": 0})
     with registered(TwoPoolCLIPAdapter):
-        prune(model, RetrievalTask(), loaders.train, loaders.val, quick(ratio=0.5, finetune_steps=0))
+        prune(model, RetrievalTask(), loaders.train, loaders.val,
+              quick(ratio=0.5, finetune_steps=0, token_reducer=reducer))
     assert {"param", "token"} <= {mode_kind(m) for m in modes}
-    assert not two_pools or {"T_v", "T_l"} <= set(modes)
+    assert not two_pools or reducer != "drop" or {"T_v", "T_l"} <= set(modes)  # the search's own choice of modes
 
 
 def test_the_dense_structure_is_read_once_and_matches_the_adapters(setup):
