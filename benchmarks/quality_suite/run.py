@@ -18,6 +18,7 @@ import torch
 from bench_world import FULL, SMOKE, Bench, make_bench
 
 import comp_vlm
+import comp_vlm.tasks
 import comp_vlm.training
 import quality_suite
 
@@ -175,7 +176,7 @@ def run_dense_control(bench: Bench, dense: torch.nn.Module, dense_metric: float,
             "wall_s": time.perf_counter() - t0, **identity}
 
 
-TASKS = ("retrieval",)  # what the suite's benches evaluate
+TASKS = ("retrieval",)  # the registered tasks (comp_vlm.tasks.TASKS) the suite's benches evaluate
 
 
 def model_attempt(world: str, model: str | None, attempt: str | None, smoke: bool) -> str | None:
@@ -202,6 +203,8 @@ def model_attempt(world: str, model: str | None, attempt: str | None, smoke: boo
 def suite_bench(args: argparse.Namespace) -> Bench:
     """The bench of the arguments' world, model and task; ValueError or CalibrationMissing (one line) for a model
     or task the world does not have."""
+    if args.task not in comp_vlm.tasks.task_names():
+        raise ValueError(f"--task {args.task}: not a registered task ({', '.join(comp_vlm.tasks.task_names())})")
     if args.task not in TASKS:
         raise ValueError(f"--task {args.task}: the quality suite runs {', '.join(TASKS)} only")
     attempt = model_attempt(args.world, args.model, args.attempt, args.smoke)

@@ -20,7 +20,7 @@ from ..tokens import TokenState
 from .base import ModelAdapter, TowerSpec, register_adapter
 from .common import restore_sdpa, use_comp_attention
 from .runtime import LayerCall, SiteRuntime, end_tower, label_pools
-from .units import UnitSpec, attention_heads, mlp_neurons
+from .units import UnitSpec, attention_heads, mask_buffer, mlp_neurons
 
 
 def clip_units(heads: int, head_dim: int, neurons: int) -> tuple[UnitSpec, ...]:
@@ -82,7 +82,7 @@ def _clip_layer_body(
 ) -> tuple[torch.Tensor, TokenState]:
     """CLIPEncoderLayer's maths; its SiteRuntime runs the protocol after attention, at the site, after the MLP."""
     attn = self.self_attn
-    head_mask = getattr(attn, masks.HEAD_MASK, None)
+    head_mask = getattr(attn, mask_buffer("head"), None)
     n_heads = attn.q_proj.out_features // attn.head_dim
     step = self.comp_runtime.start(self, comp_state, comp_call, n_heads, head_mask)
     x = self.layer_norm1(hidden)
