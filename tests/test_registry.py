@@ -20,7 +20,6 @@ from comp_vlm.api import check_task
 from comp_vlm.cli import build_parser
 from comp_vlm.dense import DenseTraining
 from comp_vlm.errors import ConfigError, UnsupportedModelError
-from comp_vlm.loading import dense_model_class, load_dense_dir
 from comp_vlm.tasks.retrieval import RetrievalTask
 
 FAMILY, TASK, PRESET = "test-family", "test-retrieval", "test-family-tiny"
@@ -78,6 +77,8 @@ def family_dir(tmp_path: Path) -> Path:
 
 
 def test_load_dense_dir_builds_the_registered_class(family, tmp_path):
+    from comp_vlm.loading import load_dense_dir
+
     model = load_dense_dir(family_dir(tmp_path))
     assert type(model) is FamilyModel and isinstance(comp_vlm.get_adapter(model), FamilyAdapter)
     assert model.config._attn_implementation == FamilyAdapter.attn_implementation
@@ -85,6 +86,8 @@ def test_load_dense_dir_builds_the_registered_class(family, tmp_path):
 
 def test_a_config_no_adapter_takes_is_refused_naming_the_registered_classes(tmp_path):
     from transformers import BertConfig
+
+    from comp_vlm.loading import dense_model_class
 
     with pytest.raises(UnsupportedModelError, match=r"'bert' model; comp-vlm prunes CLIPModel checkpoints"):
         dense_model_class(tmp_path, BertConfig())
