@@ -14,33 +14,23 @@ from .loading import (
     DataSource,
     check_data,
     check_fit,
-    load_clip_dir,
     load_image_processor,
+    load_model_dir,
     load_model_tokenizer,
     processor_stats,
 )
 from .report import say
 from .search import prune
 
-TASKS = ("retrieval",)
-DEFAULT_GALLERY = 100
-
 
 def check_task(task: str, gallery_size: int | None = 0, eval_pairs: int | None = None) -> Any:
-    """The task object; ``gallery_size`` 0 means one gallery of every evaluation pair, None the default (100, or
-    the whole split when it is smaller). ``eval_pairs``: the smallest split the task will evaluate (validation
-    or test), which must fill one gallery."""
-    from .tasks.retrieval import RetrievalTask
+    """The registered task ``task`` (:func:`comp_vlm.tasks.register_task`) for the options; for retrieval
+    ``gallery_size`` 0 means one gallery of every evaluation pair, None the default (100, or the whole split when it
+    is smaller), and ``eval_pairs`` is the smallest split the task will evaluate (validation or test), which must
+    fill one gallery."""
+    from .tasks import make_task
 
-    if task != "retrieval":
-        raise ConfigError(f"task {task!r} is not supported yet (supported: {', '.join(TASKS)})")
-    if gallery_size is None:
-        gallery_size = DEFAULT_GALLERY if eval_pairs is None or eval_pairs >= DEFAULT_GALLERY else 0
-    if gallery_size < 0 or gallery_size == 1:
-        raise ConfigError(f"--gallery-size must be 0 (whole split) or at least 2, got {gallery_size}")
-    if gallery_size and eval_pairs is not None and gallery_size > eval_pairs:
-        raise ConfigError(f"--gallery-size {gallery_size} exceeds the {eval_pairs} evaluation pairs of a split")
-    return RetrievalTask(gallery_size=gallery_size or None)
+    return make_task(task, gallery_size, eval_pairs)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -73,9 +63,9 @@ def _eval_settings(path: Path, source: DataSource, model: Any, processor: Any, r
                    seed: int | None) -> dict:
     """How the test split is made: a data directory's test split whole, or the synthetic test split of the
     settings ``recorded`` with a pruned model (``seed`` and ``n_test`` override them)."""
-    from .zoo import BUILTINS
+    from .zoo import BUILTINS, DEFAULT_PRESET
 
-    spec = BUILTINS["demo-clip"]
+    spec = BUILTINS[DEFAULT_PRESET]
     eval_batch_size = recorded.get("eval_batch_size", spec.eval_batch_size)
     if source.kind == "karpathy":
         if n_test is not None:
@@ -115,7 +105,7 @@ def _eval_batches(settings: dict, model: Any, tokenizer: Any, processor: Any, pr
 def evaluate_dir(path: str | os.PathLike, data: str | None = None, task: str = "retrieval",
                  gallery_size: int | None = None, n_test: int | None = None, seed: int | None = None,
                  device: str = "cpu", progress: bool = True, data_option: str = "data=") -> dict[str, Any]:
-    """Task metrics of the model directory ``path`` (pruned, or a dense CLIPModel) on a test split, with its
+    """Task metrics of the model directory ``path`` (pruned, or a dense model of a registered class) on a test split, with its
     analytic FLOPs and parameters. ``data``: 'synthetic' or a Karpathy-format directory (default: the data recorded
     with a pruned model; a dense model needs it, and ``data_option`` is how the error names it); ``gallery_size``,
     ``n_test`` and ``seed`` default to the recorded ones when the data is the recorded data (0 galleries: one gallery
@@ -127,7 +117,7 @@ def evaluate_dir(path: str | os.PathLike, data: str | None = None, task: str = "
     check_task(task)
     source = check_data(data, roles=("test",)) if data is not None else None
     path = Path(path)
-    model = load_clip_dir(path, device)
+    model = load_model_dir(path, device)
     recipe = comp_vlm.read_recipe(path) if (path / RECIPE_FILE).is_file() else None
     tokenizer = load_model_tokenizer(path, model)
     processor = load_image_processor(path)
@@ -146,13 +136,12 @@ def evaluate_dir(path: str | os.PathLike, data: str | None = None, task: str = "
     seconds = time.perf_counter() - t0
     if recipe is not None:
         reference = dict(recipe.reference)
-    else:  # a plain transformers model: count what it computes (no dead-compute option), at the test texts' length
+    else:  # a plain transformers model: count what it computes (no dead-compute option), at the task's reference
         from .adapters.base import AdapterOptions
 
-        comp_vlm.get_adapter(model).install(AdapterOptions(dead_compute=False))
-        lengths = [int(b["attention_mask"].sum()) / len(b["attention_mask"]) for b in test]
-        reference = {"image_size": int(model.config.vision_config.image_size),
-                     "text_length": round(sum(lengths) / len(lengths))}
+        adapter = comp_vlm.get_adapter(model)
+        adapter.install(AdapterOptions(dead_compute=False))
+        reference = {**adapter.default_reference(), **split_reference(retrieval, test)}
     flops = comp_vlm.count_flops(model, reference)
     dense_flops = recipe.dense_flops if recipe else flops
     images = len({i for b in test for i in b["image_ids"]}) if source.kind == "karpathy" else settings["n_test"]
@@ -162,6 +151,15 @@ def evaluate_dir(path: str | os.PathLike, data: str | None = None, task: str = "
             "seed": settings.get("seed"), "metrics": metrics, "primary_metric": retrieval.primary_metric,
             "flops": flops, "dense_flops": dense_flops, "flops_kept": flops / dense_flops,
             "params": comp_vlm.count_params(model), "reference": reference, "eval_seconds": seconds}
+
+
+def split_reference(task: Any, test: list[dict]) -> dict[str, int]:
+    """The reference lengths of a test split: the task's (:meth:`comp_vlm.tasks.base.Task.reference_lengths`)
+    per-batch means, averaged over the batches and rounded."""
+    from .tasks.base import mean_reference_lengths
+
+    per_batch = [mean_reference_lengths(task, [batch]) for batch in test]
+    return {key: round(sum(p[key] for p in per_batch) / len(per_batch)) for key in per_batch[0]}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -182,10 +180,10 @@ def bench_dir(path: str | os.PathLike, dense: str | os.PathLike | None = None, b
     from .measure import bench_inputs, interleaved_latency_ms
 
     path = Path(path)
-    pruned = load_clip_dir(path, device)
+    pruned = load_model_dir(path, device)
     recipe = comp_vlm.read_recipe(path)
     if dense:
-        dense_model = load_clip_dir(Path(dense), device)
+        dense_model = load_model_dir(Path(dense), device)
         dense_source = str(dense)
         from .adapters.base import config_hash
 
@@ -193,16 +191,14 @@ def bench_dir(path: str | os.PathLike, dense: str | os.PathLike | None = None, b
             raise ConfigError(f"--dense {dense} is not the architecture {path} was pruned from "
                               "(base-config hash differs)")
     else:
-        from transformers import CLIPModel
-
         attn = get_adapter(pruned).attn_implementation
-        dense_model = CLIPModel._from_config(pruned.config, attn_implementation=attn).to(device).eval()
+        dense_model = type(pruned)._from_config(pruned.config, attn_implementation=attn).to(device).eval()
         dense_source = "dense architecture from the pruned model's base config (random weights: speed and FLOPs " \
                        "do not depend on the weights)"
     # the dense reference runs with the recipe's options (e.g. CLIP's dead compute), as its FLOPs are counted
     get_adapter(dense_model).install(options_from_recipe(recipe.options))
     max_len = int(pruned.config.text_config.max_position_embeddings)
-    ref_len = int(recipe.reference.get("text_length", 16))
+    ref_len = int(recipe.reference.get("text_length") or get_adapter(pruned).default_reference()["text_length"])
     lengths = text_lengths or tuple(sorted({min(ref_len, max_len), min(2 * ref_len, max_len)}))
     if max(lengths) > max_len:
         raise ConfigError(f"text length {max(lengths)} exceeds the model's max_position_embeddings ({max_len})")

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from . import outputs, zoo
-from .api import TASKS, check_task, missing_data_error
+from .api import check_task, missing_data_error
 from .errors import CompVLMError, ConfigError, OutputError
 from .loading import (
     DataSource,
@@ -28,8 +28,8 @@ from .loading import (
     load_dense_dir,
     load_image_processor,
     load_model_tokenizer,
-    mean_text_length,
     processor_stats,
+    training_split_lengths,
 )
 from .report import json_text, say, set_progress_lines, write_json, write_jsonl
 from .report import result as _result
@@ -167,7 +167,7 @@ def _check_prune_data(args: argparse.Namespace, source: DataSource, spec: Any) -
     if source.kind == "synthetic":
         return min(args.n_val or spec.n_val, args.n_test or spec.n_test)
     if args.model in zoo.BUILTINS:
-        raise ConfigError(f"--data {args.data} needs --model DIR, a CLIP model directory with the tokenizer and image "
+        raise ConfigError(f"--data {args.data} needs --model DIR, a model directory with the tokenizer and image "
                           f"processor for its captions and images (built-in {args.model} knows only the synthetic "
                           "world's words)")
     if any(v is not None for v in (args.n_train, args.n_val, args.n_test)):
@@ -224,7 +224,7 @@ def _resolve_model(args: argparse.Namespace, task: Any, device: str, source: Dat
     model = load_dense_dir(path, device)
     tokenizer = load_model_tokenizer(path, model)
     processor = load_image_processor(path)
-    spec = zoo.BUILTINS["demo-clip"]
+    spec = zoo.BUILTINS[zoo.DEFAULT_PRESET]
     batch = args.batch_size or spec.batch_size
     if source.kind == "karpathy":
         if processor is None:
@@ -336,7 +336,7 @@ def _prune(args: argparse.Namespace) -> int:
 
     device = _setup(args)
     source = check_data(_prune_data(args))
-    spec = zoo.BUILTINS.get(args.model, zoo.BUILTINS["demo-clip"])
+    spec = zoo.BUILTINS.get(args.model, zoo.BUILTINS[zoo.DEFAULT_PRESET])
     task = check_task(args.task, args.gallery_size, _check_prune_data(args, source, spec))
     snapshots = tuple(s for s in (args.snapshots or ()) if s != args.ratio)
     out = Path(args.out)
@@ -349,8 +349,10 @@ def _prune(args: argparse.Namespace) -> int:
     _prune_config(settings)  # validate the options before loading or training anything (errors name the flags)
     src = _resolve_model(args, task, device, source)
     model, data = src["model"], src["data"]
-    length = args.text_length or round(mean_text_length(data.loaders))
-    reference = {"image_size": int(model.config.vision_config.image_size), "text_length": length}
+    lengths = {key: round(value) for key, value in training_split_lengths(task, data.loaders).items()}
+    if args.text_length:
+        lengths["text_length"] = args.text_length
+    reference = {**comp_vlm.get_adapter(model).default_reference(), **lengths}
     config = _prune_config({**settings, "reference": reference})
     identity = search_state.check_resume(config, search_state.run_identity(model, data.settings, src["source"]))
     say(f"model: {src['source']} ({comp_vlm.count_params(model):,} params); data: {_describe_data(data.settings)}")
@@ -572,10 +574,18 @@ def _search_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, default=None, choices=kind, help=f"{text} {_default_help(name)}")
 
 
+def _model_classes() -> str:
+    """The model classes comp-vlm loads (those of the registered adapters)."""
+    from .adapters.base import registered_model_classes
+
+    return ", ".join(c.__name__ for c in registered_model_classes())
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .search import STRATEGIES, PruneConfig
+    from .tasks import task_names
 
-    d, config = zoo.BUILTINS["demo-clip"], PruneConfig()
+    d, config = zoo.BUILTINS[zoo.DEFAULT_PRESET], PruneConfig()
 
     parser = _Parser(
         prog="comp-vlm",
@@ -609,16 +619,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
 
     prune = sub.add_parser(
-        "prune", help="prune a CLIP model with CoMP to a FLOPs ratio",
-        description="Prune a CLIP model with CoMP: calibrate, staged multi-mode search to --ratio (snapshotting "
+        "prune", help="prune a vision-language model with CoMP to a FLOPs ratio",
+        description="Prune a vision-language model with CoMP: calibrate, staged multi-mode search to --ratio (snapshotting "
                     "--snapshots on the way), fine-tune, slice, and save a pruned model directory (weights, "
                     "recipe, tokenizer, image processor) plus a stage log and a report. Search defaults are "
                     "PruneConfig's (the Python API's); a built-in model's preset overrides some, flags override "
                     f"both: {_preset_overrides()}.")
     prune.add_argument("--model", required=True, metavar="DIR_OR_BUILTIN",
-                       help="a local transformers CLIPModel directory (with its tokenizer), or a built-in model "
+                       help=f"a local transformers model directory ({_model_classes()}, with its tokenizer), or a "
+                            "built-in model "
                             f"({', '.join(zoo.BUILTINS)}: trained on the synthetic world, cached)")
-    prune.add_argument("--task", default="retrieval", choices=TASKS, help="task (default: retrieval)")
+    prune.add_argument("--task", default="retrieval", choices=task_names(), help="task (default: retrieval)")
     prune.add_argument("--data", default=None, metavar="synthetic|DIR",
                        help="training/validation/test data: 'synthetic' (the built-in shapes world; the default of "
                             "built-in models, to be named for a model directory), or a COCO/Flickr30K directory in Karpathy's format (dataset_*.json and the images; needs "
@@ -676,11 +687,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser(
         "eval", help="evaluate a pruned (or dense) model directory",
-        description="Evaluate a model directory written by 'comp-vlm prune'/'demo' (or a dense CLIPModel "
-                    "directory): task metrics on the test split of the synthetic world or of a Karpathy-format "
+        description="Evaluate a model directory written by 'comp-vlm prune'/'demo' (or a dense model "
+                    f"directory: {_model_classes()}): task metrics on the test split of the synthetic world or of a Karpathy-format "
                     "data directory, plus analytic FLOPs and parameters.")
     ev.add_argument("model_dir", metavar="OUT", help="model directory")
-    ev.add_argument("--task", default="retrieval", choices=TASKS, help="task (default: retrieval)")
+    ev.add_argument("--task", default="retrieval", choices=task_names(), help="task (default: retrieval)")
     ev.add_argument("--data", default=None, metavar="synthetic|DIR",
                     help="evaluation data: 'synthetic', or a Karpathy-format directory (its test split) "
                          "(default: the data directory recorded with a pruned model; a dense model directory needs "

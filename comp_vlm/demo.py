@@ -18,7 +18,7 @@ from torch import nn
 
 from . import outputs
 from .errors import CompVLMError
-from .loading import load_image_processor, load_tokenizer
+from .loading import load_image_processor, load_tokenizer, training_split_lengths
 from .measure import batch_inputs, dense_reference_model, interleaved_latency_ms
 from .report import Row, format_table, json_text, say, show, write_jsonl, write_plot
 from .validation import ratio_key
@@ -87,7 +87,7 @@ def run_demo(out: str, ratio: float | None = None, seed: int = 0, device: str = 
     say("-- 1/5 dense model")
     dense = builtin_dense(spec, seed, device, cache_dir, task, progress)
     data = dense.data
-    text_length = data.mean_text_length
+    text_length = training_split_lengths(task, data.loaders)["text_length"]
     reference = {"image_size": spec.image_size, "text_length": round(text_length)}
     adapter_view = comp_vlm.get_adapter(dense.model)
     towers = {t.name: t for t in adapter_view.structure(reference)}

@@ -8,7 +8,7 @@ installs the recipe's token sites.
 
 The weights are not named ``model.safetensors``: transformers would read them into the dense model that
 ``config.json`` describes (with ``ignore_mismatched_sizes=True``, re-initialising every pruned tensor at random).
-Under this name ``CLIPModel.from_pretrained`` finds no weights and raises. Directories saved before the rename hold
+Under this name the model class's ``from_pretrained`` finds no weights and raises. Directories saved before the rename hold
 ``model.safetensors`` (:data:`LEGACY_WEIGHTS_FILE`), which loading still reads.
 """
 

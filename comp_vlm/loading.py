@@ -1,5 +1,5 @@
-"""Loading what a user names: model directories (a comp-vlm pruned model or a transformers CLIPModel, safetensors
-only, never a pickle), their tokenizers and image processors, and retrieval data (``--data``: the built-in
+"""Loading what a user names: model directories (a comp-vlm pruned model or a dense transformers model of a class an
+adapter is registered for, safetensors only, never a pickle), their tokenizers and image processors, and retrieval data (``--data``: the built-in
 synthetic world or a Karpathy-format directory), each refused with a one-line error before any work when unfit."""
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
 # ---------------------------------------------------------------------------------------------------------------
 # model directories
 # ---------------------------------------------------------------------------------------------------------------
-def load_clip_dir(path: str | os.PathLike, device: str = "cpu") -> nn.Module:
-    """A model directory: a comp-vlm pruned model (``comp_recipe.json``) or a plain transformers CLIPModel."""
+def load_model_dir(path: str | os.PathLike, device: str = "cpu") -> nn.Module:
+    """A model directory: a comp-vlm pruned model (``comp_recipe.json``) or a dense model (:func:`load_dense_dir`)."""
     from .io import load_pruned
     from .recipe import RECIPE_FILE
 
@@ -34,10 +34,33 @@ def load_clip_dir(path: str | os.PathLike, device: str = "cpu") -> nn.Module:
     return load_dense_dir(p, device)
 
 
-def load_dense_dir(path: Path, device: str = "cpu") -> nn.Module:
-    from transformers import AutoConfig, CLIPModel
-
+def dense_model_class(path: Path, config: Any) -> type:
+    """The registered model class (:func:`comp_vlm.adapters.base.register_adapter`) a dense directory's config
+    names: the first of its ``architectures`` an adapter is registered for, else the first registered class of its
+    ``model_type``. UnsupportedModelError for a model no adapter takes."""
+    from .adapters.base import adapter_class_for, registered_model_classes
     from .errors import UnsupportedModelError
+
+    for name in getattr(config, "architectures", None) or ():
+        try:
+            return adapter_class_for(name)[1]
+        except UnsupportedModelError:
+            continue
+    model_type = getattr(config, "model_type", None)
+    classes = registered_model_classes()
+    for model_class in classes:
+        if getattr(getattr(model_class, "config_class", None), "model_type", None) == model_type:
+            return model_class
+    raise UnsupportedModelError(f"{path} holds a {model_type or '?'!r} model; comp-vlm prunes "
+                                f"{', '.join(c.__name__ for c in classes)} checkpoints")
+
+
+def load_dense_dir(path: Path, device: str = "cpu") -> nn.Module:
+    """A dense transformers model directory (``config.json`` + safetensors weights) as the registered model class
+    its config names (:func:`dense_model_class`), built with its family's attention implementation."""
+    from transformers import AutoConfig
+
+    from .adapters.base import attn_implementation_for
 
     if not (path / "config.json").is_file():
         raise CheckpointError(f"{path} holds no config.json: not a transformers model directory")
@@ -50,14 +73,13 @@ def load_dense_dir(path: Path, device: str = "cpu") -> nn.Module:
         config = AutoConfig.from_pretrained(str(path))
     except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{path}/config.json is unreadable: {str(exc).splitlines()[0]}") from None
-    if getattr(config, "model_type", None) != "clip":
-        raise UnsupportedModelError(
-            f"{path} holds a {getattr(config, 'model_type', '?')!r} model; comp-vlm prunes CLIPModel checkpoints")
+    model_class = dense_model_class(path, config)
     from safetensors import SafetensorError
 
     try:  # mismatched shapes are reported, and refused, by check_loaded
-        model, info = CLIPModel.from_pretrained(str(path), attn_implementation="sdpa", use_safetensors=True,
-                                                ignore_mismatched_sizes=True, output_loading_info=True)
+        model, info = model_class.from_pretrained(str(path), attn_implementation=attn_implementation_for(model_class),
+                                                  use_safetensors=True, ignore_mismatched_sizes=True,
+                                                  output_loading_info=True)
     except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as exc:
         raise CheckpointError(f"cannot load the model in {path}: {str(exc).strip().splitlines()[0]}") from None
     check_loaded(path, info)
@@ -195,9 +217,13 @@ def karpathy_data(source: DataSource, tokenizer: Any, processor: Any, batch_size
     return LoadedData(loaders, settings)
 
 
-def mean_text_length(loaders: Any) -> float:
-    """Mean unpadded caption length (tokens, BOS/EOS included) of the training texts: the FLOPs reference length."""
-    return float(loaders.train.data.attention_mask.sum(1).float().mean())
+def training_split_lengths(task: Any, loaders: Any) -> dict[str, float]:
+    """The means of ``task.reference_lengths`` over the texts of the whole training split (``loaders.train.data``,
+    its images unread): the FLOPs reference of ``comp-vlm prune`` and the demo."""
+    from .tasks.base import mean_reference_lengths
+
+    data = loaders.train.data
+    return mean_reference_lengths(task, [{"input_ids": data.input_ids, "attention_mask": data.attention_mask}])
 
 
 def check_fit(model: Any, batch: dict, text_length: int, data: str) -> None:

@@ -13,8 +13,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-HEAD_MASK = "comp_head_mask"  # adapters.units.mask_buffer("head"): read by the layer forwards (CIT, live heads)
-
 
 def remove_hooks(module: nn.Module, types: tuple[type, ...]) -> None:
     """Remove the hooks of the given callable types from ``module``. Identifying hooks by type (not by handle)

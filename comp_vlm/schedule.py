@@ -117,6 +117,15 @@ def exploration_probabilities(stages_since: Sequence[float], tau: float = 5.0) -
     return [x / s for x in w]
 
 
+#: what a token mode's stages remove, by name in stage logs (``removed_by``) and reports
+TOKEN_MODE_PARTS = {"T_v": "vision_tokens", "T_l": "text_tokens"}
+
+
+def mode_part(mode: str) -> str:
+    """The name a token stage's removal goes by in stage logs (:data:`TOKEN_MODE_PARTS`; another mode's own)."""
+    return TOKEN_MODE_PARTS.get(mode, mode)
+
+
 def mode_kind(mode: str) -> str:
     """``"param"`` for modes named ``P...`` (``P_v``, ``P_l``, ``P_c``), ``"token"`` for ``T...``."""
     if mode.startswith("P"):

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from .errors import ConfigError, NonFiniteError
 from .search import budget
-from .tasks.base import model_device
+from .tasks.base import mean_reference_lengths, model_device
 
 if TYPE_CHECKING:
     from .search.config import PruneConfig
@@ -43,25 +43,24 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def mean_text_length(batches: Iterable) -> int | None:
-    """Mean unpadded text length (rounded) over batches holding an ``attention_mask`` (None if none do)."""
-    total, count = 0.0, 0
-    for batch in batches:
-        mask = batch.get("attention_mask") if isinstance(batch, dict) else None
-        if mask is not None:
-            total += float(mask.sum())
-            count += mask.shape[0]
-    return round(total / count) if count else None
-
-
-def training_text_length(train_data: Any) -> int | None:
-    """Mean unpadded length of one pass over the training data, leaving a stateful loader where it was."""
+def training_reference(train_data: Any, task: Any = None) -> dict[str, int]:
+    """The FLOPs reference lengths of one pass over the training data: the means of ``task.reference_lengths``
+    (the unpadded text length without a task), rounded; a stateful loader is left where it was."""
     state = train_data.state_dict() if hasattr(train_data, "state_dict") else None
     try:  # a stateful loader at the end of an epoch yields nothing once: then read the next pass
-        return mean_text_length(train_data) or mean_text_length(train_data)
+        for _ in range(2):
+            means = mean_reference_lengths(task, train_data)
+            if means:
+                return {key: round(value) for key, value in means.items()}
+        return {}
     finally:
         if state is not None:
             train_data.load_state_dict(state)
+
+
+def training_text_length(train_data: Any, task: Any = None) -> int | None:
+    """The reference text length of :func:`training_reference` (None if the batches give none)."""
+    return training_reference(train_data, task).get("text_length")
 
 
 def training_loss(task: Any, model: nn.Module, batch: Any, teacher: nn.Module | None, distill: float,
@@ -147,6 +146,6 @@ def train_dense_control(model: nn.Module, task: Any, train_data: Iterable, confi
     return search_steps + ft
 
 
-__all__ = ["adamw", "cycle_batches", "frozen_teacher", "mean_text_length", "search_lr_factor", "seed_everything",
+__all__ = ["adamw", "cycle_batches", "frozen_teacher", "search_lr_factor", "seed_everything",
            "set_lr", "snapshot_finetune_steps", "train_dense_control", "train_step", "train_steps",
-           "training_loss", "training_text_length"]
+           "training_loss", "training_reference", "training_text_length"]

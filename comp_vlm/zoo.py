@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,6 @@ from torch import nn
 
 from .dense import DenseTraining
 from .errors import ConfigError
-from .loading import mean_text_length
 from .report import say
 
 #: PruneConfig fields a preset may not override: the run's target and identity, not how the model is searched
@@ -31,6 +31,7 @@ class ModelPreset:
 
     name: str
     description: str = ""
+    family: str = "clip"  # the adapter family; its dense builder (DENSE_BUILDERS) makes the model
     # architecture
     image_size: int = 32
     patch_size: int = 4
@@ -122,6 +123,18 @@ BUILTINS: dict[str, ModelPreset] = {
 }
 
 
+def register_preset(preset: ModelPreset) -> ModelPreset:
+    """Make ``preset`` a built-in model (``--model NAME``, the demo, the benchmarks); a name is registered once."""
+    if preset.name in BUILTINS:
+        raise ConfigError(f"built-in model {preset.name!r} is already registered")
+    BUILTINS[preset.name] = preset
+    return preset
+
+
+#: the preset ``prune`` and ``eval`` take data and batch defaults from for a model directory of the user's
+DEFAULT_PRESET = "demo-clip"
+
+
 def builtin_spec(name: str) -> ModelPreset:
     if name not in BUILTINS:
         raise ConfigError(f"unknown built-in model {name!r}; built-ins: {', '.join(BUILTINS)}")
@@ -167,6 +180,36 @@ def build_config(preset: ModelPreset, tokenizer: Any, width_scale: float = 1.0) 
                        patch_size=preset.patch_size, max_positions=preset.max_positions, mlp_ratio=preset.mlp_ratio)
 
 
+def clip_dense(preset: ModelPreset, tokenizer: Any) -> tuple[Any, type]:
+    """CLIP's dense builder: the preset's config and ``CLIPModel``."""
+    from transformers import CLIPModel
+
+    return build_config(preset, tokenizer), CLIPModel
+
+
+#: (preset, tokenizer) -> (the dense model's config, its model class), by family: how :func:`builtin_dense` builds
+#: a preset's model (the config is hashed for the weights cache before the model is made from it)
+DenseBuilder = Callable[[ModelPreset, Any], tuple[Any, type]]
+DENSE_BUILDERS: dict[str, DenseBuilder] = {}
+
+
+def register_dense_builder(family: str, builder: DenseBuilder) -> DenseBuilder:
+    """Make ``builder`` build the presets of ``family``; a family registers one."""
+    if family in DENSE_BUILDERS:
+        raise ConfigError(f"family {family!r} already has a dense builder")
+    DENSE_BUILDERS[family] = builder
+    return builder
+
+
+def dense_builder(family: str) -> DenseBuilder:
+    if family not in DENSE_BUILDERS:
+        raise ConfigError(f"no dense builder for family {family!r} (families: {', '.join(DENSE_BUILDERS)})")
+    return DENSE_BUILDERS[family]
+
+
+register_dense_builder("clip", clip_dense)
+
+
 def build_tokenizer(world: Any, preset: ModelPreset) -> Any:
     from .data.text import build_word_tokenizer
 
@@ -186,11 +229,6 @@ class SyntheticData:
     world: Any
     loaders: Any
     settings: dict
-
-    @property
-    def mean_text_length(self) -> float:
-        """Mean unpadded caption length (tokens, BOS/EOS included) of the training texts."""
-        return mean_text_length(self.loaders)
 
 
 def synthetic_data(tokenizer: Any, image_size: int, max_objects: int, seed: int, n_train: int, n_val: int,
@@ -238,9 +276,8 @@ class DenseModel:
 
 def builtin_dense(spec: ModelPreset, seed: int, device: str, cache_dir: str | None, task: Any,
                   progress: bool = True) -> DenseModel:
-    """The built-in model trained densely on the synthetic world (weights from the cache when present)."""
-    from transformers import CLIPModel
-
+    """The built-in model trained densely on the synthetic world (weights from the cache when present), built by
+    its family's dense builder."""
     from .adapters.base import attn_implementation_for
     from .dense import cache_key, load_cached_weights, save_cached_weights, train_dense
 
@@ -248,11 +285,11 @@ def builtin_dense(spec: ModelPreset, seed: int, device: str, cache_dir: str | No
     tokenizer = build_tokenizer(world, spec)
     data = synthetic_data(tokenizer, spec.image_size, spec.max_objects, seed, spec.n_train, spec.n_val, spec.n_test,
                           spec.batch_size, spec.eval_batch_size)
-    config = build_config(spec, tokenizer)
+    config, model_class = dense_builder(spec.family)(spec, tokenizer)
     training = replace(spec.dense, seed=seed)
     key = cache_key(config, training, json.dumps(data.settings, sort_keys=True))  # before _from_config mutates it
     torch.manual_seed(seed)
-    model = CLIPModel._from_config(config, attn_implementation=attn_implementation_for(CLIPModel))
+    model = model_class._from_config(config, attn_implementation=attn_implementation_for(model_class))
     path = Path(cache_dir) / f"dense-{key}.safetensors" if cache_dir else None
     dense = DenseModel(model, tokenizer, data.world.image_processor(), data, spec, f"built-in {spec.name}",
                        cache_path=path)

@@ -9,11 +9,11 @@ from comp_vlm.search import budget
 
 
 def test_unit_floor_neurons_share_heads_count():
-    assert budget.unit_floor("neuron", 37, 1, 0.05) == 2  # ceil(1.85)
-    assert budget.unit_floor("neuron", 10, 1, 0.05) == 1  # ceil(0.5)
-    assert budget.unit_floor("neuron", 4, 1, 0.0) == 1  # never below one neuron
-    assert budget.unit_floor("head", 12, 2, 0.5) == 2  # attention kinds keep head_floor, whatever the share
-    assert budget.unit_floor("kv_group", 8, 1, 0.5) == 1
+    assert budget.unit_floor(True, 37, 1, 0.05) == 2  # ceil(1.85)
+    assert budget.unit_floor(True, 10, 1, 0.05) == 1  # ceil(0.5)
+    assert budget.unit_floor(True, 4, 1, 0.0) == 1  # never below one neuron
+    assert budget.unit_floor(False, 12, 2, 0.5) == 2  # attention kinds keep head_floor, whatever the share
+    assert budget.unit_floor(False, 8, 1, 0.5) == 1
 
 
 def test_floor_level_of_each_plan():

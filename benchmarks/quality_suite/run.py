@@ -175,7 +175,7 @@ def run_dense_control(bench: Bench, dense: torch.nn.Module, dense_metric: float,
             "wall_s": time.perf_counter() - t0, **identity}
 
 
-TASKS = ("retrieval",)  # what the suite's benches evaluate
+TASKS = ("retrieval",)  # the registered tasks (comp_vlm.tasks.TASKS) the suite's benches evaluate
 
 
 def model_attempt(world: str, model: str | None, attempt: str | None, smoke: bool) -> str | None:

@@ -7,6 +7,8 @@ import itertools
 import math
 import statistics
 
+from comp_vlm.schedule import TOKEN_MODE_PARTS
+
 from .arms import NAIVE_JOINT, SINGLE_MODE, base_name, label_of, order_key, suite_of
 
 
@@ -72,8 +74,7 @@ def headline(records: list[dict], ratio: float, arm: str = "comp") -> list[str]:
     return lines
 
 
-TOKEN_PARTS = {"T_v": "vision_tokens", "T_l": "text_tokens"}
-REMOVED_PARTS = ("heads", "neurons", "vision_tokens", "text_tokens")
+REMOVED_PARTS = ("heads", "neurons", *TOKEN_MODE_PARTS.values())
 
 
 def snapshot_position(stage: dict, ratio: str) -> int | None:
@@ -103,5 +104,5 @@ def flops_went_where(stage: dict, ratio: str = "0.8") -> dict[str, float | None]
     steps = stage.get("flops_removed_step") or [a - b for a, b in itertools.pairwise(kept)]
     out = {"heads": None, "neurons": None, "params": 0.0, "vision_tokens": 0.0, "text_tokens": 0.0}
     for mode, removed in zip(stage["modes"][:last + 1], steps[:last + 1]):
-        out[TOKEN_PARTS.get(mode, "params")] += removed
+        out[TOKEN_MODE_PARTS.get(mode, "params")] += removed
     return out

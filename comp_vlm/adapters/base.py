@@ -652,6 +652,11 @@ def adapter_class_for(model_class_name: str) -> tuple[type[ModelAdapter], type]:
     raise UnsupportedModelError(f"no comp-vlm adapter for model class {model_class_name!r}")
 
 
+def registered_model_classes() -> list[type]:
+    """Every registered model class, in registration order."""
+    return [mc for cls in _REGISTRY for mc in cls.model_classes]
+
+
 def attn_implementation_for(model_class: type | str) -> str:
     """The attention implementation comp-vlm builds models of ``model_class`` (a class or its name) with."""
     name = model_class if isinstance(model_class, str) else model_class.__name__

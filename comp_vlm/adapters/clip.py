@@ -20,7 +20,7 @@ from ..tokens import TokenState
 from .base import ModelAdapter, TowerSpec, register_adapter
 from .common import restore_sdpa, use_comp_attention
 from .runtime import KeyCapture, LayerCall, SiteRuntime, end_tower, label_pools
-from .units import UnitSpec, attention_heads, mlp_neurons
+from .units import UnitSpec, attention_heads, mask_buffer, mlp_neurons
 
 CLIP_KEYS = "self_attn.k_proj"  # a layer's key projection (the merge reducer compares its output)
 
@@ -84,7 +84,7 @@ def _clip_layer_body(
 ) -> tuple[torch.Tensor, TokenState]:
     """CLIPEncoderLayer's maths; its SiteRuntime runs the protocol after attention, at the site, after the MLP."""
     attn = self.self_attn
-    head_mask = getattr(attn, masks.HEAD_MASK, None)
+    head_mask = getattr(attn, mask_buffer("head"), None)
     n_heads = attn.q_proj.out_features // attn.head_dim
     step = self.comp_runtime.start(self, comp_state, comp_call, n_heads, head_mask)
     x = self.layer_norm1(hidden)

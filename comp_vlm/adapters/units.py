@@ -56,6 +56,8 @@ class UnitSpec:
     ``count_attrs``: attributes on the owner holding the unit count; ``width_attrs``: attributes holding count x
     ``width`` (BLIP's ``all_head_size``); both rewritten when slicing.
     ``mode``: the kind's parameter mode (None: its tower's ``param_mode``; BLIP's cross-attention heads: P_c).
+    ``share_floor``: a layer keeps at least ``PruneConfig.neuron_floor`` of its dense units (MLP neurons), else
+    ``head_floor`` units (attention kinds).
     """
 
     kind: str
@@ -69,6 +71,7 @@ class UnitSpec:
     width_attrs: tuple[str, ...] = ()
     field_multiples: tuple[tuple[str, int], ...] = ()
     mode: str | None = None
+    share_floor: bool = False
 
     @property
     def plural(self) -> str:
@@ -155,7 +158,7 @@ def kv_groups(owner: str, q: str, k: str, v: str, out: str, head_dim: int, group
 def mlp_neurons(owner: str, inputs: tuple[str, ...], out: str, count: int) -> UnitSpec:
     """Neurons: rows of fc1 (gate and up) and columns of fc2 (down), masked after the activation."""
     spans = tuple(Span(path, "out") for path in inputs) + (Span(out, "in", masked=True),)
-    return UnitSpec("neuron", owner, 1, count, spans, out, "neurons")
+    return UnitSpec("neuron", owner, 1, count, spans, out, "neurons", share_floor=True)
 
 
 def span_channels(span: Span, units: torch.Tensor, width: int, count: int) -> torch.Tensor:

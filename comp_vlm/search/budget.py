@@ -140,10 +140,10 @@ def short_of_step(removed: float, requested: float, floor_limited: bool) -> bool
     return removed < 0.999 * requested and floor_limited
 
 
-def unit_floor(kind: str, dense: int, head_floor: int, neuron_floor: float) -> int:
-    """Units of ``kind`` a layer keeps at least: ``neuron_floor`` of its ``dense`` neurons (>= 1), ``head_floor``
-    of any attention kind."""
-    if kind == "neuron":
+def unit_floor(share: bool, dense: int, head_floor: int, neuron_floor: float) -> int:
+    """Units of a kind a layer keeps at least: ``neuron_floor`` of its ``dense`` units (>= 1) for a kind with a
+    ``share`` floor (MLP neurons, :attr:`comp_vlm.adapters.units.UnitSpec.share_floor`), else ``head_floor``."""
+    if share:
         return max(1, math.ceil(neuron_floor * dense))
     return head_floor
 

@@ -30,7 +30,7 @@ from ..errors import ConfigError, NonFiniteError
 from ..flops import model_flops, tower_flops
 from ..jsontext import json_text
 from ..recipe import Recipe
-from ..schedule import MPSConfig, MultiModeScheduler, NoModeLeftError, mode_kind, stage_cost
+from ..schedule import MPSConfig, MultiModeScheduler, NoModeLeftError, mode_kind, mode_part, stage_cost
 from ..structure import TowerStructure, resolve_couplings
 from ..tasks.base import model_device
 from . import bookkeeping, budget
@@ -39,7 +39,6 @@ from .config import PruneConfig
 log = logging.getLogger("comp_vlm")
 
 PARAM_ALL = "P"  # param-only ranks every parameter mode together (UPop-like global ranking)
-TOKEN_KINDS = {"T_v": "vision_tokens", "T_l": "text_tokens"}  # names of the token modes in stage logs
 SCORER_PREFIX = "scorer/"  # the token scorer's state among a checkpoint's tensors (a random scorer's generator)
 
 
@@ -110,6 +109,7 @@ class Pruner:
         self.site_layers = {name: self.adapter.site_layers(spec) for name, spec in self.specs.items()}
         self.groups: dict[UnitKey, UnitGroup] = {g.key: g for g in self.adapter.unit_groups()}
         self.kinds = list(dict.fromkeys(key[0] for key in self.groups))  # the unit kinds, in adapter order
+        self.plurals = {g.kind: g.spec.plural for g in self.groups.values()}  # their names in logs, checkpoints
         self.selected = {key: torch.zeros(g.size, dtype=torch.bool) for key, g in self.groups.items()}
         self.token_levels = {m: 1.0 for m in self.adapter.modes() if mode_kind(m) == "token"}
         modes = self._search_modes()
@@ -163,7 +163,7 @@ class Pruner:
         return budget.site_keeps(self.site_layers[tower], level, self.config.token_plan)
 
     def _unit_floor(self, unit: UnitSpec) -> int:
-        return budget.unit_floor(unit.kind, unit.dense, self.config.head_floor, self.config.neuron_floor)
+        return budget.unit_floor(unit.share_floor, unit.dense, self.config.head_floor, self.config.neuron_floor)
 
     def _floors(self, modes: Iterable[str] | None = None) -> dict[UnitKey, int]:
         """The floor of every unit group (of a parameter mode among ``modes``, if given)."""
@@ -262,7 +262,7 @@ class Pruner:
         plan.flops_before = before
         removed = before - plan.flops_after
         if plan.token_level is not None:
-            plan.removed_by = {TOKEN_KINDS.get(mode, mode): removed}
+            plan.removed_by = {mode_part(mode): removed}
         if budget.mode_exhausted(removed, plan.requested, plan.floor_limited, self.config.min_stage_fraction):
             # at its floors: nothing (or, by option, only a sliver) left to remove
             log.info("mode %s can remove only %.4f of %.4f requested: exhausted", mode, max(removed, 0.0),
@@ -497,7 +497,7 @@ class Pruner:
             "flops_kept": f_after, "flops_removed_step": f_before - f_after, "b_before": plan.b_before,
             "b_after": b_after, "b_removed": plan.b_removed, "metric": metric, "cost": r, "cost_se": se, "R": R,
             "token_level": plan.token_level,
-            **{f"{kind}s_pruned": sum(len(v) for key, v in plan.units.items() if key[0] == kind) for kind in self.kinds},
+            **{f"{self.plurals[kind]}_pruned": sum(len(v) for key, v in plan.units.items() if key[0] == kind) for kind in self.kinds},
             "removed_by": dict(plan.removed_by), "sliver": sliver,
             "bounded": plan.unbounded is not None, "unbounded_step": plan.unbounded,
             "wall_s": time.perf_counter() - self._stage_t0, "probe_s": plan.probe_s,
@@ -565,7 +565,7 @@ class Pruner:
         if self.plan is not None:
             plan = {k: v for k, v in self.plan.__dict__.items() if k != "units"}
             for kind in self.kinds:  # per kind, as {"tower/layer": indices} under "heads", "neurons", ...
-                plan[kind + "s"] = {f"{t}/{i}": v.tolist() for (k, t, i), v in self.plan.units.items() if k == kind}
+                plan[self.plurals[kind]] = {f"{t}/{i}": v.tolist() for (k, t, i), v in self.plan.units.items() if k == kind}
         meta = {
             "token_levels": self.token_levels, "scheduler": self.scheduler.state_dict(), "stage_log": self.stage_log,
             "pending_targets": self.pending_targets, "not_reached": self.not_reached,
@@ -608,7 +608,7 @@ class Pruner:
 
             units = {}
             for kind in self.kinds:
-                for where, idx in plan.pop(kind + "s").items():
+                for where, idx in plan.pop(self.plurals[kind]).items():
                     tower, layer = where.rsplit("/", 1)
                     units[(kind, tower, int(layer))] = torch.tensor(idx, dtype=torch.long)
             self.plan = StagePlan(units=units, **plan)
@@ -630,4 +630,4 @@ class Pruner:
         return model
 
 
-__all__ = ["PARAM_ALL", "TOKEN_KINDS", "Pruner", "Snapshot", "StagePlan", "bootstrap_se"]
+__all__ = ["PARAM_ALL", "Pruner", "Snapshot", "StagePlan", "bootstrap_se"]

@@ -25,7 +25,7 @@ from ..training import (
     snapshot_finetune_steps,
     train_step,
     train_steps,
-    training_text_length,
+    training_reference,
 )
 from ..validation import ratio_key
 from . import state
@@ -64,11 +64,7 @@ def prune(model: nn.Module, task: Any, train_data: Iterable, val_batches: list, 
     if config.checkpoint_dir:
         identity = state.check_resume(config, identity or state.run_identity(model))
     seed_everything(config.seed)
-    if not (config.reference or {}).get("text_length"):
-        length = training_text_length(train_data)
-        if length is not None:  # method.md §1: FLOPs at the mean unpadded length of the training texts
-            config = replace(config, reference={**(config.reference or {}), "text_length": length})
-            log.info("FLOPs reference text length: %d (mean unpadded length of the training texts)", length)
+    config = _training_reference(config, task, train_data)
     teacher = frozen_teacher(model, config.distill)
     pruner = Pruner(model, task, val_batches, config)
     batches = cycle_batches(train_data)
@@ -99,6 +95,18 @@ def prune(model: nn.Module, task: Any, train_data: Iterable, val_batches: list, 
                 state.save_search_checkpoint(ckpt, model, pruner, opt, train_data, config, identity)
     bar.close()
     return _finetune_snapshots(pruner, task, train_data, config, teacher, test_data)
+
+
+def _training_reference(config: PruneConfig, task: Any, train_data: Iterable) -> PruneConfig:
+    """``config`` with the reference lengths it lacks set to the task's means over the training data
+    (:meth:`comp_vlm.tasks.base.Task.reference_lengths`; method.md §1: FLOPs at the mean unpadded text length)."""
+    given = config.reference or {}
+    if all(given.get(key) for key in getattr(task, "reference_keys", ("text_length",))):
+        return config
+    lengths = {k: v for k, v in training_reference(train_data, task).items() if not given.get(k)}
+    for key, value in lengths.items():
+        log.info("FLOPs reference %s: %d (mean over the training data)", key, value)
+    return replace(config, reference={**given, **lengths}) if lengths else config
 
 
 def _finetune_snapshots(pruner: Pruner, task: Any, train_data: Iterable, config: PruneConfig,

@@ -1,6 +1,43 @@
-"""Tasks: what the engine trains and measures (loss, validation loss, metrics)."""
+"""Tasks: what the engine trains and measures (loss, validation loss, metrics), and the registry of the tasks the
+command line and :func:`comp_vlm.api.check_task` name. A family adds its tasks with :func:`register_task`."""
 
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from ..errors import ConfigError
 from .base import Task
-from .retrieval import RetrievalTask, retrieval_metrics
+from .retrieval import RetrievalTask, retrieval_metrics, retrieval_task
 
-__all__ = ["RetrievalTask", "Task", "retrieval_metrics"]
+#: (gallery_size, eval_pairs) -> the task: the command line's options (a task without galleries ignores the first;
+#: ``eval_pairs`` is the smallest split it will evaluate)
+TaskFactory = Callable[[int | None, int | None], Task]
+
+#: registered tasks by name, in registration order (the CLI's ``--task`` choices)
+TASKS: dict[str, TaskFactory] = {}
+
+
+def register_task(name: str, factory: TaskFactory) -> TaskFactory:
+    """Make ``name`` a task ``--task`` and :func:`make_task` accept, built by ``factory``; a name is registered
+    once."""
+    if name in TASKS:
+        raise ConfigError(f"task {name!r} is already registered")
+    TASKS[name] = factory
+    return factory
+
+
+def task_names() -> tuple[str, ...]:
+    return tuple(TASKS)
+
+
+def make_task(name: str, gallery_size: int | None = 0, eval_pairs: int | None = None) -> Task:
+    """The registered task ``name`` for the given options; ConfigError naming the registered ones otherwise."""
+    if name not in TASKS:
+        raise ConfigError(f"task {name!r} is not supported yet (supported: {', '.join(TASKS)})")
+    return TASKS[name](gallery_size, eval_pairs)
+
+
+register_task("retrieval", retrieval_task)
+
+__all__ = ["TASKS", "RetrievalTask", "Task", "TaskFactory", "make_task", "register_task", "retrieval_metrics",
+           "retrieval_task", "task_names"]

@@ -37,6 +37,25 @@ def model_device(model: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
+def text_lengths(batch: Batch) -> dict[str, torch.Tensor]:
+    """``{"text_length": unpadded length of each text}`` from ``batch["attention_mask"]`` (empty without one)."""
+    mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+    return {} if mask is None else {"text_length": mask.sum(1)}
+
+
+def mean_reference_lengths(task: Task | None, batches: Iterable[Batch]) -> dict[str, float]:
+    """The mean over every sample of ``batches`` of each of ``task.reference_lengths`` (:func:`text_lengths`
+    without a task); a key no batch gives is absent."""
+    totals: dict[str, list[float]] = {}
+    for batch in batches:
+        lengths = getattr(task, "reference_lengths", text_lengths)(batch)
+        for key, values in lengths.items():
+            total = totals.setdefault(key, [0.0, 0])
+            total[0] += float(values.sum())
+            total[1] += values.shape[0]
+    return {key: total / count for key, (total, count) in totals.items() if count}
+
+
 class Task(ABC):
     """What the engine needs from a task.
 
@@ -48,6 +67,9 @@ class Task(ABC):
     primary_metric: str = "loss"
     #: whether a larger :attr:`primary_metric` is better
     higher_is_better: bool = True
+    #: the FLOPs reference keys :meth:`reference_lengths` gives (the search reads the training data for those the
+    #: reference lacks)
+    reference_keys: tuple[str, ...] = ("text_length",)
 
     @abstractmethod
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
@@ -58,6 +80,13 @@ class Task(ABC):
     def evaluate(self, model: nn.Module, loader: Iterable[Batch]) -> dict[str, float]:
         """Metrics of ``model`` over ``loader`` (eval mode, no grad, previous mode restored). The result holds
         :attr:`primary_metric` and ``"loss"``."""
+
+    def reference_lengths(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """The FLOPs reference lengths of every sample of ``batch``, by reference key (one ``(B,)`` tensor each);
+        their means over the training data make the search's FLOPs reference (method.md §1). By default the
+        unpadded text length (``attention_mask`` sums) as ``text_length``; a task whose sequences hold more than
+        the text (LLaVA's image tokens and answer) says what counts."""
+        return text_lengths(batch)
 
     def distill_loss(self, student: nn.Module, teacher: nn.Module, batch: Batch) -> torch.Tensor:
         """Knowledge-distillation loss of ``student`` towards the frozen ``teacher`` on ``batch`` (optional)."""

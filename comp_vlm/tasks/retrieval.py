@@ -39,6 +39,7 @@ from torch import nn
 from .base import Batch, Task, eval_mode, model_device
 
 DEFAULT_KS: tuple[int, ...] = (1, 5, 10)
+DEFAULT_GALLERY = 100  # the galleries' size when none is asked for (the whole split when it is smaller)
 
 
 def _embedding(out: Any) -> torch.Tensor:
@@ -144,10 +145,26 @@ def retrieval_metrics(
     return out
 
 
+def retrieval_task(gallery_size: int | None = 0, eval_pairs: int | None = None) -> RetrievalTask:
+    """The retrieval task of the command line's options (registered as ``retrieval``): ``gallery_size`` 0 means
+    one gallery of every evaluation pair, None the default (:data:`DEFAULT_GALLERY`, or the whole split when it is
+    smaller). ``eval_pairs``: the smallest split the task will evaluate (validation or test), which must fill one
+    gallery."""
+    from ..errors import ConfigError
+
+    if gallery_size is None:
+        gallery_size = DEFAULT_GALLERY if eval_pairs is None or eval_pairs >= DEFAULT_GALLERY else 0
+    if gallery_size < 0 or gallery_size == 1:
+        raise ConfigError(f"--gallery-size must be 0 (whole split) or at least 2, got {gallery_size}")
+    if gallery_size and eval_pairs is not None and gallery_size > eval_pairs:
+        raise ConfigError(f"--gallery-size {gallery_size} exceeds the {eval_pairs} evaluation pairs of a split")
+    return RetrievalTask(gallery_size=gallery_size or None)
+
+
 class RetrievalTask(Task):
     """Contrastive image-text retrieval for models with ``get_image_features(pixel_values=...)``,
     ``get_text_features(input_ids=..., attention_mask=...)`` and a ``logit_scale`` parameter (log of the
-    inverse temperature), e.g. ``transformers.CLIPModel``.
+    inverse temperature), such as the dual encoders of the retrieval families.
 
     ``max_scale`` caps ``exp(logit_scale)`` in the loss (100, as in CLIP training); ``default_logit_scale`` is
     used for models without ``logit_scale``.
