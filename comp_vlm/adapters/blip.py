@@ -123,14 +123,15 @@ def vision_encoder_forward(self: nn.Module, inputs_embeds: torch.Tensor, **kwarg
 def text_attention_forward(self: nn.Module, hidden_states: torch.Tensor, attention_mask=None,
                            encoder_hidden_states=None, cache=None, **kwargs):
     """Instance forward of BlipTextAttention: a cross-attention applies ``attention_mask`` (the class drops it);
-    with no heads left, the output projection's bias (a self-attention still grows the cache, by nothing)."""
+    with no heads left, the output projection's bias (a self-attention still grows its cache by a placeholder)."""
     attn = self.self
     cross = encoder_hidden_states is not None
     if attn.query.out_features == 0:
         empty = hidden_states.new_zeros(*hidden_states.shape[:-1], 0)
         if cache is not None and not cross:
             own = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
-            kv = hidden_states.new_zeros(hidden_states.shape[0], 0, hidden_states.shape[1], attn.attention_head_size)
+            # one zero channel, never read: the cache's length (read from layer 0) must count these tokens
+            kv = hidden_states.new_zeros(hidden_states.shape[0], 1, hidden_states.shape[1], 1)
             own.update(kv, kv, attn.layer_idx)
         return self.output(empty, hidden_states), None
     context, probs = attn(hidden_states, attention_mask=None if cross else attention_mask,
