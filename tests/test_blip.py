@@ -9,6 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import BlipForQuestionAnswering
 
 from comp_vlm import get_adapter
+from comp_vlm.collect import StatsCollector
 from comp_vlm.errors import ConfigError, RecipeError
 from comp_vlm.flops import cross_attention_flops, model_tower_flops
 from comp_vlm.structure import resolve_couplings
@@ -204,3 +205,22 @@ def test_a_retrieval_recipe_does_not_apply_to_the_vqa_class():
     recipe = get_adapter(make_blip(8)).recipe()
     with pytest.raises(RecipeError, match="BlipForImageTextRetrieval.*BlipForQuestionAnswering"):
         get_adapter(make_blip(8, vqa=True)).apply_recipe(recipe)
+
+
+@pytest.mark.parametrize("vqa", [False, True])
+def test_a_training_forward_collects_statistics_for_every_unit_group_cross_heads_included(vqa):
+    model = make_blip(9, vqa=vqa)
+    adapter = with_sites(model, 0.5)
+    collector = StatsCollector()
+    collector.enabled = True
+    adapter.attach_collector(collector)
+    model.train()
+    batch = question_batch()
+    if vqa:
+        model(**batch, labels=batch["decoder_input_ids"]).loss.backward()
+    else:
+        batch.pop("decoder_input_ids")
+        model(**batch).itm_score.sum().backward()
+    for group in adapter.unit_groups():
+        scores = adapter.unit_scores(group, collector)
+        assert scores is not None and scores.shape == (group.size,) and bool((scores > 0).all()), group.key

@@ -12,6 +12,7 @@ Instance-level forwards (no class patch):
 - a text layer runs self-attention -> site -> cross-attention -> FFN (its queries and FFN see the kept tokens);
 - every text attention applies the mask it is handed to its cross-attention (transformers 5.25 drops it) and,
   with every head pruned, gives its output projection's bias; a layer without self-attention heads has no site;
+- a text layer feeds its collector the cross-attention output's input, the statistic of its cross heads;
 - ``BlipForQuestionAnswering``'s ``forward`` and ``generate`` hand the decoder's cross-attention the validity of
   the question encoder's surviving slots (transformers passes the full question mask, or all ones in ``generate``).
 
@@ -32,6 +33,7 @@ from transformers.models.blip.modeling_blip import BlipTextVisionModelOutput
 from transformers.pytorch_utils import apply_chunking_to_forward
 
 from .. import masks
+from ..collect import CAPTURE_FLAG, pop_captured
 from ..errors import ConfigError, RecipeError
 from ..recipe import Recipe
 from ..structure import Coupling
@@ -150,8 +152,13 @@ def _text_layer_body(self: nn.Module, hidden: torch.Tensor, attention_mask, comp
     step.after_attention(probs)
     hidden = step.site(hidden)
     if encoder_hidden_states is not None:
+        cross_out = self.crossattention.output.dense
+        cross_out.__dict__[CAPTURE_FLAG] = step.collect
         hidden, _ = self.crossattention(hidden, attention_mask=encoder_attention_mask,
                                         encoder_hidden_states=encoder_hidden_states, cache=cache)
+        if step.collect:  # the cross heads' statistic, weighted by the scores of the tokens that query
+            step.collector.on_attention(step.runtime.tower, step.runtime.index, step.scores, step.state,
+                                        pop_captured(cross_out), kind="cross_head")
     hidden = apply_chunking_to_forward(self.feed_forward_chunk, self.chunk_size_feed_forward, self.seq_len_dim,
                                        hidden)
     return hidden, step.after_mlp()
