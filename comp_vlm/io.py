@@ -47,7 +47,7 @@ def write_pruned_files(model: nn.Module, directory: Path, *, recipe: Recipe | No
 
     _check_sliced(model)
     recipe = recipe or get_adapter(model).recipe()
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    state = untied_state(model)
     metadata = {"format": "pt", "comp_vlm": "1"}
     with outputs.writing(directory / WEIGHTS_FILE, safetensors_bytes(state, metadata)):
         save_file(state, str(directory / WEIGHTS_FILE), metadata=metadata)
@@ -60,6 +60,18 @@ def write_pruned_files(model: nn.Module, directory: Path, *, recipe: Recipe | No
     for extra in (tokenizer, image_processor, processor):
         if extra is not None:
             extra.save_pretrained(directory)
+
+
+def untied_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state on the CPU, a tensor that shares storage with an earlier one (tied weights: BLIP's LM head
+    and word embeddings) copied, since safetensors refuses shared tensors; loading fills both names again."""
+    state, seen = {}, set()
+    for key, value in model.state_dict().items():
+        tensor = value.detach().to("cpu").contiguous()
+        ptr = tensor.untyped_storage().data_ptr()
+        state[key] = tensor.clone() if ptr in seen else tensor
+        seen.add(ptr)
+    return state
 
 
 def save_pruned(

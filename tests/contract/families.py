@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import tiny_blip
 import torch
 from conftest import WORDS, make_clip
 from torch import nn
@@ -34,6 +35,9 @@ class Case:
     at_reference: Callable[[nn.Module, dict], Inputs]  # one sample at the FLOPs reference shape
     features: Callable[[nn.Module, Inputs], object]  # the forward the FLOPs model counts (no task head)
     reference: dict
+    # where the unmodified model is no reference on ``batch()`` (a transformers bug the adapter corrects): a batch
+    # on which it is
+    keep_all_batch: Callable[[], Inputs] | None = None
 
 
 # ---- CLIP ---------------------------------------------------------------------------------------------------------
@@ -81,9 +85,80 @@ def clip_features(model: nn.Module, inputs: Inputs) -> tuple[torch.Tensor, ...]:
 CLIP = Case("clip", "CLIPModel", lambda seed, attn: make_clip(seed, attn=attn), clip_batch, clip_sample, clip_outputs, clip_loss,
             clip_at_reference, clip_features, {"image_size": 16, "text_length": 9})
 
+# ---- BLIP ---------------------------------------------------------------------------------------------------------
+# BLIP has eager attention only: a case builds it so whatever the contract asks for.
+
+
+def blip_retrieval_batch() -> Inputs:
+    batch = tiny_blip.question_batch()
+    batch.pop("decoder_input_ids")
+    return batch
+
+
+def blip_itm_scores(model: nn.Module, inputs: Inputs) -> tuple[torch.Tensor, ...]:
+    return (model(**inputs).itm_score,)
+
+
+def blip_itm_loss(model: nn.Module, inputs: Inputs) -> torch.Tensor:
+    """ITM cross-entropy on alternating labels plus the ITC similarities' mean (both paths get gradients)."""
+    labels = torch.arange(len(inputs["input_ids"])) % 2
+    itm = nn.functional.cross_entropy(model(**inputs).itm_score, labels)
+    return itm + model(**inputs, use_itm_head=False).itm_score.mean()
+
+
+def blip_at_reference(model: nn.Module, reference: dict) -> Inputs:
+    """One image (``image_size`` x ``image_width``) and one text of ``text_length`` tokens (and, for VQA, an answer
+    of ``answer_length``)."""
+    cfg = model.config.text_config
+    gen = torch.Generator().manual_seed(2)
+    ids = torch.randint(3, cfg.vocab_size, (1, int(reference["text_length"])), generator=gen)
+    ids[0, 0] = cfg.bos_token_id
+    height, width = int(reference["image_size"]), int(reference["image_width"])
+    inputs = {"pixel_values": torch.randn(1, 3, height, width, generator=gen), "input_ids": ids,
+              "interpolate_pos_encoding": height != width}
+    if "answer_length" in reference:
+        inputs["decoder_input_ids"] = torch.randint(3, cfg.vocab_size, (1, int(reference["answer_length"])),
+                                                    generator=gen)
+    return inputs
+
+
+def blip_features(model: nn.Module, inputs: Inputs) -> object:
+    """The ITM path (cross-attention on, ITM head) for retrieval; the teacher-forced answer for VQA."""
+    return model(**inputs)
+
+
+def blip_vqa_outputs(model: nn.Module, inputs: Inputs) -> tuple[torch.Tensor, ...]:
+    """The image's kept tokens and the answer decoder's logits (which the model's forward does not return)."""
+    logits = []
+    handle = model.text_decoder.register_forward_hook(lambda m, a, out: logits.append(out.logits))
+    try:
+        out = model(**inputs)
+    finally:
+        handle.remove()
+    return out.image_embeds, logits[0]
+
+
+def blip_vqa_loss(model: nn.Module, inputs: Inputs) -> torch.Tensor:
+    return model(**inputs, labels=inputs["decoder_input_ids"]).loss
+
+
+def blip_vqa_same_length_batch() -> Inputs:
+    """Questions of one length: transformers' VQA decoder ignores the question mask (the adapter applies it), so
+    the unmodified model is a reference only where no question is padded."""
+    return tiny_blip.question_batch(["a small blue square", "the big red circle", "is this a triangle"])
+
+
+BLIP_REFERENCE = {"image_size": 16, "image_width": 32, "text_length": 7}
+BLIP_RETRIEVAL = Case("blip", "BlipForImageTextRetrieval", lambda seed, attn: tiny_blip.make_blip(seed),
+                      blip_retrieval_batch, tiny_blip.sample, blip_itm_scores, blip_itm_loss, blip_at_reference,
+                      blip_features, BLIP_REFERENCE)
+BLIP_VQA = Case("blip", "BlipForQuestionAnswering", lambda seed, attn: tiny_blip.make_blip(seed, vqa=True),
+                tiny_blip.question_batch, tiny_blip.sample, blip_vqa_outputs, blip_vqa_loss, blip_at_reference,
+                blip_features, {**BLIP_REFERENCE, "answer_length": 5}, keep_all_batch=blip_vqa_same_length_batch)
+
 CaseKey = tuple[str, str]  # (family, model class name)
 
-CASES: dict[CaseKey, Case] = {(case.family, case.model_class): case for case in (CLIP,)}
+CASES: dict[CaseKey, Case] = {(case.family, case.model_class): case for case in (CLIP, BLIP_RETRIEVAL, BLIP_VQA)}
 
 
 def case_id(key: CaseKey) -> str:

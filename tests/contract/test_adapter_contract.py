@@ -72,7 +72,7 @@ def test_each_case_builds_its_model_class():
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_keep_all_equals_unmodified(case, attn):
     model = case.make(0, attn)
-    batch = case.batch()
+    batch = (case.keep_all_batch or case.batch)()
     ref = call(case, model, batch)
     adapter = get_adapter(model).install(AdapterOptions(dead_compute=False))
     all_sites(adapter, 1.0)
