@@ -1,3 +1,3 @@
 """Model adapters, one file per family, registered by model class."""
 
-from . import clip  # noqa: F401
+from . import clip, llava  # noqa: F401
