@@ -18,6 +18,7 @@ from families import (
     llava_batch,
     llava_features,
     llava_positions,
+    llava_sample,
     make_llava,
 )
 
@@ -187,3 +188,16 @@ def test_7b_shaped_llava_counts_flops_on_the_meta_device():
     pruned = model_flops(derive_structure(dense, specs, counts, keeps), adapter.couplings())
     assert pruned < 0.5 * adapter.dense_flops(reference)
     assert all(p.device.type == "meta" for p in model.parameters())
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_pruned_padded_batch_equals_each_sample_alone(attn):
+    """Token sites on a left-padded batch: each row's logits as the row alone, under sdpa too (the contract runs
+    eager)."""
+    model = make_llava(5, attn)
+    set_keeps(get_adapter(model).install(), 0.5, 0.4)
+    batch = llava_batch()
+    together = run(model, batch).logits[:, -2:]
+    for i in range(len(together)):
+        alone = llava_sample(batch, i)
+        assert torch.allclose(run(model, alone).logits[:, -2:], together[i:i + 1], atol=2e-5)
