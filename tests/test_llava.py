@@ -17,6 +17,7 @@ from families import (
     llava_at_reference,
     llava_batch,
     llava_features,
+    llava_loss,
     llava_positions,
     llava_sample,
     make_llava,
@@ -201,3 +202,23 @@ def test_pruned_padded_batch_equals_each_sample_alone(attn):
     for i in range(len(together)):
         alone = llava_sample(batch, i)
         assert torch.allclose(run(model, alone).logits[:, -2:], together[i:i + 1], atol=2e-5)
+
+
+def test_statistics_score_every_unit_group_gqa_included():
+    """A training forward with a collector attached scores every group: KV groups (GQA) as well as heads/neurons."""
+    from comp_vlm.collect import StatsCollector
+
+    model = make_llava(6, "sdpa")
+    adapter = get_adapter(model).install()
+    set_keeps(adapter, 0.5, 0.5)
+    collector = StatsCollector()
+    collector.enabled = True
+    adapter.attach_collector(collector)
+    model.train()
+    llava_loss(model, llava_batch()).backward()
+    kinds = set()
+    for group in adapter.unit_groups():
+        scores = adapter.unit_scores(group, collector)
+        assert scores is not None and scores.shape == (group.size,) and bool(torch.isfinite(scores).all()), group.key
+        kinds.add(group.kind)
+    assert kinds == {"head", "kv_group", "neuron"}

@@ -282,7 +282,7 @@ class LlavaAdapter(ModelAdapter):
         for i, layer in enumerate(llm.layers):
             layer.forward = MethodType(llm_layer_forward, layer)
             layer.comp_runtime = SiteRuntime("llm", i, True, llm_spec.site_pools(), self.token_scorer, head, neuron,
-                                             False, self.options.cit, llm_spec.pool_labels)
+                                             False, self.options.cit, llm_spec.pool_labels, llm_spec.units[0].kind)
         for module, hook in ((self.model.model, ImageTokenHook), (self.model, AnswerStartHook)):
             if not masks.has_hook(module, (hook,)):
                 module.register_forward_pre_hook(hook(), with_kwargs=True)
