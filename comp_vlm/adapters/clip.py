@@ -9,6 +9,7 @@ site, then the MLP. A pre-hook on the text model records the padding mask and th
 from __future__ import annotations
 
 from types import MethodType
+from typing import Any
 
 import torch
 from torch import nn
@@ -19,7 +20,7 @@ from .. import masks, tokens
 from ..tokens import TokenState
 from .base import ModelAdapter, TowerSpec, register_adapter
 from .common import restore_sdpa, use_comp_attention
-from .runtime import KeyCapture, LayerCall, SiteRuntime, end_tower, label_pools
+from .runtime import KeyCapture, LayerCall, SiteRuntime, TokenScorer, end_tower, label_pools
 from .units import UnitSpec, attention_heads, mask_buffer, mlp_neurons
 
 CLIP_KEYS = "self_attn.k_proj"  # a layer's key projection (the merge reducer compares its output)
@@ -106,6 +107,48 @@ def clip_layer_forward(self: nn.Module, hidden_states: torch.Tensor, attention_m
     return self.comp_runtime.run(self, _clip_layer_body, hidden_states, attention_mask, comp_state, **kwargs)
 
 
+def clip_tower_spec(name: str, sub: Any, param_mode: str, token_mode: str | None, causal: bool,
+                    layers_path: str) -> TowerSpec:
+    """The TowerSpec of a CLIP encoder stack of sub-config ``sub`` (CLIP's towers, LLaVA's vision tower)."""
+    head_dim = sub.hidden_size // sub.num_attention_heads
+    return TowerSpec(name=name, param_mode=param_mode, token_mode=token_mode, layers_path=layers_path,
+                     num_heads=sub.num_attention_heads, head_dim=head_dim, hidden=sub.hidden_size,
+                     neurons=sub.intermediate_size, causal=causal,
+                     units=clip_units(sub.num_attention_heads, head_dim, sub.intermediate_size))
+
+
+def clip_patch_embedding(vision_config: Any, image_size: int) -> tuple[int, int]:
+    """(patches, FLOPs of the patch convolution) of a CLIP vision tower at ``image_size``."""
+    vc = vision_config
+    patches = (image_size // vc.patch_size) ** 2
+    return patches, 2 * patches * vc.num_channels * vc.patch_size**2 * vc.hidden_size
+
+
+def install_clip_tower(encoder: nn.Module, spec: TowerSpec, scorer: TokenScorer, pooled_only: bool, cit: bool,
+                       reducer: str = "drop") -> None:
+    """Install the instance forwards of a CLIPEncoder (:func:`clip_encoder_forward`) and of its layers, each layer
+    with its SiteRuntime; ``pooled_only``: the last layer's MLP runs on the pooled token alone; ``reducer``: what the
+    sites do with the tokens they do not keep (merge compares the outputs of :data:`CLIP_KEYS`)."""
+    encoder.forward = MethodType(clip_encoder_forward, encoder)
+    layers = encoder.layers
+    head, neuron = spec.unit("head").stat_path, spec.unit("neuron").stat_path
+    for i, layer in enumerate(layers):
+        layer.forward = MethodType(clip_layer_forward, layer)
+        layer.comp_runtime = SiteRuntime(spec.name, i, spec.causal, spec.site_pools(), scorer, head, neuron,
+                                         pooled_only and i == len(layers) - 1, cit, spec.pool_labels, reducer,
+                                         CLIP_KEYS)
+
+
+def uninstall_clip_tower(encoder: nn.Module) -> None:
+    """Restore the class forwards of a CLIPEncoder and its layers."""
+    encoder.__dict__.pop("forward", None)
+    encoder.__dict__.pop("_comp_call", None)
+    for layer in encoder.layers:
+        layer.__dict__.pop("forward", None)
+        layer.__dict__.pop("comp_runtime", None)
+        masks.remove_hooks(layer.get_submodule(CLIP_KEYS), (KeyCapture,))
+
+
 @register_adapter
 class CLIPAdapter(ModelAdapter):
     family = "clip"
@@ -119,22 +162,9 @@ class CLIPAdapter(ModelAdapter):
 
     def tower_specs(self) -> list[TowerSpec]:
         cfg = self.model.config
-        specs = []
-        for name, sub, pmode, tmode, causal in (
-            ("vision", cfg.vision_config, "P_v", "T_v", False),
-            ("text", cfg.text_config, "P_l", "T_l", True),
-        ):
-            head_dim = sub.hidden_size // sub.num_attention_heads
-            specs.append(
-                TowerSpec(
-                    name=name, param_mode=pmode, token_mode=tmode,
-                    layers_path=f"{name}_model.encoder.layers",
-                    num_heads=sub.num_attention_heads, head_dim=head_dim,
-                    hidden=sub.hidden_size, neurons=sub.intermediate_size, causal=causal,
-                    units=clip_units(sub.num_attention_heads, head_dim, sub.intermediate_size),
-                )
-            )
-        return specs
+        return [clip_tower_spec(name, sub, pmode, tmode, causal, f"{name}_model.encoder.layers")
+                for name, sub, pmode, tmode, causal in (("vision", cfg.vision_config, "P_v", "T_v", False),
+                                                        ("text", cfg.text_config, "P_l", "T_l", True))]
 
     def default_reference(self) -> dict:
         cfg = self.model.config
@@ -144,10 +174,8 @@ class CLIPAdapter(ModelAdapter):
         cfg = self.model.config
         proj = cfg.projection_dim
         if spec.name == "vision":
-            vc = cfg.vision_config
-            patches = (int(reference["image_size"]) // vc.patch_size) ** 2
-            patch_embed = 2 * patches * vc.num_channels * vc.patch_size**2 * vc.hidden_size
-            return patches + 1, 1, patch_embed + 2 * vc.hidden_size * proj
+            patches, patch_embed = clip_patch_embedding(cfg.vision_config, int(reference["image_size"]))
+            return patches + 1, 1, patch_embed + 2 * cfg.vision_config.hidden_size * proj
         length = int(reference["text_length"])
         return length, min(2, length), 2 * cfg.text_config.hidden_size * proj
 
@@ -155,15 +183,8 @@ class CLIPAdapter(ModelAdapter):
         use_comp_attention(self.model)
         pooled_only = self.pooled_only_last_mlp()
         for spec in self.tower_specs():
-            encoder = self._tower_modules()[spec.name].encoder
-            encoder.forward = MethodType(clip_encoder_forward, encoder)
-            layers = self.layers(spec)
-            head, neuron = spec.unit("head").stat_path, spec.unit("neuron").stat_path
-            for i, layer in enumerate(layers):
-                layer.forward = MethodType(clip_layer_forward, layer)
-                layer.comp_runtime = SiteRuntime(spec.name, i, spec.causal, spec.site_pools(), self.token_scorer, head,
-                                                 neuron, pooled_only and i == len(layers) - 1, self.options.cit,
-                                                 spec.pool_labels, self.options.token_reducer, CLIP_KEYS)
+            install_clip_tower(self._tower_modules()[spec.name].encoder, spec, self.token_scorer, pooled_only,
+                               self.options.cit, self.options.token_reducer)
         text = self.model.text_model
         if not masks.has_hook(text, (TextCallHook,)):
             text.register_forward_pre_hook(TextCallHook(), with_kwargs=True)
@@ -171,13 +192,7 @@ class CLIPAdapter(ModelAdapter):
 
     def _uninstall_forward(self) -> None:
         for spec in self.tower_specs():
-            encoder = self._tower_modules()[spec.name].encoder
-            encoder.__dict__.pop("forward", None)
-            encoder.__dict__.pop("_comp_call", None)
-            for layer in self.layers(spec):
-                layer.__dict__.pop("forward", None)
-                layer.__dict__.pop("comp_runtime", None)
-                masks.remove_hooks(layer.get_submodule(CLIP_KEYS), (KeyCapture,))
+            uninstall_clip_tower(self._tower_modules()[spec.name].encoder)
         masks.remove_hooks(self.model.text_model, (TextCallHook,))
         restore_sdpa(self.model)
         self.model.__dict__.pop("_comp_vlm_installed", None)

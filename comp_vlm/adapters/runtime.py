@@ -299,6 +299,7 @@ class SiteRuntime:
     pool_labels: PoolLabels | None = None
     reducer: str = "drop"
     key_output: str | None = None  # path of the key projection whose output merge compares (KeyCapture)
+    attention_kind: str = "head"  # the unit kind whose statistic attention_output's input carries (GQA: kv_group)
 
     def run(self, layer: nn.Module, body: Callable[..., Any], hidden: torch.Tensor, attention_mask: Any,
             state: TokenState, **kwargs: Any) -> Any:
@@ -383,7 +384,7 @@ class LayerStep:
             self.scores = self.scorer(probs.detach(), cit_mask, self.state, rt.causal)
         if self.collect:
             head_input = pop_captured(self.layer.get_submodule(rt.attention_output))
-            self.collector.on_attention(rt.tower, rt.index, self.scores, self.state, head_input)
+            self.collector.on_attention(rt.tower, rt.index, self.scores, self.state, head_input, rt.attention_kind)
 
     def site(self, hidden: torch.Tensor) -> torch.Tensor:
         """The token site (top-k by the scores, gathered), then the pooled-only step; returns the shorter hidden."""

@@ -156,9 +156,97 @@ BLIP_VQA = Case("blip", "BlipForQuestionAnswering", lambda seed, attn: tiny_blip
                 tiny_blip.question_batch, tiny_blip.sample, blip_vqa_outputs, blip_vqa_loss, blip_at_reference,
                 blip_features, {**BLIP_REFERENCE, "answer_length": 5}, keep_all_batch=blip_vqa_same_length_batch)
 
+# ---- LLaVA ----------------------------------------------------------------------------------------------------------
+
+LLAVA_VOCAB = 40  # ids: 0 pad, 1 BOS, 2 EOS, 3.. words; the image token is the last id
+LLAVA_TEXTS = [[5, 9, 11, 7, 21, 30], [12, 8], [33, 4, 6, 17, 25, 9, 13, 19, 27], [3, 14, 26]]  # text after the image
+
+
+def make_llava(seed: int, attn: str, kv_heads: int = 2, vision_layers: int = 3) -> nn.Module:
+    """A tiny LlavaForConditionalGeneration: CLIP vision tower (16 px, patch 4: 16 image tokens), projector, and a
+    4-layer Llama (GQA 4/``kv_heads``)."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    vision = CLIPVisionConfig(hidden_size=24, intermediate_size=40, num_hidden_layers=vision_layers,
+                              num_attention_heads=4, image_size=16, patch_size=4, projection_dim=24)
+    text = LlamaConfig(vocab_size=LLAVA_VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
+                       num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=64,
+                       pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=LLAVA_VOCAB - 1,
+                         vision_feature_layer=-2, vision_feature_select_strategy="default")
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration._from_config(config, attn_implementation=attn)
+    with torch.no_grad():  # random init is small: scale weights up so attention is not uniform and tokens differ
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and "embed" not in name:
+                p.mul_(3.0)
+    return model.eval()
+
+
+def llava_image_tokens(model: nn.Module, image_size: int) -> int:
+    vc = model.config.vision_config
+    return (image_size // vc.patch_size) ** 2 + (model.config.vision_feature_select_strategy != "default")
+
+
+def llava_prompt(text: list[int], image_tokens: int) -> list[int]:
+    """BOS, the image tokens, then the text."""
+    return [1] + [LLAVA_VOCAB - 1] * image_tokens + text
+
+
+def llava_batch() -> Inputs:
+    """Left-padded prompts (as generate takes them)."""
+    prompts = [llava_prompt(t, 16) for t in LLAVA_TEXTS]
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    pixels = torch.randn(len(prompts), 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    return {"pixel_values": pixels, "input_ids": ids, "attention_mask": (ids != 0).long()}
+
+
+def llava_sample(batch: Inputs, i: int) -> Inputs:
+    length = int(batch["attention_mask"][i].sum())
+    return {"pixel_values": batch["pixel_values"][i:i + 1], "input_ids": batch["input_ids"][i:i + 1, -length:],
+            "attention_mask": batch["attention_mask"][i:i + 1, -length:]}
+
+
+def llava_positions(inputs: Inputs) -> torch.Tensor:
+    """Position ids from the attention mask, as generate builds them (left padding keeps each row's positions)."""
+    return (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+
+
+def llava_outputs(model: nn.Module, inputs: Inputs) -> tuple[torch.Tensor, ...]:
+    """The logits at the last two positions (the last prompt token and the one before)."""
+    out = model(**inputs, position_ids=llava_positions(inputs), use_cache=False)
+    return (out.logits[:, -2:],)
+
+
+def llava_loss(model: nn.Module, inputs: Inputs) -> torch.Tensor:
+    """Next-token loss on each row's last two tokens (the answer)."""
+    labels = torch.full_like(inputs["input_ids"], -100)
+    labels[:, -2:] = inputs["input_ids"][:, -2:]
+    return model(**inputs, position_ids=llava_positions(inputs), labels=labels, use_cache=False).loss
+
+
+def llava_at_reference(model: nn.Module, reference: dict) -> Inputs:
+    """One prompt: BOS, the image tokens, then ``text_length - 1`` words (no padding)."""
+    length = int(reference["text_length"])
+    text = torch.randint(3, LLAVA_VOCAB - 1, (length - 1,), generator=torch.Generator().manual_seed(2)).tolist()
+    ids = torch.tensor([llava_prompt(text, llava_image_tokens(model, int(reference["image_size"])))])
+    size = int(reference["image_size"])
+    return {"pixel_values": torch.randn(1, 3, size, size), "input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def llava_features(model: nn.Module, inputs: Inputs) -> torch.Tensor:
+    """The prefill of generate: logits of the last token only."""
+    return model(**inputs, logits_to_keep=1, use_cache=False).logits
+
+
+LLAVA = Case("llava", "LlavaForConditionalGeneration", make_llava, llava_batch, llava_sample, llava_outputs,
+             llava_loss, llava_at_reference, llava_features, {"image_size": 16, "text_length": 8})
+
 CaseKey = tuple[str, str]  # (family, model class name)
 
-CASES: dict[CaseKey, Case] = {(case.family, case.model_class): case for case in (CLIP, BLIP_RETRIEVAL, BLIP_VQA)}
+CASES: dict[CaseKey, Case] = {(case.family, case.model_class): case
+                             for case in (CLIP, BLIP_RETRIEVAL, BLIP_VQA, LLAVA)}
 
 
 def case_id(key: CaseKey) -> str:
@@ -197,4 +285,4 @@ def random_unit_masks(adapter, seed: int) -> None:
 
 def all_sites(adapter, keep: float) -> None:
     for site in adapter.token_sites():
-        adapter.set_keep_ratio(site.tower, site.layer, keep)
+        adapter.set_keep_ratio(site.tower, site.layer, keep, site.pool)
