@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     for seed in (int(s) for s in args.seeds.split(",")):
         run = {"label": args.label, "preset": args.preset, "training": asdict(spec.dense), "threads": args.threads,
-                **run_one(spec, seed, not args.no_control), "command": command, "versions": versions(),
+               **run_one(spec, seed, not args.no_control), "command": command, "versions": versions(),
                "load_average": list(os.getloadavg()), "date": time.strftime("%Y-%m-%d %H:%M")}
         print(json.dumps({k: run[k] for k in ("label", "seed", "dense_train_seconds")} |
                          {"dense": run["dense"]["r1_mean"], "control": run.get("control", {}).get("r1_mean")}),
