@@ -7,7 +7,9 @@ from collections.abc import Callable
 
 from ..errors import ConfigError
 from .base import Task
+from .reasoning import ReasoningTask, reasoning_task
 from .retrieval import RetrievalTask, retrieval_metrics, retrieval_task
+from .vqa import VQATask, vqa_task
 
 #: (gallery_size, eval_pairs) -> the task: the command line's options (a task without galleries ignores the first;
 #: ``eval_pairs`` is the smallest split it will evaluate)
@@ -37,7 +39,15 @@ def make_task(name: str, gallery_size: int | None = 0, eval_pairs: int | None = 
     return TASKS[name](gallery_size, eval_pairs)
 
 
-register_task("retrieval", retrieval_task)
+def tasks_for_model(model: object) -> tuple[str, ...]:
+    """The registered tasks (at their default options) that run on ``model``."""
+    return tuple(name for name, factory in TASKS.items() if factory(None, None).supports(model))
 
-__all__ = ["TASKS", "RetrievalTask", "Task", "TaskFactory", "make_task", "register_task", "retrieval_metrics",
-           "retrieval_task", "task_names"]
+
+register_task("retrieval", retrieval_task)
+register_task("reasoning", reasoning_task)
+register_task("vqa", vqa_task)
+
+__all__ = ["TASKS", "ReasoningTask", "RetrievalTask", "Task", "TaskFactory", "VQATask", "make_task",
+           "reasoning_task", "register_task", "retrieval_metrics", "retrieval_task", "task_names", "tasks_for_model",
+           "vqa_task"]
