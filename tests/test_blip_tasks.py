@@ -22,7 +22,7 @@ from comp_vlm.data.nlvr2 import NLVR2Example, read_nlvr2_split, write_nlvr2
 from comp_vlm.data.text import build_word_tokenizer
 from comp_vlm.data.vqa_eval import evaluate_vqa
 from comp_vlm.data.vqav2 import VQAQuestion, image_file_name, read_vqav2_split, write_vqav2
-from comp_vlm.tasks import make_task, task_names, tasks_for_model
+from comp_vlm.tasks import make_task, task_data, task_names, tasks_for_model
 from comp_vlm.tasks.base import mean_reference_lengths
 from comp_vlm.tasks.reasoning import (
     ReasoningCollator,
@@ -108,6 +108,7 @@ def vqav2_dir(tmp_path_factory):
 def test_reasoning_and_vqa_are_registered_and_refuse_other_models():
     assert {"reasoning", "vqa"} <= set(task_names())
     assert isinstance(make_task("reasoning"), ReasoningTask) and isinstance(make_task("vqa"), VQATask)
+    assert (task_data("reasoning"), task_data("vqa"), task_data("retrieval")) == (nlvr2_loaders, vqav2_loaders, None)
     retrieval, vqa = make_blip(0), make_blip(0, vqa=True)
     assert tasks_for_model(retrieval) == ("reasoning",) and tasks_for_model(vqa) == ("vqa",)
     with pytest.raises(ConfigError, match=r"BlipForImageTextRetrieval model, not BlipForQuestionAnswering "
@@ -134,13 +135,13 @@ def test_reasoning_collator_puts_left_and_right_side_by_side(nlvr2_dir, tokenize
 
 
 def test_nlvr2_loaders_take_stage_costs_from_dev_and_test_from_test1(nlvr2_dir, tokenizer, processor):
-    loaders = nlvr2_loaders(nlvr2_dir, tokenizer, processor, batch_size=4, eval_batch_size=3)
+    loaders = nlvr2_loaders(nlvr2_dir, None, tokenizer, processor, batch_size=4, eval_batch_size=3)
     ids = lambda batches: [i for b in batches for i in b["identifiers"]]
     assert ids(loaders.val) == [f"dev-{i}-0-0" for i in range(4)]
     assert ids(loaders.test) == [f"test1-{i}-0-0" for i in range(4)]
     assert sorted(ids(loaders.train)) == sorted(f"train-{i}-0-0" for i in range(8))
     with pytest.raises(ConfigError, match="batch size 9 must be between 1 and the 8 training records"):
-        nlvr2_loaders(nlvr2_dir, tokenizer, processor, batch_size=9)
+        nlvr2_loaders(nlvr2_dir, None, tokenizer, processor, batch_size=9)
 
 
 def test_reasoning_loss_and_accuracy_on_hand_computed_logits():
@@ -156,7 +157,7 @@ def test_reasoning_loss_and_accuracy_on_hand_computed_logits():
 def test_reasoning_task_loss_and_evaluate_read_the_itm_head_on_the_side_by_side_image(nlvr2_dir, tokenizer,
                                                                                       processor):
     model, task = make_blip(0), ReasoningTask()
-    batches = nlvr2_loaders(nlvr2_dir, tokenizer, processor, batch_size=4).val
+    batches = nlvr2_loaders(nlvr2_dir, None, tokenizer, processor, batch_size=4).val
     with torch.no_grad():
         logits = torch.cat([model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
                                   pixel_values=b["pixel_values"], interpolate_pos_encoding=True).itm_score
@@ -280,9 +281,8 @@ def test_a_short_prune_of_each_task_completes_and_reports_the_task_metric(name, 
     model = make_blip(0, vqa=name == "vqa")
     if name == "vqa":
         task.max_answer_tokens = 3
-        loaders = vqav2_loaders(vqav2_dir, model, tokenizer, processor, batch_size=4)
-    else:
-        loaders = nlvr2_loaders(nlvr2_dir, tokenizer, processor, batch_size=4)
+    root = vqav2_dir if name == "vqa" else nlvr2_dir
+    loaders = task_data(name)(root, model, tokenizer, processor, batch_size=4)  # the task's data registry
     expected = {key: round(v) for key, v in mean_reference_lengths(task, loaders.train).items()}  # one epoch
     config = quick(ratio=0.2, stage_steps=2, finetune_steps=1, calibration_batches=1, reference=None)
     result = comp_vlm.prune(model, task, loaders.train, loaders.val, config, test_data=loaders.test)

@@ -57,9 +57,10 @@ class ReasoningCollator:
                 "identifiers": [ex.identifier for ex in examples]}
 
 
-def nlvr2_loaders(root: Any, tokenizer: Any, image_processor: Any, batch_size: int,
+def nlvr2_loaders(root: Any, model: nn.Module, tokenizer: Any, image_processor: Any, batch_size: int,
                   eval_batch_size: int | None = None, seed: int = 0) -> Any:
-    """Train, val and test reasoning loaders of an NLVR2 folder as released (:data:`NLVR2_ROLES`)."""
+    """Train, val and test reasoning loaders of an NLVR2 folder as released (:data:`NLVR2_ROLES`) for ``model``
+    (a :data:`~comp_vlm.tasks.TaskData` loader; the batches do not depend on the model)."""
     from ..data.nlvr2 import read_nlvr2_split
 
     splits = {role: read_nlvr2_split(root, split) for role, split in NLVR2_ROLES.items()}

@@ -128,7 +128,8 @@ class BlipVQACollator:
 
 def vqav2_loaders(root: Any, model: nn.Module, tokenizer: Any, image_processor: Any, batch_size: int,
                   eval_batch_size: int | None = None, seed: int = 0) -> Any:
-    """Train, val and test ``vqa`` loaders of a VQAv2 folder (:func:`vqav2_roles`) for a BLIP VQA model."""
+    """Train, val and test ``vqa`` loaders of a VQAv2 folder (:func:`vqav2_roles`) for a BLIP VQA model (a
+    :data:`~comp_vlm.tasks.TaskData` loader)."""
     roles = vqav2_roles(root)
     return record_loaders(roles["train"], roles["val"], roles["test"],
                           BlipVQACollator.for_model(model, tokenizer, image_processor), batch_size, eval_batch_size,
