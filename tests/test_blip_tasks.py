@@ -111,10 +111,11 @@ def test_reasoning_and_vqa_are_registered_and_refuse_other_models():
     assert (task_data("reasoning"), task_data("vqa"), task_data("retrieval")) == (nlvr2_loaders, vqav2_loaders, None)
     retrieval, vqa = make_blip(0), make_blip(0, vqa=True)
     assert tasks_for_model(retrieval) == ("reasoning",) and tasks_for_model(vqa) == ("vqa",)
-    with pytest.raises(ConfigError, match=r"BlipForImageTextRetrieval model, not BlipForQuestionAnswering "
+    with pytest.raises(ConfigError, match=r"task reasoning needs a BlipForImageTextRetrieval model, not BlipForQuestionAnswering "
                                           r"\(tasks for BlipForQuestionAnswering: vqa\)"):
         make_task("reasoning").check_model(vqa)
-    with pytest.raises(ConfigError, match="tasks for BlipForImageTextRetrieval: reasoning"):
+    with pytest.raises(ConfigError, match="task vqa needs a BlipForQuestionAnswering model, not BlipForImageTextRetrieval "
+                                          r"\(tasks for BlipForImageTextRetrieval: reasoning\)"):
         make_task("vqa").check_model(retrieval)
 
 

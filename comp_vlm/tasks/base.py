@@ -70,6 +70,10 @@ class Task(ABC):
     #: the FLOPs reference keys :meth:`reference_lengths` gives (the search reads the training data for those the
     #: reference lacks)
     reference_keys: tuple[str, ...] = ("text_length",)
+    #: the model classes (by name) the task runs on; None: any model with what the task calls
+    model_classes: tuple[str, ...] | None = None
+    #: the task's registered name, for messages (the class name when unset)
+    name: str | None = None
 
     @abstractmethod
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
@@ -120,9 +124,6 @@ class Task(ABC):
         return {k: v.to(device) if isinstance(v, torch.Tensor) else Task.batch_to(v, device) if isinstance(v, dict)
                 else v for k, v in batch.items()}
 
-    #: the model classes (by name) the task runs on; None: any model with what the task calls
-    model_classes: tuple[str, ...] | None = None
-
     def supports(self, model: nn.Module) -> bool:
         """Whether the task runs on ``model`` (its class is among :attr:`model_classes`, when they are named)."""
         return self.model_classes is None or type(model).__name__ in self.model_classes
@@ -136,7 +137,7 @@ class Task(ABC):
         from . import tasks_for_model
 
         needs = f"a {' or '.join(self.model_classes)} model" if self.model_classes else "another model"
-        raise ConfigError(f"task {type(self).__name__} needs {needs}, not {name} (tasks for {name}: "
+        raise ConfigError(f"task {self.name or type(self).__name__} needs {needs}, not {name} (tasks for {name}: "
                           f"{', '.join(tasks_for_model(model)) or 'none'})")
 
 

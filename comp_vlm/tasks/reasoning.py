@@ -77,6 +77,7 @@ def reasoning_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, f
 class ReasoningTask(Task):
     """Side-by-side NLVR2 through ``BlipForImageTextRetrieval``'s ITM head (see the module docstring)."""
 
+    name = "reasoning"
     primary_metric = "accuracy"
     higher_is_better = True
     reference_keys = ("image_size", "image_width", "text_length")

@@ -139,6 +139,7 @@ def vqav2_loaders(root: Any, model: nn.Module, tokenizer: Any, image_processor: 
 class VQATask(Task):
     """Generative VQA over the batch contract of the module docstring."""
 
+    name = "vqa"
     primary_metric = "vqa_accuracy"
     higher_is_better = True
     reference_keys = ("image_size", "image_width", "text_length", "answer_length")
