@@ -190,7 +190,8 @@ def test_swapping_left_and_right_changes_the_side_by_side_logits_but_not_a_conca
                                                                                              (right, left))]
         concatenated = [_concatenated_memory_itm(model, text["input_ids"], text["attention_mask"], a, b)
                         for a, b in ((left, right), (right, left))]
-    assert (both[0] - both[1]).abs().max() > 1e-3
+    # measured: 1.1e-3 apart side by side; 7e-8 (float summation order) with the memory concatenated
+    assert (both[0] - both[1]).abs().max() > 1e-4
     torch.testing.assert_close(concatenated[0], concatenated[1], rtol=0, atol=1e-6)
 
 
