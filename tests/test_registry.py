@@ -96,7 +96,7 @@ def test_a_config_no_adapter_takes_is_refused_naming_the_registered_classes(tmp_
 def test_the_cli_lists_registered_tasks(family):
     prune = build_parser()._subparsers._group_actions[0].choices["prune"]
     action = next(a for a in prune._actions if "--task" in a.option_strings)
-    assert tuple(action.choices) == ("retrieval", TASK)
+    assert tuple(action.choices) == ("retrieval", "reasoning", "vqa", TASK)
     assert build_parser().parse_args(["eval", "out", "--task", TASK]).task == TASK
 
 

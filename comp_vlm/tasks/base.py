@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -70,6 +70,10 @@ class Task(ABC):
     #: the FLOPs reference keys :meth:`reference_lengths` gives (the search reads the training data for those the
     #: reference lacks)
     reference_keys: tuple[str, ...] = ("text_length",)
+    #: the model classes (by name) the task runs on; None: any model with what the task calls
+    model_classes: tuple[str, ...] | None = None
+    #: the task's registered name, for messages (the class name when unset)
+    name: str | None = None
 
     @abstractmethod
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
@@ -115,5 +119,61 @@ class Task(ABC):
 
     @staticmethod
     def batch_to(batch: Batch, device: torch.device | str) -> dict[str, Any]:
-        """A shallow copy of ``batch`` with every tensor moved to ``device`` (other entries kept as they are)."""
-        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        """A shallow copy of ``batch`` with every tensor moved to ``device``, in nested dicts too (a task's model
+        inputs may be grouped, e.g. VQA's ``loss_inputs``); other entries kept as they are."""
+        return {k: v.to(device) if isinstance(v, torch.Tensor) else Task.batch_to(v, device) if isinstance(v, dict)
+                else v for k, v in batch.items()}
+
+    def supports(self, model: nn.Module) -> bool:
+        """Whether the task runs on ``model`` (its class is among :attr:`model_classes`, when they are named)."""
+        return self.model_classes is None or type(model).__name__ in self.model_classes
+
+    def check_model(self, model: nn.Module) -> None:
+        """ConfigError unless the task :meth:`supports` ``model``, naming the tasks that do."""
+        if self.supports(model):
+            return
+        name = type(model).__name__
+        from ..errors import ConfigError
+        from . import tasks_for_model
+
+        needs = f"a {' or '.join(self.model_classes)} model" if self.model_classes else "another model"
+        raise ConfigError(f"task {self.name or type(self).__name__} needs {needs}, not {name} (tasks for {name}: "
+                          f"{', '.join(tasks_for_model(model)) or 'none'})")
+
+
+class RecordBatches:
+    """Records collated into batches on demand: the ``len``/``batch(index)`` interface of
+    :class:`~comp_vlm.data.synthetic.ShuffledBatches` and :func:`~comp_vlm.data.synthetic.fixed_batches`."""
+
+    def __init__(self, records: Sequence[Any], collate: Callable[[Sequence[Any]], dict[str, Any]]) -> None:
+        self.records, self.collate = list(records), collate
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def batch(self, index: torch.Tensor) -> dict[str, Any]:
+        return self.collate([self.records[i] for i in index.tolist()])
+
+
+def record_loaders(train: Sequence[Any], val: Sequence[Any], test: Sequence[Any], collate: Callable,
+                   batch_size: int, eval_batch_size: int | None = None, seed: int = 0, where: str = "the data") -> Any:
+    """Train (shuffled, re-iterable, reshuffled each epoch from ``seed``), val and test (fixed lists of batches in
+    record order) loaders of three record lists, each batch made by ``collate``."""
+    from ..data.synthetic import RetrievalLoaders, ShuffledBatches, fixed_batches, mix_seed
+    from ..errors import ConfigError
+
+    if not 0 < batch_size <= len(train):
+        raise ConfigError(f"the training batch size {batch_size} must be between 1 and the {len(train)} training "
+                          f"records of {where}")
+    eval_bs = eval_batch_size or batch_size
+    return RetrievalLoaders(train=ShuffledBatches(RecordBatches(train, collate), batch_size,  # type: ignore[arg-type]
+                                                  seed=mix_seed(seed, "shuffle")),
+                            val=fixed_batches(RecordBatches(val, collate), eval_bs),  # type: ignore[arg-type]
+                            test=fixed_batches(RecordBatches(test, collate), eval_bs))  # type: ignore[arg-type]
+
+
+def image_lengths(pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``image_size`` (height) and ``image_width`` of every image of a ``(B, 3, H, W)`` batch, as reference
+    lengths."""
+    b, _, h, w = pixel_values.shape
+    return {"image_size": torch.full((b,), float(h)), "image_width": torch.full((b,), float(w))}

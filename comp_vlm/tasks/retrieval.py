@@ -184,6 +184,10 @@ class RetrievalTask(Task):
         self.max_scale = max_scale
         self.default_logit_scale = default_logit_scale
 
+    def supports(self, model: nn.Module) -> bool:
+        """Dual encoders: a model with ``get_image_features`` and ``get_text_features``."""
+        return all(callable(getattr(model, name, None)) for name in ("get_image_features", "get_text_features"))
+
     # -- encoders ---------------------------------------------------------------------------------------------
     @staticmethod
     def encode_images(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
