@@ -17,15 +17,16 @@ How to add a family
    runs every layer through the layer's ``comp_runtime`` (:class:`comp_vlm.adapters.runtime.SiteRuntime`: ``run``,
    ``start``, ``after_attention``, ``site``, ``after_mlp``) and calls :func:`comp_vlm.adapters.runtime.end_tower`
    after its layer loop (the collector weights the last MLP's statistic there). This is the one duty the base
-   class cannot perform: the contract's family-protocol test checks it (``tests/test_family_protocol.py``).
+   class cannot perform; ``tests/test_family_protocol.py`` checks it for every contract case.
 5. Add a contract case for every model class to ``tests/contract/families.py`` and the family's tasks and tests.
 
 What the base class does for every family (a family does none of it): :meth:`~ModelAdapter.install` switches a
 family built with ``sdpa`` to the ``comp_vlm`` attention (:func:`comp_vlm.adapters.common.use_comp_attention`),
 puts :meth:`~ModelAdapter.layer_runtime`'s runtime on every layer as ``comp_runtime``, calls the family's
 :meth:`~ModelAdapter._install_forward` and sets the installed flag; :meth:`~ModelAdapter.uninstall` undoes each.
-Every other member is the generic algorithm, marked ``@final``: a subclass that overrides one is refused when the
-class is created (TypeError, :meth:`ModelAdapter.__init_subclass__`).
+Every member other than these hooks, the class attributes and ``__init__`` is the generic algorithm, marked
+``@final``: a subclass that overrides one is refused when the class is created (TypeError,
+:meth:`ModelAdapter.__init_subclass__`). A family adds its own helpers freely.
 
 An adapter is a thin *view* over a model instance; every piece of pruning state (mask buffers, keep ratios,
 original unit indices, options) lives on the model's own modules, so a ``copy.deepcopy`` of the model carries it
@@ -255,7 +256,8 @@ class ModelAdapter(ABC):
             raise TypeError(f"{cls.__name__} lists token reducer 'merge' but sets no key_projection")
 
     def __init__(self, model: nn.Module) -> None:
-        """A view of ``model``; a family that checks its config further raises ConfigError, then calls this."""
+        """A view of ``model``. A family may override it to refuse a config it cannot run (ConfigError), then
+        call ``super().__init__``."""
         self.model = model
         check_tower_specs(self.tower_specs())
 
