@@ -1,13 +1,37 @@
 """The adapter protocol: how the model-agnostic algorithm reaches one model family.
 
+How to add a family
+-------------------
+1. Write ``comp_vlm/adapters/<family>.py`` with a :class:`ModelAdapter` subclass decorated with
+   :func:`register_adapter`. Set ``family`` and ``model_classes``; set the other class attributes under "what a
+   family may set" (``attn_implementation``, ``auto_classes``, ``supports_dead_compute``, ``token_reducers``,
+   ``key_projection``) where the default does not fit.
+2. Implement the abstract hooks: :meth:`~ModelAdapter.tower_specs` (the towers and their prunable units, as data),
+   :meth:`~ModelAdapter.default_reference` and :meth:`~ModelAdapter.tower_io` (the FLOPs reference), and
+   :meth:`~ModelAdapter._install_forward` / :meth:`~ModelAdapter._uninstall_forward` (the instance forwards).
+3. Override the optional hooks where the default does not fit: :meth:`~ModelAdapter.layer_fields`,
+   :meth:`~ModelAdapter.pool_tokens`, :meth:`~ModelAdapter.couplings`, :meth:`~ModelAdapter.layer_runtime`,
+   :meth:`~ModelAdapter.validate_recipe` (to add checks, then call ``super()``).
+4. Write the forwards :meth:`~ModelAdapter._install_forward` puts on the instance (no class is patched). A tower
+   forward starts a :class:`comp_vlm.tokens.TokenState` (through :func:`comp_vlm.adapters.runtime.label_pools`),
+   runs every layer through the layer's ``comp_runtime`` (:class:`comp_vlm.adapters.runtime.SiteRuntime`: ``run``,
+   ``start``, ``after_attention``, ``site``, ``after_mlp``) and calls :func:`comp_vlm.adapters.runtime.end_tower`
+   after its layer loop (the collector weights the last MLP's statistic there). This is the one duty the base
+   class cannot perform; ``tests/test_family_protocol.py`` checks it for every contract case.
+5. Add a contract case for every model class to ``tests/contract/families.py`` and the family's tasks and tests.
+
+What the base class does for every family (a family does none of it): :meth:`~ModelAdapter.install` switches a
+family built with ``sdpa`` to the ``comp_vlm`` attention (:func:`comp_vlm.adapters.common.use_comp_attention`),
+puts :meth:`~ModelAdapter.layer_runtime`'s runtime on every layer as ``comp_runtime``, calls the family's
+:meth:`~ModelAdapter._install_forward` and sets the installed flag; :meth:`~ModelAdapter.uninstall` undoes each.
+Every member other than these hooks, the class attributes and ``__init__`` is the generic algorithm, marked
+``@final``: a subclass that overrides one is refused when the class is created (TypeError,
+:meth:`ModelAdapter.__init_subclass__`). A family adds its own helpers freely.
+
 An adapter is a thin *view* over a model instance; every piece of pruning state (mask buffers, keep ratios,
 original unit indices, options) lives on the model's own modules, so a ``copy.deepcopy`` of the model carries it
-and a new view (``get_adapter(model)``) sees it. A family describes its towers with :class:`TowerSpec` (its layers'
-prunable units as data: :class:`comp_vlm.adapters.units.UnitSpec`) and implements the token machinery
-(:meth:`ModelAdapter._install_forward`); it may add per-layer structure fields (:meth:`ModelAdapter.layer_fields`)
-and name the attention implementation its models are built with (:attr:`ModelAdapter.attn_implementation`).
-Everything else -- masks, statistics, structure for FLOPs, physical slicing, recipes -- is generic over unit
-groups and lives here once.
+and a new view (``get_adapter(model)``) sees it. Masks, statistics, structure for FLOPs, physical slicing and
+recipes are generic over unit groups (:class:`comp_vlm.adapters.units.UnitSpec`) and live here once.
 """
 
 from __future__ import annotations
@@ -16,7 +40,7 @@ import hashlib
 import json
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, replace
-from typing import Any, ClassVar
+from typing import Any, ClassVar, final
 
 import torch
 from torch import nn
@@ -28,9 +52,12 @@ from ..recipe import LEGACY_OPTIONS, TOKEN_POOL, LayerRecipe, Recipe
 from ..structure import PARAM_MODES, TOKEN_MODES, Coupling, LayerStructure, TowerStructure
 from ..validation import validate_dataclass
 from . import units
+from .common import restore_sdpa, use_comp_attention
 from .runtime import (
     KEEP_ATTR,
+    KeyCapture,
     PoolLabels,
+    SiteRuntime,
     TokenPool,
     TokenScorer,
     make_token_scorer,
@@ -41,6 +68,8 @@ from .units import UnitGroup, UnitKey, UnitSpec
 
 OPTIONS_ATTR = "comp_vlm_options"
 SCORER_ATTR = "comp_vlm_token_scorer"  # the TokenScorer the installed sites use
+INSTALLED_ATTR = "_comp_vlm_installed"  # on the model: ModelAdapter.install ran
+RUNTIME_ATTR = "comp_runtime"  # on every layer: its SiteRuntime (the runtime and the forwards read it by this name)
 
 
 @dataclass(frozen=True)
@@ -190,46 +219,76 @@ def config_hash(config: Any) -> str:
 
 
 class ModelAdapter(ABC):
-    """Protocol + generic implementation. Subclasses set ``family``/``model_classes`` and implement the
-    abstract methods; register them with :func:`register_adapter`. ``attn_implementation``: what comp-vlm builds
-    the family's models with (``io.load_pruned``, the dense models of ``bench`` and the presets); a family whose
-    transformers classes lack sdpa says ``"eager"``. ``auto_classes``: the transformers Auto classes whose
-    ``from_pretrained(dir, trust_remote_code=True)`` loads a saved pruned model (``auto_map``, :mod:`comp_vlm.remote`);
-    a family adds those of its tasks. Construction checks the unit kinds' modes (ConfigError)."""
+    """Protocol + generic implementation (see "How to add a family" above). A family sets the class attributes
+    below, implements the abstract hooks and may override the optional ones; every ``@final`` member is generic.
+    Construction checks the unit kinds' modes and the token pools (ConfigError)."""
 
+    # ---- what a family must set ------------------------------------------------------------------------------
+    #: the family's name, as recipes and presets name it (several adapter classes may share it: BLIP)
     family: ClassVar[str]
+    #: the transformers model classes this adapter views (:func:`get_adapter` matches exact classes first)
     model_classes: ClassVar[tuple[type, ...]]
+
+    # ---- what a family may set -------------------------------------------------------------------------------
+    #: what comp-vlm builds the family's models with (``io.load_pruned``, ``bench``'s dense models, the presets);
+    #: ``"sdpa"`` models run the ``comp_vlm`` attention while installed; a family whose classes lack sdpa: "eager"
     attn_implementation: ClassVar[str] = "sdpa"
+    #: transformers Auto classes whose ``from_pretrained(dir, trust_remote_code=True)`` loads a saved pruned model
+    #: (``auto_map``, :mod:`comp_vlm.remote`); a family adds those of its tasks
     auto_classes: ClassVar[tuple[str, ...]] = ("AutoModel",)
+    #: whether each tower's last MLP can run on the pooled token alone (``AdapterOptions.dead_compute``)
+    supports_dead_compute: ClassVar[bool] = False
+    #: the token reducers the family's forwards run (``install`` refuses the others); ``merge`` needs
+    #: ``key_projection``
+    token_reducers: ClassVar[tuple[str, ...]] = ("drop", "fuse")
+    #: path, in a layer, of the key projection whose output the ``merge`` reducer compares (None: no merge)
+    key_projection: ClassVar[str | None] = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Refuse a subclass that overrides a ``@final`` member (typing.final is not enforced at runtime) or lists
+        ``merge`` without a ``key_projection``."""
+        super().__init_subclass__(**kwargs)
+        overridden = sorted(set(vars(cls)) & final_members(ModelAdapter))
+        if overridden:
+            raise TypeError(f"{cls.__name__} overrides {', '.join(overridden)}: ModelAdapter marks them @final "
+                            "(generic over families); implement the family hooks instead")
+        if "merge" in cls.token_reducers and cls.key_projection is None:
+            raise TypeError(f"{cls.__name__} lists token reducer 'merge' but sets no key_projection")
 
     def __init__(self, model: nn.Module) -> None:
+        """A view of ``model``. A family may override it to refuse a config it cannot run (ConfigError), then
+        call ``super().__init__``."""
         self.model = model
         check_tower_specs(self.tower_specs())
 
-    # ---- what a family must provide -------------------------------------------------------------------------
+    # ---- what a family must implement ------------------------------------------------------------------------
     @abstractmethod
     def tower_specs(self) -> list[TowerSpec]:
-        """The model's towers, from its config (dense sizes)."""
+        """The model's towers, from its config (dense sizes), in a fixed order. Each names its layers' module path
+        and its prunable units (:class:`UnitSpec`: the contract slices them and checks masked == sliced)."""
 
     @abstractmethod
     def default_reference(self) -> dict:
-        """Reference input shape for FLOPs (e.g. image size, text length)."""
+        """The reference input shape for FLOPs when none is given (e.g. ``image_size``, ``text_length``); the
+        contract counts FLOPs at a case's reference with these keys."""
 
     @abstractmethod
     def tower_io(self, spec: TowerSpec, reference: dict) -> tuple[int, int, int]:
-        """(tokens entering layer 0, tokens always kept, FLOPs outside the layers) at ``reference``."""
+        """(tokens entering layer 0, tokens always kept, FLOPs outside the layers) of ``spec`` at ``reference``;
+        with the layers' structure they must sum to what ``FlopCounterMode`` counts (the contract checks it)."""
 
     @abstractmethod
     def _install_forward(self) -> None:
-        """Install the instance-level forwards (token sites, dead compute). Idempotent."""
+        """Put the family's instance forwards (tower forwards, layer forwards, call hooks) on the model; idempotent.
+        Called by :meth:`install` after every layer has its ``comp_runtime``; the tower forwards call
+        :func:`comp_vlm.adapters.runtime.end_tower` after their layer loop. With every keep ratio at 1 and no mask
+        the model must compute what it computed before (the contract's keep-all check)."""
 
     @abstractmethod
     def _uninstall_forward(self) -> None:
-        """Restore the class forwards."""
+        """Remove what :meth:`_install_forward` put on the model (the class forwards run again)."""
 
-    supports_dead_compute: ClassVar[bool] = False
-    token_reducers: ClassVar[tuple[str, ...]] = ("drop", "fuse")  # merge needs the family to capture its keys
-
+    # ---- what a family may override --------------------------------------------------------------------------
     def layer_fields(self, spec: TowerSpec, layer: int) -> dict[str, Any]:
         """Further :class:`LayerStructure` fields of layer ``layer`` of ``spec`` (e.g. ``cross_kv_hidden``,
         ``kv_heads``) for the FLOPs model; none by default. The unit kinds' counts override these."""
@@ -251,27 +310,45 @@ class ModelAdapter(ABC):
         default. A family with couplings declares them here and nothing else (method.md §1)."""
         return ()
 
+    def layer_runtime(self, spec: TowerSpec, index: int) -> SiteRuntime:
+        """The :class:`SiteRuntime` :meth:`install` puts on layer ``index`` of ``spec`` as ``comp_runtime``. By
+        default the head statistic is the input of the first unit kind's ``stat_path`` (the attention), the neuron
+        statistic that of the ``neuron`` kind's, and the sites run the options' reducer."""
+        attention = spec.units[0]
+        last = index == len(self.layers(spec)) - 1
+        return SiteRuntime(spec.name, index, spec.causal, spec.site_pools(), self.token_scorer, attention.stat_path,
+                           spec.unit("neuron").stat_path, self.pooled_only_last_mlp() and last, self.options.cit,
+                           spec.pool_labels, self.options.token_reducer, self.key_projection, attention.kind)
+
+    # ---- options / install (generic) -------------------------------------------------------------------------
+    @final
     def pooled_only_last_mlp(self) -> bool:
         """Whether each tower's last MLP runs on the pooled token alone (dead compute)."""
         return self.supports_dead_compute and self.options.dead_compute
 
-    # ---- options / install -----------------------------------------------------------------------------------
     @property
+    @final
     def options(self) -> AdapterOptions:
+        """The installed options (the defaults before :meth:`install`)."""
         opts = getattr(self.model, OPTIONS_ATTR, None)
         return opts if opts is not None else AdapterOptions()
 
     @property
+    @final
     def token_scorer(self) -> TokenScorer:
         """The scorer the token sites rank tokens by (set at :meth:`install`)."""
         scorer = getattr(self.model, SCORER_ATTR, None)
         return scorer if scorer is not None else make_token_scorer(self.options.token_scorer,
                                                                    self.options.token_scorer_seed)
 
+    @final
     def install(self, options: AdapterOptions | None = None, scorer: TokenScorer | None = None) -> ModelAdapter:
         """Install token sites (all keep ratios 1) and options on the instance; idempotent. The sites rank tokens by
         ``scorer`` if given (a custom scorer is not part of the recipe), else by the one already installed, else by
-        the one ``options.token_scorer`` names. Raises ConfigError on a reducer the family cannot run."""
+        the one ``options.token_scorer`` names. Raises ConfigError on a reducer the family cannot run.
+
+        Performs the family duties: the ``comp_vlm`` attention (an ``sdpa`` family), every layer's
+        ``comp_runtime`` (:meth:`layer_runtime`), the family's forwards (:meth:`_install_forward`), the flag."""
         reducer = (options or self.options).token_reducer
         if reducer not in self.token_reducers:
             raise ConfigError(f"the {self.family} adapter cannot run token_reducer {reducer!r} (it runs "
@@ -285,32 +362,50 @@ class ModelAdapter(ABC):
         elif getattr(self.model, OPTIONS_ATTR, None) is None:
             object.__setattr__(self.model, OPTIONS_ATTR, AdapterOptions())
         object.__setattr__(self.model, SCORER_ATTR, scorer if scorer is not None else self.token_scorer)
+        if self.attn_implementation == "sdpa":
+            use_comp_attention(self.model)
+        for spec in self.tower_specs():
+            for i, layer in enumerate(self.layers(spec)):
+                layer.__dict__[RUNTIME_ATTR] = self.layer_runtime(spec, i)
         self._install_forward()
+        object.__setattr__(self.model, INSTALLED_ATTR, True)
         return self
 
+    @final
     def is_installed(self) -> bool:
-        return getattr(self.model, "_comp_vlm_installed", False)
+        """Whether :meth:`install` ran (and :meth:`uninstall` did not since)."""
+        return getattr(self.model, INSTALLED_ATTR, False)
 
+    @final
     def uninstall(self) -> None:
         """Remove token sites, masks and options: the model computes exactly as before (weights untouched)."""
         self.clear_masks()
         self._uninstall_forward()
         for spec in self.tower_specs():
             for layer in self.layers(spec):
-                layer.__dict__.pop(KEEP_ATTR, None)
-        self.model.__dict__.pop(OPTIONS_ATTR, None)
-        self.model.__dict__.pop(SCORER_ATTR, None)
+                for attr in (KEEP_ATTR, RUNTIME_ATTR):
+                    layer.__dict__.pop(attr, None)
+                if self.key_projection is not None:
+                    masks.remove_hooks(layer.get_submodule(self.key_projection), (KeyCapture,))
+        restore_sdpa(self.model)
+        for attr in (OPTIONS_ATTR, SCORER_ATTR, INSTALLED_ATTR):
+            self.model.__dict__.pop(attr, None)
 
     # ---- towers, layers, units -------------------------------------------------------------------------------
+    @final
     def tower(self, name: str) -> TowerSpec:
+        """The tower named ``name`` (ConfigError naming the towers if there is none)."""
         for spec in self.tower_specs():
             if spec.name == name:
                 return spec
         raise ConfigError(f"{self.family} model has no tower {name!r} (towers: {[s.name for s in self.tower_specs()]})")
 
+    @final
     def layers(self, spec: TowerSpec) -> nn.ModuleList:
+        """The layer modules of ``spec`` (at its ``layers_path``)."""
         return self.model.get_submodule(spec.layers_path)
 
+    @final
     def unit_groups(self, mode: str | None = None) -> list[UnitGroup]:
         """Every layer's groups of prunable units (tower by tower, layer by layer, kinds in tower order); with
         ``mode``, only the groups of that parameter mode."""
@@ -323,6 +418,7 @@ class ModelAdapter(ABC):
 
     param_groups = unit_groups  # protocol v1 name (README)
 
+    @final
     def unit_group(self, key: UnitGroup | UnitKey) -> UnitGroup:
         """The group of a (kind, tower, layer) key (a group is passed through)."""
         if isinstance(key, UnitGroup):
@@ -333,18 +429,22 @@ class ModelAdapter(ABC):
         return UnitGroup(unit, tower, spec.unit_mode(unit), layer,
                          len(units.dense_index(self.layers(spec)[layer], unit)))
 
+    @final
     def _layer(self, group: UnitGroup) -> nn.Module:
         return self.layers(self.tower(group.tower))[group.layer]
 
+    @final
     def dense_index(self, key: UnitGroup | UnitKey) -> list[int]:
         """Original (dense) indices of the units the layer still has."""
         group = self.unit_group(key)
         return units.dense_index(self._layer(group), group.spec)
 
+    @final
     def unit_flops(self, group: UnitGroup, layer: LayerStructure, tokens_in: int, tokens_mlp: int) -> int:
         """FLOPs of one unit of ``group`` (:func:`comp_vlm.flops.unit_flops`) at the given token counts."""
         return unit_flops(group.kind, layer, tokens_in, tokens_mlp)
 
+    @final
     def site_layers(self, spec: TowerSpec, options: AdapterOptions | None = None) -> list[int]:
         """Layers holding a token site: site_start, +site_every, ... (not the last one under dead compute,
         where only the pooled token reaches the MLP anyway)."""
@@ -355,6 +455,7 @@ class ModelAdapter(ABC):
         last = n - 1 if (self.supports_dead_compute and opts.dead_compute) else n
         return list(range(opts.site_start, last, opts.site_every))
 
+    @final
     def token_sites(self, mode: str | None = None) -> list[Site]:
         """Every token pool at every site layer (tower by tower, layer by layer, pools in tower order); with
         ``mode``, only the pools of that token mode."""
@@ -365,6 +466,7 @@ class ModelAdapter(ABC):
             for pool in spec.site_pools() if mode is None or pool.mode == mode
         ]
 
+    @final
     def modes(self) -> list[str]:
         """The pruning modes this model offers, tower by tower: its unit kinds' parameter modes, then its token
         pools' modes (only if it has at least one site)."""
@@ -377,6 +479,7 @@ class ModelAdapter(ABC):
         return found
 
     # ---- soft masks --------------------------------------------------------------------------------------------
+    @final
     def _check_mask(self, values: torch.Tensor | list, size: int, what: str) -> torch.Tensor:
         values = torch.as_tensor(values, dtype=torch.float32)
         if values.shape != (size,):
@@ -385,25 +488,32 @@ class ModelAdapter(ABC):
             raise ConfigError(f"{what} mask values must lie in [0, 1]")
         return values
 
+    @final
     def set_unit_mask(self, key: UnitGroup | UnitKey, values: torch.Tensor | list) -> None:
         """Soft mask in [0, 1] of a group's units (current local order)."""
         group = self.unit_group(key)
         values = self._check_mask(values, group.size, f"{group.tower} layer {group.layer} {group.kind}")
         units.set_mask(self._layer(group), group.spec, values)
 
+    @final
     def unit_mask(self, key: UnitGroup | UnitKey) -> torch.Tensor | None:
+        """The group's soft mask (None: unmasked)."""
         group = self.unit_group(key)
         return units.mask_of(self._layer(group), group.spec)
 
+    @final
     def set_head_mask(self, tower: str, layer: int, values: torch.Tensor | list) -> None:
         """Protocol v1: ``set_unit_mask(("head", tower, layer), values)``."""
         self.set_unit_mask(("head", tower, layer), values)
 
+    @final
     def set_neuron_mask(self, tower: str, layer: int, values: torch.Tensor | list) -> None:
         """Protocol v1: ``set_unit_mask(("neuron", tower, layer), values)``."""
         self.set_unit_mask(("neuron", tower, layer), values)
 
+    @final
     def clear_masks(self) -> None:
+        """Drop every unit mask and its hooks."""
         for spec in self.tower_specs():
             for module in self.layers(spec):
                 for unit in spec.units:
@@ -411,12 +521,14 @@ class ModelAdapter(ABC):
                 for sub in module.modules():
                     masks.remove_hooks(sub, units.MASK_HOOK_TYPES)
 
+    @final
     def kept_units(self, key: UnitGroup | UnitKey) -> list[int]:
         """Current-local indices of the group's units whose mask is non-zero (all when unmasked)."""
         group = self.unit_group(key)
         return units.kept(self._layer(group), group.spec)
 
     # ---- statistics collection (CIM) -----------------------------------------------------------------------
+    @final
     def attach_collector(self, collector: Any) -> None:
         """Let the layers feed ``collector`` (a :class:`comp_vlm.collect.StatsCollector`) during training."""
         from ..collect import capture_input_hook
@@ -430,13 +542,16 @@ class ModelAdapter(ABC):
                     if not any(h is capture_input_hook for h in lin._forward_pre_hooks.values()):
                         lin.register_forward_pre_hook(capture_input_hook)
 
+    @final
     def unit_scores(self, key: UnitGroup | UnitKey, collector: Any) -> torch.Tensor | None:
         """The group's importance scores from ``collector``'s statistics (None if it has none for the group)."""
         group = self.unit_group(key)
         stat_linear = self._layer(group).get_submodule(group.spec.stat_path)
         return collector.unit_scores(group.key, stat_linear.weight, group.spec.stat_width)
 
+    @final
     def detach_collector(self) -> None:
+        """Undo :meth:`attach_collector`."""
         from ..collect import CAPTURE_FLAG, CAPTURED, capture_input_hook
 
         for spec in self.tower_specs():
@@ -450,6 +565,7 @@ class ModelAdapter(ABC):
                     lin.__dict__.pop(CAPTURED, None)
 
     # ---- token sites ---------------------------------------------------------------------------------------------
+    @final
     def _pool(self, spec: TowerSpec, pool: str) -> TokenPool:
         for found in spec.site_pools():
             if found.name == pool:
@@ -457,6 +573,7 @@ class ModelAdapter(ABC):
         raise ConfigError(f"tower {spec.name!r} has no token pool {pool!r} "
                           f"(pools: {[p.name for p in spec.site_pools()]})")
 
+    @final
     def set_keep_ratio(self, tower: str, layer: int, ratio: float, pool: str = TOKEN_POOL) -> None:
         """Set the keep ratio of token pool ``pool`` at the site of ``tower``'s layer ``layer``."""
         spec = self.tower(tower)
@@ -467,17 +584,21 @@ class ModelAdapter(ABC):
             raise ConfigError(f"{tower} layer {layer} has no token site (sites: {self.site_layers(spec)})")
         set_site_keep(self.layers(spec)[layer], pool, ratio)
 
+    @final
     def keep_ratio(self, tower: str, layer: int, pool: str = TOKEN_POOL) -> float:
         """The keep ratio of token pool ``pool`` at ``tower``'s layer ``layer`` (1: no site, or it keeps all)."""
         spec = self.tower(tower)
         return site_keep(self.layers(spec)[layer], self._pool(spec, pool).name)
 
     # ---- structure and FLOPs -------------------------------------------------------------------------------------
+    @final
     def reference(self, reference: dict | None = None) -> dict:
+        """The FLOPs reference: :meth:`default_reference`, updated by ``reference`` (else by the recipe's)."""
         ref = dict(self.default_reference())
         ref.update(reference or getattr(self.model, "comp_vlm_reference", None) or {})
         return ref
 
+    @final
     def structure(self, reference: dict | None = None) -> list[TowerStructure]:
         """What the model computes now (masked-out units count as removed), at the reference shape."""
         ref = self.reference(reference)
@@ -506,14 +627,17 @@ class ModelAdapter(ABC):
                                          reducer=self.options.token_reducer))
         return towers
 
+    @final
     def count_flops(self, reference: dict | None = None) -> int:
         """FLOPs of what the model computes now, all towers together (:func:`comp_vlm.flops.model_flops`)."""
         return model_flops(self.structure(reference), self.couplings())
 
+    @final
     def dense_flops(self, reference: dict | None = None) -> int:
         """FLOPs of the unpruned model with the same options (:meth:`dense_structure`)."""
         return model_flops(self.dense_structure(reference), self.couplings())
 
+    @final
     def dense_structure(self, reference: dict | None = None) -> list[TowerStructure]:
         """The unpruned model (all units, all tokens) with the same options."""
         return [replace(t, layers=tuple(replace(dense_units(lay, self.tower(t.name)), site_keep=None)
@@ -521,6 +645,7 @@ class ModelAdapter(ABC):
                 for t in self.structure(reference)]
 
     # ---- physical slicing ----------------------------------------------------------------------------------------
+    @final
     def slice(self) -> None:
         """Physically remove every unit whose mask is 0 (masks must be hard 0/1); then drop the masks."""
         plan = []
@@ -534,19 +659,24 @@ class ModelAdapter(ABC):
         for group, keep in plan:
             self.slice_units(group, keep)
 
+    @final
     def slice_units(self, key: UnitGroup | UnitKey, keep: list[int]) -> None:
         """Keep the group's units ``keep`` (current local indices) and physically drop the others."""
         group = self.unit_group(key)
         units.slice_units(self._layer(group), group.spec, keep)
 
     # ---- recipes ---------------------------------------------------------------------------------------------------
+    @final
     def base_config_hash(self) -> str:
+        """:func:`config_hash` of the model's config (recipes carry it)."""
         return config_hash(self.model.config)
 
+    @final
     def token_pools(self, spec: TowerSpec) -> tuple[str, ...]:
         """The names of the token pools a site of the tower holds, as recipes name them (CLIP: one, ``TOKEN_POOL``)."""
         return tuple(pool.name for pool in spec.site_pools())
 
+    @final
     def recipe(self, reference: dict | None = None) -> Recipe:
         """The current structure (kept units in dense indices, keep ratios, options) as a recipe."""
         ref = self.reference(reference)
@@ -574,6 +704,8 @@ class ModelAdapter(ABC):
         )
 
     def validate_recipe(self, recipe: Recipe) -> None:
+        """Raise RecipeError unless ``recipe`` fits this model (family, config hash, towers, layers, unit indices,
+        token sites and pools). A family may override it to add its own checks, then call ``super()``."""
         if recipe.family != self.family:
             raise RecipeError(f"recipe is for family {recipe.family!r}, model is {self.family!r}")
         if recipe.base_config_hash != self.base_config_hash():
@@ -606,6 +738,7 @@ class ModelAdapter(ABC):
                     raise RecipeError(f"{name} layer {i}: the recipe's token pools {foreign} are not the model's "
                                       f"{list(self.token_pools(spec))}")
 
+    @final
     def apply_recipe(self, recipe: Recipe) -> ModelAdapter:
         """Slice the model to the recipe's structure and install its options and token keep ratios."""
         self.validate_recipe(recipe)
@@ -631,6 +764,12 @@ class ModelAdapter(ABC):
 def dense_units(layer: LayerStructure, spec: TowerSpec) -> LayerStructure:
     """``layer`` with every unit kind of ``spec`` back at its dense count."""
     return replace(layer, **structure_fields(spec, {unit.kind: unit.dense for unit in spec.units}))
+
+
+def final_members(cls: type) -> frozenset[str]:
+    """The names of ``cls``'s own members marked ``@final`` (on a property: its getter)."""
+    return frozenset(name for name, member in vars(cls).items()
+                     if getattr(getattr(member, "fget", member), "__final__", False))
 
 
 # ---- registry -------------------------------------------------------------------------------------------------------

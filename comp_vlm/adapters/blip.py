@@ -22,6 +22,7 @@ for VQA the decoder runs teacher-forced on ``answer_length`` tokens, its LM head
 
 from __future__ import annotations
 
+from dataclasses import replace
 from types import MethodType
 
 import torch
@@ -307,24 +308,24 @@ class BlipAdapter(ModelAdapter):
     def _text_models(self) -> list[nn.Module]:
         return [self.model.text_encoder]
 
+    def layer_runtime(self, spec: TowerSpec, index: int) -> SiteRuntime:
+        """The default runtime, its sites dropping the tokens they do not keep (whatever ``token_reducer`` says)."""
+        return replace(super().layer_runtime(spec, index), reducer="drop")
+
     def _install_forward(self) -> None:
+        """Each tower's encoder, layer and attention forwards, and the text models' :class:`TextCallHook`."""
         encoders = self._towers()
         for spec in self.tower_specs():
             encoder = encoders[spec.name]
             vision = spec.name == "vision"
             encoder.forward = MethodType(vision_encoder_forward if vision else text_encoder_forward, encoder)
-            heads = spec.unit("head").stat_path
-            for i, layer in enumerate(self.layers(spec)):
+            for layer in self.layers(spec):
                 layer.forward = MethodType(vision_layer_forward if vision else text_layer_forward, layer)
-                layer.comp_runtime = SiteRuntime(spec.name, i, spec.causal, spec.site_pools(), self.token_scorer,
-                                                 heads, spec.unit("neuron").stat_path, False, self.options.cit,
-                                                 spec.pool_labels)
                 for attn in self._attentions(layer, vision):
                     attn.forward = MethodType(vision_attention_forward if vision else text_attention_forward, attn)
         for text in self._text_models():
             if not masks.has_hook(text, (TextCallHook,)):
                 text.register_forward_pre_hook(TextCallHook(), with_kwargs=True)
-        object.__setattr__(self.model, "_comp_vlm_installed", True)
 
     @staticmethod
     def _attentions(layer: nn.Module, vision: bool) -> list[nn.Module]:
@@ -333,6 +334,7 @@ class BlipAdapter(ModelAdapter):
         return [layer.attention] + ([layer.crossattention] if hasattr(layer, "crossattention") else [])
 
     def _uninstall_forward(self) -> None:
+        """Undo :meth:`_install_forward`."""
         encoders = self._towers()
         for spec in self.tower_specs():
             encoder = encoders[spec.name]
@@ -340,12 +342,10 @@ class BlipAdapter(ModelAdapter):
                 encoder.__dict__.pop(attr, None)
             for layer in self.layers(spec):
                 layer.__dict__.pop("forward", None)
-                layer.__dict__.pop("comp_runtime", None)
                 for attn in self._attentions(layer, spec.name == "vision"):
                     attn.__dict__.pop("forward", None)
         for text in self._text_models():
             masks.remove_hooks(text, (TextCallHook,))
-        self.model.__dict__.pop("_comp_vlm_installed", None)
 
     def validate_recipe(self, recipe: Recipe) -> None:
         if recipe.family == self.family and recipe.model_class != type(self.model).__name__:
@@ -402,11 +402,13 @@ class BlipVQAAdapter(BlipAdapter):
         return {**super()._towers(), "decoder": self.model.text_decoder.bert.encoder}
 
     def _install_forward(self) -> None:
+        """BLIP's forwards, and the model's ``forward`` and ``generate`` (the decoder reads the kept question)."""
         super()._install_forward()
         self.model.forward = MethodType(vqa_forward, self.model)
         self.model.generate = MethodType(vqa_generate, self.model)
 
     def _uninstall_forward(self) -> None:
+        """Undo :meth:`_install_forward`."""
         super()._uninstall_forward()
         for attr in ("forward", "generate"):
             self.model.__dict__.pop(attr, None)

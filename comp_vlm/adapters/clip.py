@@ -19,8 +19,7 @@ from transformers.modeling_outputs import BaseModelOutput
 from .. import masks, tokens
 from ..tokens import TokenState
 from .base import ModelAdapter, TowerSpec, register_adapter
-from .common import restore_sdpa, use_comp_attention
-from .runtime import KeyCapture, LayerCall, SiteRuntime, TokenScorer, end_tower, label_pools
+from .runtime import LayerCall, end_tower, label_pools
 from .units import UnitSpec, attention_heads, mask_buffer, mlp_neurons
 
 CLIP_KEYS = "self_attn.k_proj"  # a layer's key projection (the merge reducer compares its output)
@@ -124,19 +123,12 @@ def clip_patch_embedding(vision_config: Any, image_size: int) -> tuple[int, int]
     return patches, 2 * patches * vc.num_channels * vc.patch_size**2 * vc.hidden_size
 
 
-def install_clip_tower(encoder: nn.Module, spec: TowerSpec, scorer: TokenScorer, pooled_only: bool, cit: bool,
-                       reducer: str = "drop") -> None:
-    """Install the instance forwards of a CLIPEncoder (:func:`clip_encoder_forward`) and of its layers, each layer
-    with its SiteRuntime; ``pooled_only``: the last layer's MLP runs on the pooled token alone; ``reducer``: what the
-    sites do with the tokens they do not keep (merge compares the outputs of :data:`CLIP_KEYS`)."""
+def install_clip_tower(encoder: nn.Module) -> None:
+    """Install the instance forwards of a CLIPEncoder (:func:`clip_encoder_forward`) and of its layers (each layer
+    runs through the ``comp_runtime`` :meth:`ModelAdapter.install` gives it)."""
     encoder.forward = MethodType(clip_encoder_forward, encoder)
-    layers = encoder.layers
-    head, neuron = spec.unit("head").stat_path, spec.unit("neuron").stat_path
-    for i, layer in enumerate(layers):
+    for layer in encoder.layers:
         layer.forward = MethodType(clip_layer_forward, layer)
-        layer.comp_runtime = SiteRuntime(spec.name, i, spec.causal, spec.site_pools(), scorer, head, neuron,
-                                         pooled_only and i == len(layers) - 1, cit, spec.pool_labels, reducer,
-                                         CLIP_KEYS)
 
 
 def uninstall_clip_tower(encoder: nn.Module) -> None:
@@ -145,8 +137,6 @@ def uninstall_clip_tower(encoder: nn.Module) -> None:
     encoder.__dict__.pop("_comp_call", None)
     for layer in encoder.layers:
         layer.__dict__.pop("forward", None)
-        layer.__dict__.pop("comp_runtime", None)
-        masks.remove_hooks(layer.get_submodule(CLIP_KEYS), (KeyCapture,))
 
 
 @register_adapter
@@ -156,21 +146,26 @@ class CLIPAdapter(ModelAdapter):
     auto_classes = ("AutoModel", "AutoModelForZeroShotImageClassification")
     supports_dead_compute = True
     token_reducers = ("drop", "fuse", "merge")
+    key_projection = CLIP_KEYS
 
     def _tower_modules(self) -> dict[str, nn.Module]:
         return {"vision": self.model.vision_model, "text": self.model.text_model}
 
     def tower_specs(self) -> list[TowerSpec]:
+        """The vision tower (P_v, T_v) and the causal text tower (P_l, T_l)."""
         cfg = self.model.config
         return [clip_tower_spec(name, sub, pmode, tmode, causal, f"{name}_model.encoder.layers")
                 for name, sub, pmode, tmode, causal in (("vision", cfg.vision_config, "P_v", "T_v", False),
                                                         ("text", cfg.text_config, "P_l", "T_l", True))]
 
     def default_reference(self) -> dict:
+        """The config's image size and 16 text tokens (at most the position table's length)."""
         cfg = self.model.config
         return {"image_size": cfg.vision_config.image_size, "text_length": min(16, cfg.text_config.max_position_embeddings)}
 
     def tower_io(self, spec: TowerSpec, reference: dict) -> tuple[int, int, int]:
+        """Vision: patches + CLS (kept), patch embedding and projection; text: the tokens (BOS and EOS kept) and
+        the projection."""
         cfg = self.model.config
         proj = cfg.projection_dim
         if spec.name == "vision":
@@ -180,19 +175,15 @@ class CLIPAdapter(ModelAdapter):
         return length, min(2, length), 2 * cfg.text_config.hidden_size * proj
 
     def _install_forward(self) -> None:
-        use_comp_attention(self.model)
-        pooled_only = self.pooled_only_last_mlp()
+        """Each tower's encoder and layer forwards, and the text model's :class:`TextCallHook`."""
         for spec in self.tower_specs():
-            install_clip_tower(self._tower_modules()[spec.name].encoder, spec, self.token_scorer, pooled_only,
-                               self.options.cit, self.options.token_reducer)
+            install_clip_tower(self._tower_modules()[spec.name].encoder)
         text = self.model.text_model
         if not masks.has_hook(text, (TextCallHook,)):
             text.register_forward_pre_hook(TextCallHook(), with_kwargs=True)
-        object.__setattr__(self.model, "_comp_vlm_installed", True)
 
     def _uninstall_forward(self) -> None:
+        """Undo :meth:`_install_forward`."""
         for spec in self.tower_specs():
             uninstall_clip_tower(self._tower_modules()[spec.name].encoder)
         masks.remove_hooks(self.model.text_model, (TextCallHook,))
-        restore_sdpa(self.model)
-        self.model.__dict__.pop("_comp_vlm_installed", None)

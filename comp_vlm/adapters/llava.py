@@ -20,6 +20,7 @@ raises :class:`ConfigError` (``use_cache=False`` works; with every keep ratio at
 
 from __future__ import annotations
 
+from dataclasses import replace
 from types import MethodType
 
 import torch
@@ -37,7 +38,6 @@ from ..tokens import TokenState
 from . import units
 from .base import ModelAdapter, TowerSpec, register_adapter
 from .clip import clip_patch_embedding, clip_tower_spec, install_clip_tower, uninstall_clip_tower
-from .common import restore_sdpa, use_comp_attention
 from .runtime import LayerCall, SiteRuntime, TokenPool, end_tower
 from .units import UnitSpec, attention_heads, kv_groups, mlp_neurons
 
@@ -272,32 +272,28 @@ class LlavaAdapter(ModelAdapter):
     def _llm(self) -> nn.Module:
         return self.model.model.language_model
 
+    def layer_runtime(self, spec: TowerSpec, index: int) -> SiteRuntime:
+        """The default runtime, its sites dropping the tokens they do not keep (whatever ``token_reducer`` says)."""
+        return replace(super().layer_runtime(spec, index), reducer="drop")
+
     def _install_forward(self) -> None:
-        use_comp_attention(self.model)
-        vision, llm_spec = self.tower_specs()
-        install_clip_tower(self.model.model.vision_tower.encoder, vision, self.token_scorer, False, self.options.cit)
+        """The vision tower's CLIP forwards (no token sites), the LLM's forwards, and the call hooks."""
+        install_clip_tower(self.model.model.vision_tower.encoder)
         llm = self._llm()
         llm.forward = MethodType(llm_forward, llm)
-        head, neuron = llm_spec.units[0].stat_path, llm_spec.unit("neuron").stat_path
-        for i, layer in enumerate(llm.layers):
+        for layer in llm.layers:
             layer.forward = MethodType(llm_layer_forward, layer)
-            layer.comp_runtime = SiteRuntime("llm", i, True, llm_spec.site_pools(), self.token_scorer, head, neuron,
-                                             False, self.options.cit, llm_spec.pool_labels,
-                                             attention_kind=llm_spec.units[0].kind)
         for module, hook in ((self.model.model, ImageTokenHook), (self.model, AnswerStartHook)):
             if not masks.has_hook(module, (hook,)):
                 module.register_forward_pre_hook(hook(), with_kwargs=True)
-        object.__setattr__(self.model, "_comp_vlm_installed", True)
 
     def _uninstall_forward(self) -> None:
+        """Undo :meth:`_install_forward`."""
         uninstall_clip_tower(self.model.model.vision_tower.encoder)
         llm = self._llm()
         for key in ("forward", "_comp_image", "_comp_answer"):
             llm.__dict__.pop(key, None)
         for layer in llm.layers:
             layer.__dict__.pop("forward", None)
-            layer.__dict__.pop("comp_runtime", None)
         masks.remove_hooks(self.model.model, (ImageTokenHook,))
         masks.remove_hooks(self.model, (AnswerStartHook,))
-        restore_sdpa(self.model)
-        self.model.__dict__.pop("_comp_vlm_installed", None)
