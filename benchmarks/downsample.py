@@ -74,7 +74,7 @@ def at_resolution(model: nn.Module, image_size: int) -> nn.Module:
 def dense_flops_at(model: nn.Module, image_size: int, text_length: int) -> int:
     """Analytic dense FLOPs of one image-text pair at ``image_size`` (the adapter's FLOPs model)."""
     adapter = get_adapter(model)
-    installed = adapter.is_installed
+    installed = adapter.is_installed()
     if not installed:
         adapter.install()
     try:

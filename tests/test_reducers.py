@@ -379,3 +379,17 @@ def test_cli_flag(capsys, tmp_path):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("comp-vlm: error:") and "--token-reducer" in err[0]
     assert "drop" in err[0] and "merge" in err[0]
+
+
+@pytest.mark.parametrize("key", [("blip", "BlipForImageTextRetrieval"), ("blip", "BlipForQuestionAnswering"),
+                                 ("llava", "LlavaForConditionalGeneration")], ids=lambda k: k[1])
+@pytest.mark.parametrize("reducer", ["fuse", "merge"])
+def test_families_whose_forwards_only_drop_refuse_other_reducers(key, reducer):
+    """BLIP's and LLaVA's forwards carry no fused or merged tokens yet: installing one is one line, not a forward
+    that drops while the FLOPs model counts a fused token."""
+    from contract.families import CASES
+
+    model = CASES[key].make(0, "eager")
+    with pytest.raises(ConfigError, match=f"^the {key[0]} adapter cannot run token_reducer '{reducer}' "
+                                          r"\(it runs drop\)$"):
+        get_adapter(model).install(AdapterOptions(token_reducer=reducer))

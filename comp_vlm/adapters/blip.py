@@ -22,7 +22,6 @@ for VQA the decoder runs teacher-forced on ``answer_length`` tokens, its LM head
 
 from __future__ import annotations
 
-from dataclasses import replace
 from types import MethodType
 
 import torch
@@ -40,7 +39,7 @@ from ..recipe import Recipe
 from ..structure import Coupling
 from ..tokens import TokenState
 from .base import ModelAdapter, TowerSpec, register_adapter
-from .runtime import LayerCall, SiteRuntime, end_tower, label_pools
+from .runtime import LayerCall, end_tower, label_pools
 from .units import UnitSpec, attention_heads, mask_buffer, mlp_neurons
 
 VALID_IN = "_comp_valid"  # on a text encoder module: the call's (B, n) token validity (set by TextCallHook)
@@ -259,6 +258,7 @@ class BlipAdapter(ModelAdapter):
 
     family = "blip"
     attn_implementation = "eager"  # BLIP has no sdpa
+    token_reducers = ("drop",)  # its forwards do not carry fused or merged tokens yet (issue 24's reducers)
 
     def _text_spec(self, name: str, layers_path: str, token_mode: str | None, causal: bool) -> TowerSpec:
         tc = self.model.config.text_config
@@ -307,10 +307,6 @@ class BlipAdapter(ModelAdapter):
 
     def _text_models(self) -> list[nn.Module]:
         return [self.model.text_encoder]
-
-    def layer_runtime(self, spec: TowerSpec, index: int) -> SiteRuntime:
-        """The default runtime, its sites dropping the tokens they do not keep (whatever ``token_reducer`` says)."""
-        return replace(super().layer_runtime(spec, index), reducer="drop")
 
     def _install_forward(self) -> None:
         """Each tower's encoder, layer and attention forwards, and the text models' :class:`TextCallHook`."""

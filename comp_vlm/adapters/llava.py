@@ -20,7 +20,6 @@ raises :class:`ConfigError` (``use_cache=False`` works; with every keep ratio at
 
 from __future__ import annotations
 
-from dataclasses import replace
 from types import MethodType
 
 import torch
@@ -38,7 +37,7 @@ from ..tokens import TokenState
 from . import units
 from .base import ModelAdapter, TowerSpec, register_adapter
 from .clip import clip_patch_embedding, clip_tower_spec, install_clip_tower, uninstall_clip_tower
-from .runtime import LayerCall, SiteRuntime, TokenPool, end_tower
+from .runtime import LayerCall, TokenPool, end_tower
 from .units import UnitSpec, attention_heads, kv_groups, mlp_neurons
 
 IGNORE_INDEX = -100  # labels of the positions that carry no loss (transformers' convention)
@@ -224,6 +223,7 @@ def llm_layer_forward(self: nn.Module, hidden_states: torch.Tensor, attention_ma
 class LlavaAdapter(ModelAdapter):
     family = "llava"
     model_classes = (LlavaForConditionalGeneration,)
+    token_reducers = ("drop",)  # its LLM forward does not carry fused or merged tokens yet (issue 24's reducers)
     auto_classes = ("AutoModelForImageTextToText",)
 
     def tower_specs(self) -> list[TowerSpec]:
@@ -271,10 +271,6 @@ class LlavaAdapter(ModelAdapter):
 
     def _llm(self) -> nn.Module:
         return self.model.model.language_model
-
-    def layer_runtime(self, spec: TowerSpec, index: int) -> SiteRuntime:
-        """The default runtime, its sites dropping the tokens they do not keep (whatever ``token_reducer`` says)."""
-        return replace(super().layer_runtime(spec, index), reducer="drop")
 
     def _install_forward(self) -> None:
         """The vision tower's CLIP forwards (no token sites), the LLM's forwards, and the call hooks."""
