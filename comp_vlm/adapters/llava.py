@@ -12,8 +12,8 @@ token of every row, left padding included.
 Never pruned: each row's first real token (BOS), its last prompt token (the scoring row: sites score tokens by its
 attention row, max over heads) and every answer token. The answer starts at a row's first labelled position when
 the call passes ``labels`` (training); in a ``generate`` call, at the length of the call's first forward; else after
-the last token. Pools: ``image`` (the image-token positions of
-the call's ``input_ids``) and ``instruction`` (every other prunable token).
+the last token. Pools: ``image`` (the image-token positions of the call's ``input_ids``) and ``instruction`` (every
+other prunable token).
 
 Generation (:meth:`LlavaForConditionalGeneration.generate`, wrapped on the instance): a pruned prefill leaves its
 layers' KV caches at different lengths. The prefill records on the cache object, per layer, the original position,
