@@ -193,6 +193,19 @@ def test_generate_with_pruned_cache_equals_no_cache(attn, beams):
     assert lengths[-1] < lengths[0]
 
 
+def test_merge_sizes_live_with_the_cache():
+    """Under the merge reducer (set on the runtimes here: the LLaVA adapter does not offer it yet), each cached slot's
+    size rides with the cache, so proportional attention holds at decode: cache equals no cache."""
+    from dataclasses import replace
+
+    model = make_llava(7, "sdpa")
+    set_keeps(get_adapter(model).install(), 0.5, 0.5)
+    for layer in model.model.language_model.layers:
+        layer.comp_runtime = replace(layer.comp_runtime, reducer="merge", key_output="self_attn.k_proj")
+    batch = llava_batch()
+    assert_same_generation(generate(model, batch), generate(model, batch, use_cache=False), atol=1e-5)
+
+
 @pytest.mark.parametrize("ratio", [1.0, 0.99])
 @pytest.mark.parametrize("beams", [1, 3])
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
