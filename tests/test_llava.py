@@ -1,6 +1,7 @@
 """LLaVA-specific checks of the adapter (the shared invariants are in tests/contract): left padding, RoPE positions
-of kept tokens, the image/instruction pools and the never-pruned tokens, FLOPs on a second config, the pruned-cache
-refusal, and the 7B-shaped analytic count on the meta device."""
+of kept tokens, the image/instruction pools and the never-pruned tokens, FLOPs on a second config, generation with
+the pruned KV cache (cache vs no cache, keep-all vs unpruned, batch reorders, refusals, cache bytes), and the
+7B-shaped analytic count on the meta device."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from families import (
 )
 
 from comp_vlm import get_adapter
-from comp_vlm.adapters.llava import IMAGE_POOL, INSTRUCTION_POOL
+from comp_vlm.adapters.llava import IMAGE_POOL, INSTRUCTION_POOL, kv_cache_bytes
 from comp_vlm.errors import ConfigError
 from comp_vlm.flops import model_flops
 from comp_vlm.search.bookkeeping import dense_counts, derive_structure
@@ -145,16 +146,143 @@ def test_flops_model_equals_flop_counter_without_gqa_and_with_cls():
     assert adapter.count_flops(reference) < adapter.dense_flops(reference)
 
 
-def test_decoding_from_a_pruned_cache_is_refused():
-    model = make_llava(4, "eager")
+GREEDY = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 0, "output_logits": True,
+          "return_dict_in_generate": True}
+
+
+def generate(model, inputs, **kw):
+    with torch.no_grad():
+        return model.generate(**inputs, **{**GREEDY, **kw})
+
+
+def assert_same_generation(out, ref, atol: float) -> None:
+    assert torch.equal(out.sequences, ref.sequences)
+    assert all(torch.allclose(a, b, atol=atol) for a, b in zip(out.logits, ref.logits, strict=True))
+
+
+def site_widths(batch, image: float, instruction: float, sites: list[int], layers: int) -> list[int]:
+    """Each LLM layer's cached prompt length after the sites at ``sites`` (kept_counts per pool and row; BOS and the
+    last prompt token never pruned), for llava_batch-style prompts: BOS, image tokens, then text."""
+    ids, valid = batch["input_ids"], batch["attention_mask"].bool()
+    image_m = (ids == LLAVA_VOCAB - 1).sum(1)
+    text_m = valid.sum(1) - image_m - 2
+
+    def keep(m: torch.Tensor, ratio: float) -> torch.Tensor:
+        return kept_counts(torch.arange(int(m.max()))[None] < m[:, None], ratio)
+
+    widths, gathered = [], False
+    for layer in range(layers):
+        widths.append(int((2 + image_m + text_m).max()) if gathered else ids.shape[1])
+        if layer in sites:
+            image_m, text_m, gathered = keep(image_m, image), keep(text_m, instruction), True
+    return widths
+
+
+@pytest.mark.parametrize("beams", [1, 3])
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_generate_with_pruned_cache_equals_no_cache(attn, beams):
+    """Left-padded batch, token sites on: generate with the per-layer pruned KV cache gives the tokens (and logits)
+    of use_cache=False, which re-runs the whole sequence each step with the prompt fixed at the call's first forward;
+    the cache really is pruned (its later layers are shorter)."""
+    model = make_llava(7, attn)
+    set_keeps(get_adapter(model).install(), 0.5, 0.5)
+    batch = llava_batch()
+    cached = generate(model, batch, num_beams=beams)
+    assert_same_generation(cached, generate(model, batch, num_beams=beams, use_cache=False), atol=1e-5)
+    lengths = [layer.keys.shape[-2] for layer in cached.cache.layers]
+    assert lengths[-1] < lengths[0]
+
+
+def test_merge_sizes_live_with_the_cache():
+    """Under the merge reducer (set on the runtimes here: the LLaVA adapter does not offer it yet), each cached slot's
+    size rides with the cache, so proportional attention holds at decode: cache equals no cache."""
+    from dataclasses import replace
+
+    model = make_llava(7, "sdpa")
+    set_keeps(get_adapter(model).install(), 0.5, 0.5)
+    for layer in model.model.language_model.layers:
+        layer.comp_runtime = replace(layer.comp_runtime, reducer="merge", key_output="self_attn.k_proj")
+    batch = llava_batch()
+    assert_same_generation(generate(model, batch), generate(model, batch, use_cache=False), atol=1e-5)
+
+
+@pytest.mark.parametrize("ratio", [1.0, 0.99])
+@pytest.mark.parametrize("beams", [1, 3])
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_keep_all_generate_equals_unpruned_model(attn, beams, ratio):
+    """Every keep ratio at 1, or at 0.99 (the sites gather, but round to keeping every token of these prompts): the
+    generated ids equal the unmodified model's, the logits within 1e-5 (left padding, greedy and beam)."""
+    model = make_llava(8, attn)
+    batch = llava_batch()
+    ref = generate(model, batch, num_beams=beams)
+    set_keeps(get_adapter(model).install(), ratio, ratio)
+    assert_same_generation(generate(model, batch, num_beams=beams), ref, atol=1e-5)
+
+
+def test_pruned_cache_follows_batch_reorders():
+    """The per-layer slot record follows cache.reorder_cache (beam search's reorder) across rows: a decode step on a
+    reordered cache gives the logits of the reordered batch's own prefill and decode step."""
+    model = make_llava(9, "eager")
+    set_keeps(get_adapter(model).install(), 0.5, 0.4)
+    batch = llava_batch()
+    order = torch.tensor([2, 0, 3, 1])
+    step = torch.tensor([[5], [6], [7], [8]])
+
+    def prefill_then_step(inputs, reorder=None):
+        with torch.no_grad():
+            cache = model(**inputs, position_ids=llava_positions(inputs), use_cache=True).cache
+            if reorder is not None:
+                cache.reorder_cache(reorder)
+                inputs = {k: v[reorder] for k, v in inputs.items()}
+            mask = torch.cat([inputs["attention_mask"], torch.ones_like(step)], dim=1)
+            return model(input_ids=step, attention_mask=mask, position_ids=llava_positions({"attention_mask": mask})[:, -1:],
+                         cache=cache, use_cache=True).logits
+
+    reordered = {k: v[order] for k, v in batch.items()}
+    assert torch.allclose(prefill_then_step(batch, order), prefill_then_step(reordered), atol=1e-5)
+
+
+def test_pruned_generation_refuses_static_cache_compile_and_flash_attention():
+    """A pruned model's layers hold caches of different lengths and need their own masks: a static cache, a compiled
+    forward and flash attention each raise one clear ConfigError (a model that keeps every token is not refused)."""
+    from transformers import CompileConfig
+
+    model = make_llava(10, "sdpa")
+    adapter = get_adapter(model).install()
+    batch = llava_batch()
+    set_keeps(adapter, 1.0, 1.0)
+    assert generate(model, batch, max_new_tokens=2, cache_implementation="static").sequences.shape[0] == 4
+    set_keeps(adapter, 0.5, 0.5)
+    with pytest.raises(ConfigError, match="static KV cache cannot hold"):
+        generate(model, batch, cache_implementation="static")
+    with pytest.raises(ConfigError, match="compiled forward cannot follow token pruning"):
+        generate(model, batch, compile_config=CompileConfig())
+    model.model.language_model.compile(backend="eager")
+    with pytest.raises(ConfigError, match="compiled forward cannot follow token pruning"):
+        generate(model, batch)
+    model.model.language_model._compiled_call_impl = None
+    model.config.text_config._attn_implementation = "flash_attention_2"  # flash_attn is not installable on CPU
+    with pytest.raises(ConfigError, match="'flash_attention_2' takes no per-layer 4-D mask"):
+        generate(model, batch)
+
+
+def test_pruned_kv_cache_is_smaller():
+    """Per layer, the pruned cache holds the layer's kept prompt slots (kept_counts after each earlier site) plus the
+    generated tokens; layers up to the first site's hold the whole prompt, later ones fewer bytes than dense."""
+    model = make_llava(11, "sdpa")
+    batch = llava_batch()
+    dense = kv_cache_bytes(generate(model, batch).cache)
     adapter = get_adapter(model).install()
     set_keeps(adapter, 0.5, 0.5)
-    batch = llava_batch()
-    with torch.no_grad():
-        out = model.generate(**batch, max_new_tokens=2, do_sample=False, pad_token_id=0, use_cache=False)
-        assert out.shape == (len(batch["input_ids"]), batch["input_ids"].shape[1] + 2)
-        with pytest.raises(ConfigError, match="KV cache whose prefill dropped tokens"):
-            model.generate(**batch, max_new_tokens=2, do_sample=False, pad_token_id=0)
+    pruned = kv_cache_bytes(generate(model, batch).cache)
+    tc = model.config.text_config
+    per_token = 2 * len(batch["input_ids"]) * tc.num_key_value_heads * (tc.hidden_size // tc.num_attention_heads) * 4
+    sites = sorted({s.layer for s in adapter.token_sites()})
+    widths = site_widths(batch, 0.5, 0.5, sites, tc.num_hidden_layers)
+    answer = GREEDY["max_new_tokens"] - 1  # the last generated token is never fed back
+    assert dense == [per_token * (batch["input_ids"].shape[1] + answer)] * tc.num_hidden_layers
+    assert pruned == [per_token * (w + answer) for w in widths]
+    assert pruned[: sites[0] + 1] == dense[: sites[0] + 1] and all(p < d for p, d in zip(pruned[sites[0] + 1:], dense[sites[0] + 1:]))
 
 
 def test_7b_shaped_llava_counts_flops_on_the_meta_device():

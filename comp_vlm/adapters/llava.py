@@ -11,16 +11,29 @@ token of every row, left padding included.
 
 Never pruned: each row's first real token (BOS), its last prompt token (the scoring row: sites score tokens by its
 attention row, max over heads) and every answer token. The answer starts at a row's first labelled position when
-the call passes ``labels`` (training), else after the last token. Pools: ``image`` (the image-token positions of
-the call's ``input_ids``) and ``instruction`` (every other prunable token).
+the call passes ``labels`` (training); in a ``generate`` call, at the length of the call's first forward; else after
+the last token. Pools: ``image`` (the image-token positions of the call's ``input_ids``) and ``instruction`` (every
+other prunable token).
 
-Generation with a pruned KV cache is not implemented yet: a decode step on a cache whose prefill dropped tokens
-raises :class:`ConfigError` (``use_cache=False`` works; with every keep ratio at 1 the cache works as usual).
+Generation (:meth:`LlavaForConditionalGeneration.generate`, wrapped on the instance): a pruned prefill leaves its
+layers' KV caches at different lengths. The prefill records on the cache object, per layer, the original position,
+validity and (``merge``) size of every prompt slot the layer's cache holds (:class:`CacheSlots`); the record follows
+the cache's batch reorders (beam search) and is made anew by every prefill, so by every ``generate`` call. A decode
+step builds each layer's mask from it (:func:`decode_masks`) instead of transformers' one mask sized from layer 0.
+Within one ``generate`` call the prompt length is fixed at the call's first forward: later tokens are never prunable
+and sites score by the last prompt token's row, so ``use_cache=False`` (each step re-runs the whole sequence) keeps
+the same tokens as the cache. Per-layer cache lengths rule out a static cache, a compiled forward and attention
+implementations that take no 4-D mask (flash attention): on a model with an active token site they raise
+:class:`ConfigError` (:func:`check_pruned_generation`, :func:`check_uncompiled`; a ``torch.compile`` wrapper around
+the model cannot be seen from inside: dynamo breaks the graph at the token sites and runs them eagerly).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from types import MethodType
+from typing import Any
 
 import torch
 from torch import nn
@@ -37,13 +50,14 @@ from ..tokens import TokenState
 from . import units
 from .base import ModelAdapter, TowerSpec, register_adapter
 from .clip import clip_patch_embedding, clip_tower_spec, install_clip_tower, uninstall_clip_tower
+from .common import COMP_ATTENTION, proportional_bias
 from .runtime import LayerCall, TokenPool, end_tower
 from .units import UnitSpec, attention_heads, kv_groups, mlp_neurons
 
 IGNORE_INDEX = -100  # labels of the positions that carry no loss (transformers' convention)
 DEFAULT_TEXT_LENGTH = 16  # prompt text tokens (image tokens aside) of the default FLOPs reference
 LOGITS_KEPT = 1  # tokens lm_head runs on in the counted forward: the last one (generate's prefill, logits_to_keep=1)
-PRUNED_CACHE_ATTR = "comp_vlm_pruned"  # set on a KV cache whose prefill dropped tokens
+PRUNED_CACHE_ATTR = "comp_vlm_slots"  # the CacheSlots of a KV cache whose prefill dropped tokens
 LLM_POOLS = (TokenPool("image", "T_v"), TokenPool("instruction", "T_l"))
 IMAGE_POOL, INSTRUCTION_POOL = 0, 1
 
@@ -129,12 +143,144 @@ def gather_rope(position_embeddings: tuple[torch.Tensor, torch.Tensor], position
     return tuple(t.expand(positions.shape[0], -1, -1).gather(1, index.expand(-1, -1, t.shape[-1])) for t in position_embeddings)
 
 
+# ---- generation: the pruned KV cache --------------------------------------------------------------------------------
+MASKED_ATTENTIONS = ("eager", "sdpa", COMP_ATTENTION)  # attention implementations that take an arbitrary 4-D mask
+GENERATE_ATTR = "_comp_generate"  # on the LLM during a generate call: {"prompt_length": n} once its first forward ran
+BATCH_OPS: dict[str, Callable[[torch.Tensor, Any], torch.Tensor]] = {
+    "reorder_cache": lambda t, beam_idx: t.index_select(0, beam_idx.to(t.device)),
+    "batch_repeat_interleave": lambda t, repeats: t.repeat_interleave(repeats, dim=0),
+    "batch_select_indices": lambda t, indices: t[indices],
+}  # the Cache methods that change the batch, and how each changes a (B, ...) tensor
+
+
+@dataclass
+class CacheSlots:
+    """What a pruned prefill leaves on its KV cache (attribute :data:`PRUNED_CACHE_ATTR`): the prompt length, and per
+    LLM layer the original position, validity and size (``merge``; None: every slot holds one token) of each
+    prompt slot the layer's cache holds, each (B, n_layer)."""
+
+    prompt_length: int
+    positions: list[torch.Tensor]
+    valid: list[torch.Tensor]
+    size: list[torch.Tensor | None]
+
+    @staticmethod
+    def of(states: list[TokenState], prompt_length: int) -> CacheSlots:
+        """The record of a prefill whose layers got ``states`` (each layer caches the keys of its input slots)."""
+        return CacheSlots(prompt_length, [s.positions for s in states], [s.valid for s in states],
+                          [s.size for s in states])
+
+    def batch_op(self, op: Callable[[torch.Tensor, Any], torch.Tensor], arg: Any) -> None:
+        """Apply a batch change (:data:`BATCH_OPS`) to every tensor, as the cache applies it to its keys."""
+        self.positions = [op(t, arg) for t in self.positions]
+        self.valid = [op(t, arg) for t in self.valid]
+        self.size = [None if t is None else op(t, arg) for t in self.size]
+
+
+def _following(cache, name: str, op: Callable[[torch.Tensor, Any], torch.Tensor]) -> Callable[[Any], None]:
+    """``cache.<name>`` followed by the same change of the cache's :class:`CacheSlots` (if it holds one now)."""
+    method = getattr(type(cache), name)
+
+    def follow(arg: Any) -> None:
+        method(cache, arg)
+        slots = getattr(cache, PRUNED_CACHE_ATTR, None)
+        if slots is not None:
+            slots.batch_op(op, arg)
+    return follow
+
+
+def record_cache_slots(cache, slots: CacheSlots | None) -> None:
+    """Put a prefill's record on ``cache`` (None: the prefill dropped nothing); its batch changes follow the cache's."""
+    setattr(cache, PRUNED_CACHE_ATTR, slots)
+    if slots is not None and not getattr(cache, "_comp_follows", False):
+        for name, op in BATCH_OPS.items():
+            setattr(cache, name, _following(cache, name, op))
+        cache._comp_follows = True
+
+
+def decode_masks(slots: CacheSlots, past: int, queries: int, attention_mask: torch.Tensor | None,
+                 dtype: torch.dtype, proportional: bool) -> list[torch.Tensor]:
+    """Each layer's additive (B, 1, q, n_layer + past - L + q) mask for ``queries`` new tokens after ``past`` tokens
+    (the original sequence: layer 0's cache, never pruned): a key is the layer's cached prompt slot (its validity
+    and original position from ``slots``) or a token after the prompt (valid where the 2-D ``attention_mask`` says
+    so); causal in original positions. ``proportional``: with the merge bias log(size) on the prompt slots."""
+    total, prompt = past + queries, slots.prompt_length
+    device = slots.valid[0].device
+    b = slots.valid[0].shape[0]
+    later = torch.arange(prompt, total, device=device).expand(b, -1)
+    later_ok = torch.ones(later.shape, dtype=torch.bool, device=device)
+    if attention_mask is not None and attention_mask.dim() == 2:
+        later_ok = attention_mask[:, prompt:total].bool()
+    query = torch.arange(total - queries, total, device=device)[None, :, None]
+    out = []
+    for positions, valid, size in zip(slots.positions, slots.valid, slots.size):
+        columns = torch.cat([positions, later], dim=1)
+        allowed = torch.cat([valid, later_ok], dim=1)[:, None, :] & (columns[:, None, :] <= query)
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, torch.finfo(dtype).min)
+        mask = mask[:, None]
+        if proportional and size is not None:
+            mask = proportional_bias(mask, torch.cat([size, torch.ones(later.shape, device=device)], dim=1))
+        out.append(mask)
+    return out
+
+
+def token_sites_on(layers: nn.ModuleList) -> bool:
+    """Whether a layer's token site keeps fewer than all tokens of a pool (the model prunes tokens)."""
+    return any(min((pool.keep(layer) for pool in layer.comp_runtime.pools), default=1.0) < 1.0
+               for layer in layers if "comp_runtime" in layer.__dict__)
+
+
+def check_pruned_generation(config, cache) -> None:
+    """Raise ConfigError where a token-pruned LLM cannot run: its layers' KV caches differ in length and each layer
+    needs its own 4-D mask."""
+    impl = getattr(config, "_attn_implementation", None)
+    if impl not in MASKED_ATTENTIONS:
+        raise ConfigError(f"attn_implementation {impl!r} takes no per-layer 4-D mask, which token pruning in the "
+                          f"LLM needs; load the pruned model with attn_implementation 'sdpa' or 'eager'")
+    if cache is not None and cache.is_compileable:
+        raise ConfigError("a static KV cache cannot hold a token-pruned model's layers, whose caches differ in "
+                          "length; generate with the default dynamic cache (no cache_implementation='static')")
+
+
+def check_uncompiled(model: nn.Module, generate_kwargs: dict) -> None:
+    """Raise ConfigError when a generate call on a token-pruned model asks for a compiled forward (``compile_config``)
+    or the model, its LLM or an LLM layer was compiled in place (``module.compile()``). Checked outside the forward:
+    an error raised while torch.compile traces is caught by dynamo, which runs the frame eagerly instead."""
+    llm = model.model.language_model
+    config = generate_kwargs.get("generation_config") or model.generation_config
+    requested = generate_kwargs.get("compile_config", getattr(config, "compile_config", None))
+    compiled = any(getattr(m, "_compiled_call_impl", None) is not None for m in (model, llm, *llm.layers))
+    if (requested is not None or compiled) and token_sites_on(llm.layers):
+        raise ConfigError("a compiled forward cannot follow token pruning (kept-token counts depend on the data and "
+                          "the layers' KV caches differ in length); generate without compile_config or "
+                          "module.compile()")
+
+
+def _generate(self: nn.Module, *args, **kwargs):
+    """Instance ``generate``: the class's, refused when compiled (:func:`check_uncompiled`), with the call's prompt
+    length fixed at its first forward (see the LLM forward); that state lives for this call only."""
+    check_uncompiled(self, kwargs)
+    llm = self.model.language_model
+    llm.__dict__[GENERATE_ATTR] = {}
+    try:
+        return type(self).generate(self, *args, **kwargs)
+    finally:
+        llm.__dict__.pop(GENERATE_ATTR, None)
+
+
+def kv_cache_bytes(cache) -> list[int]:
+    """Bytes of each layer's keys and values in a KV cache."""
+    return [sum(t.numel() * t.element_size() for t in (layer.keys, layer.values) if t is not None)
+            for layer in cache.layers]
+
+
 # ---- the LLM forwards -----------------------------------------------------------------------------------------------
 def _llm_forward(self: nn.Module, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                  position_ids: torch.Tensor | None = None, cache=None, inputs_embeds: torch.Tensor | None = None,
                  use_cache: bool | None = None, **kwargs) -> BaseModelOutputWithPast:
     """Instance forward of the LLM (``LlamaModel``): LlamaModel's forward, its layers exchanging a TokenState at
-    prefill; the output scattered back to full length."""
+    prefill (recorded on the cache: :class:`CacheSlots`); the output scattered back to full length. A decode step
+    on a pruned cache masks each layer by its record (:func:`decode_masks`)."""
     image = self.__dict__.pop("_comp_image", None)
     answer = self.__dict__.pop("_comp_answer", None)
     if (input_ids is None) ^ (inputs_embeds is not None):
@@ -144,15 +290,21 @@ def _llm_forward(self: nn.Module, input_ids: torch.Tensor | None = None, attenti
     use_cache = self.config.use_cache if use_cache is None else use_cache
     if use_cache and cache is None:
         cache = DynamicCache(config=self.config)
+    layers = self.layers[: self.config.num_hidden_layers]
+    if token_sites_on(layers):
+        check_pruned_generation(self.config, cache)
     past = cache.get_seq_length() if cache is not None else 0
-    if past > 0 and getattr(cache, PRUNED_CACHE_ATTR, False):
-        raise ConfigError("decoding with a KV cache whose prefill dropped tokens is not supported yet; generate "
-                          "with use_cache=False, or set every token keep ratio to 1")
     b, n = inputs_embeds.shape[:2]
     if position_ids is None:
         position_ids = (torch.arange(n, device=inputs_embeds.device) + past)[None]
-    causal_mask = create_causal_mask(config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                     cache=cache, position_ids=position_ids)
+    slots = getattr(cache, PRUNED_CACHE_ATTR, None) if past > 0 else None
+    if slots is not None:  # each layer's cache holds its own slots
+        layer_masks = decode_masks(slots, past, n, attention_mask, inputs_embeds.dtype,
+                                   layers[0].comp_runtime.reducer == "merge")
+    else:
+        causal_mask = create_causal_mask(config=self.config, inputs_embeds=inputs_embeds,
+                                         attention_mask=attention_mask, cache=cache, position_ids=position_ids)
+        layer_masks = [causal_mask] * len(layers)
     position_embeddings = self.rotary_emb(inputs_embeds, position_ids=position_ids)
     state = None
     if past == 0:  # prefill: token sites; a decode step runs the layers as the class does
@@ -161,16 +313,21 @@ def _llm_forward(self: nn.Module, input_ids: torch.Tensor | None = None, attenti
             valid = attention_mask[:, -n:].bool()
         image = image if image is not None and image.shape == (b, n) else None
         answer = answer if answer is not None and answer.shape == (b,) else None
+        call = self.__dict__.get(GENERATE_ATTR)
+        if answer is None and call is not None:  # one generate call: the prompt is its first forward's tokens
+            answer = torch.full((b,), call.setdefault("prompt_length", n), device=inputs_embeds.device)
         state = start_state(valid, image, answer)
+    states = []
     hidden = inputs_embeds
-    for layer in self.layers[: self.config.num_hidden_layers]:
-        out = layer(hidden, causal_mask, comp_state=state, position_embeddings=position_embeddings,
+    for layer, mask in zip(layers, layer_masks):
+        states.append(state)
+        out = layer(hidden, mask, comp_state=state, position_embeddings=position_embeddings,
                     position_ids=position_ids, cache=cache, use_cache=use_cache, **kwargs)
         hidden, state = out if state is not None else (out, None)
     if state is not None:
         end_tower(self.layers)
-        if state.gathered and cache is not None:
-            setattr(cache, PRUNED_CACHE_ATTR, True)
+        if cache is not None:
+            record_cache_slots(cache, CacheSlots.of(states, n) if state.gathered else None)
     hidden = self.norm(hidden)
     if state is not None:
         hidden = tokens.scatter_to_full(hidden, state)
@@ -282,6 +439,7 @@ class LlavaAdapter(ModelAdapter):
         for module, hook in ((self.model.model, ImageTokenHook), (self.model, AnswerStartHook)):
             if not masks.has_hook(module, (hook,)):
                 module.register_forward_pre_hook(hook(), with_kwargs=True)
+        self.model.generate = MethodType(_generate, self.model)
 
     def _uninstall_forward(self) -> None:
         """Undo :meth:`_install_forward`."""
@@ -293,3 +451,4 @@ class LlavaAdapter(ModelAdapter):
             layer.__dict__.pop("forward", None)
         masks.remove_hooks(self.model.model, (ImageTokenHook,))
         masks.remove_hooks(self.model, (AnswerStartHook,))
+        self.model.__dict__.pop("generate", None)
