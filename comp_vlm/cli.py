@@ -18,17 +18,19 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from . import outputs, zoo
-from .api import check_task, missing_data_error
+from .api import check_task, install_dense, missing_data_error
 from .errors import CompVLMError, ConfigError, OutputError
 from .loading import (
     DataSource,
     check_data,
     check_fit,
+    check_task_data,
     karpathy_data,
     load_dense_dir,
     load_image_processor,
     load_model_tokenizer,
     processor_stats,
+    task_dir_data,
     training_split_lengths,
 )
 from .report import json_text, say, set_progress_lines, write_json, write_jsonl
@@ -137,9 +139,10 @@ def _check_json_path(option: str, path: str | None) -> None:
 
 
 def _describe_data(settings: dict) -> str:
-    """One line on the data of a search: where from, pairs per split."""
-    where = "synthetic world" if settings["kind"] == "synthetic" else settings["json"]
-    return f"{where}, {settings['n_train']} train / {settings['n_val']} val / {settings['n_test']} test pairs"
+    """One line on the data of a search: where from, pairs (samples of a task's own data) per split."""
+    where = {"synthetic": "synthetic world", "task": settings.get("dir")}.get(settings["kind"], settings.get("json"))
+    unit = "samples" if settings["kind"] == "task" else "pairs"
+    return f"{where}, {settings['n_train']} train / {settings['n_val']} val / {settings['n_test']} test {unit}"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -161,9 +164,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------------------------
 # prune
 # ---------------------------------------------------------------------------------------------------------------
-def _check_prune_data(args: argparse.Namespace, source: DataSource, spec: Any) -> int:
+def _check_prune_data(args: argparse.Namespace, source: DataSource, spec: Any) -> int | None:
     """Refuse options that do not fit the data, before any work; returns the pairs of the smaller evaluation split
-    (validation or test), which must fill a gallery."""
+    (validation or test), which must fill a gallery (None for a task's own data, which has no galleries; its loader
+    checks the batch size)."""
     if source.kind == "synthetic":
         return min(args.n_val or spec.n_val, args.n_test or spec.n_test)
     if args.model in zoo.BUILTINS:
@@ -173,6 +177,8 @@ def _check_prune_data(args: argparse.Namespace, source: DataSource, spec: Any) -
     if any(v is not None for v in (args.n_train, args.n_val, args.n_test)):
         raise ConfigError("--n-train/--n-val/--n-test size the synthetic world's splits; the splits of a data "
                           "directory are used whole")
+    if source.kind == "task":
+        return None
     batch = args.batch_size or spec.batch_size
     if batch > source.pairs["train"]:
         raise ConfigError(f"the training batch size {batch} (--batch-size) exceeds the {source.pairs['train']} "
@@ -189,14 +195,18 @@ def _model_path(args: argparse.Namespace) -> Path:
     return path
 
 
-def _prune_data(args: argparse.Namespace) -> str:
-    """``--data``; without it the synthetic world for a built-in model, which was trained on it. A model directory
-    must name its data."""
-    if args.data is not None:
-        return args.data
-    if args.model in zoo.BUILTINS:
-        return "synthetic"
-    raise missing_data_error(_model_path(args), "--data")
+def _prune_data(args: argparse.Namespace) -> DataSource:
+    """``--data`` checked for the task (:func:`check_task_data` for a task that reads its own format, else
+    :func:`check_data`); without it the synthetic world for a built-in model, which was trained on it. A model
+    directory must name its data."""
+    from .tasks import task_data
+
+    data = args.data
+    if data is None:
+        if args.model not in zoo.BUILTINS:
+            raise missing_data_error(_model_path(args), "--data", args.task)
+        data = "synthetic"
+    return check_task_data(args.task, data) if task_data(args.task) else check_data(data)
 
 
 def _longest_caption(loaders: Any) -> int:
@@ -222,11 +232,14 @@ def _resolve_model(args: argparse.Namespace, task: Any, device: str, source: Dat
     if (path / RECIPE_FILE).is_file():
         raise ConfigError(f"{path} is already pruned (it holds {RECIPE_FILE}); prune its dense model instead")
     model = load_dense_dir(path, device)
+    task.check_model(model)
     tokenizer = load_model_tokenizer(path, model)
     processor = load_image_processor(path)
     spec = zoo.BUILTINS[zoo.DEFAULT_PRESET]
     batch = args.batch_size or spec.batch_size
-    if source.kind == "karpathy":
+    if source.kind == "task":
+        data = task_dir_data(source, model, tokenizer, processor, batch, spec.eval_batch_size, args.seed)
+    elif source.kind == "karpathy":
         if processor is None:
             raise ConfigError(f"{path} holds no image processor (preprocessor_config.json), needed to read the "
                               f"images of --data {args.data}")
@@ -335,7 +348,7 @@ def _prune(args: argparse.Namespace) -> int:
     from .search import state as search_state
 
     device = _setup(args)
-    source = check_data(_prune_data(args))
+    source = _prune_data(args)
     spec = zoo.BUILTINS.get(args.model, zoo.BUILTINS[zoo.DEFAULT_PRESET])
     task = check_task(args.task, args.gallery_size, _check_prune_data(args, source, spec))
     snapshots = tuple(s for s in (args.snapshots or ()) if s != args.ratio)
@@ -357,13 +370,15 @@ def _prune(args: argparse.Namespace) -> int:
     identity = search_state.check_resume(config, search_state.run_identity(model, data.settings, src["source"]))
     say(f"model: {src['source']} ({comp_vlm.count_params(model):,} params); data: {_describe_data(data.settings)}")
     dense_params = comp_vlm.count_params(model)
+    install_dense(model)  # the model runs through its adapter (e.g. a family's own generate), as in the search
     dense_metrics = task.evaluate(model, data.loaders.test)
     say(f"dense test {task.primary_metric}: {dense_metrics[task.primary_metric]:.2f}")
     say(f"CoMP search ({args.strategy}) to ratio {args.ratio}; FLOPs reference {reference}; "
         f"search checkpoints in {ckpt}" + (" (resuming)" if args.resume else ""))
     result = comp_vlm.prune(model, task, data.loaders.train, data.loaders.val, config, test_data=data.loaders.test,
                              identity=identity)
-    extra = {"data": {**data.settings, "gallery_size": task.gallery_size or 0}, "dense_model": src["source"]}
+    extra = {"data": {**data.settings, "gallery_size": getattr(task, "gallery_size", 0) or 0},
+             "dense_model": src["source"], "task": args.task}
     for r, (_, recipe) in result.snapshots.items():
         recipe.extra.update(extra)
     dense_flops = result.recipe.dense_flops
@@ -413,7 +428,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(f"{result['model']}: {kind}, {result['params']:,} params, {flops / 1e9:.4f} GFLOPs per sample at "
           f"{result['reference']}")
     galleries = "one gallery" if result["one_gallery"] else f"galleries of {result['gallery_size']}"
-    if settings["kind"] == "synthetic":
+    if settings["kind"] == "task":
+        print(f"{settings['dir']} test split ({result['task']}): {settings['n_test']} samples")
+    elif settings["kind"] == "synthetic":
         print(f"synthetic test split: {settings['n_test']} pairs ({galleries}), seed {settings['seed']}")
     else:
         images = result["images"]
@@ -691,7 +708,8 @@ def build_parser() -> argparse.ArgumentParser:
                     f"directory: {_model_classes()}): task metrics on the test split of the synthetic world or of a Karpathy-format "
                     "data directory, plus analytic FLOPs and parameters.")
     ev.add_argument("model_dir", metavar="OUT", help="model directory")
-    ev.add_argument("--task", default="retrieval", choices=task_names(), help="task (default: retrieval)")
+    ev.add_argument("--task", default=None, choices=task_names(),
+                    help="task (default: the task recorded with a pruned model, else retrieval)")
     ev.add_argument("--data", default=None, metavar="synthetic|DIR",
                     help="evaluation data: 'synthetic', or a Karpathy-format directory (its test split) "
                          "(default: the data directory recorded with a pruned model; a dense model directory needs "
