@@ -215,8 +215,9 @@ def _longest_caption(loaders: Any) -> int:
 
 
 def _resolve_model(args: argparse.Namespace, task: Any, device: str, source: DataSource) -> dict:
-    """The dense model, its tokenizer and image processor, and the data: the Karpathy directory ``source`` read
-    through them, or the synthetic world made for the model."""
+    """The dense model (refused unless it runs ``task``), its tokenizer and image processor, and the data: the
+    directory ``source`` (Karpathy's format, or the task's own through its registered loader) read through them,
+    or the synthetic world made for the model."""
     if args.model in zoo.BUILTINS:
         spec = zoo.builtin_spec(args.model)
         if any(v is not None for v in (args.n_train, args.n_val, args.n_test, args.batch_size)):
@@ -598,6 +599,13 @@ def _model_classes() -> str:
     return ", ".join(c.__name__ for c in registered_model_classes())
 
 
+def _own_data_tasks() -> str:
+    """The tasks that read a data directory of their own format (:func:`comp_vlm.tasks.register_task_data`)."""
+    from .tasks import TASK_DATA
+
+    return ", ".join(TASK_DATA) or "none"
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .search import STRATEGIES, PruneConfig
     from .tasks import task_names
@@ -651,7 +659,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="training/validation/test data: 'synthetic' (the built-in shapes world; the default of "
                             "built-in models, to be named for a model directory), or a COCO/Flickr30K directory in Karpathy's format (dataset_*.json and the images; needs "
                             "--model DIR with a tokenizer and image processor): train+restval for the search and "
-                            "fine-tuning, val for the stage costs, test for the reported metrics")
+                            "fine-tuning, val for the stage costs, test for the reported metrics; for a task that "
+                            f"reads its own format ({_own_data_tasks()}), a directory in that format, split as the "
+                            "task defines (needs --model DIR)")
     prune.add_argument("--ratio", type=float, default=config.ratio, metavar="R",
                        help=f"fraction of dense FLOPs to remove, in (0, 1) {_default_help('ratio')}")
     prune.add_argument("--strategy", default=config.strategy, choices=STRATEGIES, metavar="NAME",
@@ -705,13 +715,15 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser(
         "eval", help="evaluate a pruned (or dense) model directory",
         description="Evaluate a model directory written by 'comp-vlm prune'/'demo' (or a dense model "
-                    f"directory: {_model_classes()}): task metrics on the test split of the synthetic world or of a Karpathy-format "
-                    "data directory, plus analytic FLOPs and parameters.")
+                    f"directory: {_model_classes()}): task metrics on the test split of the synthetic world, of a Karpathy-format "
+                    "data directory or of a data directory in the task's own format, plus analytic FLOPs and "
+                    "parameters.")
     ev.add_argument("model_dir", metavar="OUT", help="model directory")
     ev.add_argument("--task", default=None, choices=task_names(),
                     help="task (default: the task recorded with a pruned model, else retrieval)")
     ev.add_argument("--data", default=None, metavar="synthetic|DIR",
-                    help="evaluation data: 'synthetic', or a Karpathy-format directory (its test split) "
+                    help="evaluation data: 'synthetic', or a Karpathy-format directory (its test split), or for "
+                         f"a task that reads its own format ({_own_data_tasks()}) a directory in it "
                          "(default: the data directory recorded with a pruned model; a dense model directory needs "
                          "--data)")
     ev.add_argument("--n-test", type=_positive_int, default=None, metavar="N",

@@ -1,6 +1,7 @@
 """Loading what a user names: model directories (a comp-vlm pruned model or a dense transformers model of a class an
-adapter is registered for, safetensors only, never a pickle), their tokenizers and image processors, and retrieval data (``--data``: the built-in
-synthetic world or a Karpathy-format directory), each refused with a one-line error before any work when unfit."""
+adapter is registered for, safetensors only, never a pickle), their tokenizers and image processors, and data (``--data``: the built-in
+synthetic world or a Karpathy-format directory for retrieval, or a directory in the format of a task that reads its own),
+each refused with a one-line error before any work when unfit (a task's own data: when its loader reads it)."""
 
 from __future__ import annotations
 

@@ -93,17 +93,18 @@ def test_prune_and_eval_a_task_on_its_own_data_directory(name, dirs, tmp_path, c
 
 BAD = {  # name: (model, task, data) -> what the one error line names
     "reasoning on VQA": ("vqa", "reasoning", "nlvr2",
-                         "task reasoning needs a BlipForImageTextRetrieval model, not BlipForQuestionAnswering "
-                         "(tasks for BlipForQuestionAnswering: vqa)"),
+                         ("task reasoning needs a BlipForImageTextRetrieval model, not BlipForQuestionAnswering "
+                         "(tasks for BlipForQuestionAnswering: vqa)")),
     "reasoning on CLIP": ("clip", "reasoning", "nlvr2", "not CLIPModel (tasks for CLIPModel: retrieval)"),
     "retrieval on BLIP": ("reasoning", "retrieval", COCO,
                           "not BlipForImageTextRetrieval (tasks for BlipForImageTextRetrieval: reasoning)"),
     "VQAv2 for reasoning": ("reasoning", "reasoning", "vqav2", "split 'train' has no file"),
     "NLVR2 for vqa": ("vqa", "vqa", "nlvr2", "no questions file for subtype train2014 or train"),
     "Karpathy for reasoning": ("reasoning", "reasoning", COCO, "split 'train' has no file"),
-    "synthetic for vqa": ("vqa", "vqa", "synthetic", "--data synthetic (the built-in shapes world of retrieval) "
-                                                     "cannot serve it"),
-    "no such directory": ("vqa", "vqa", "nowhere", "--data nowhere: no such directory"),
+    "synthetic for vqa": ("vqa", "vqa", "synthetic", ("--data synthetic (the built-in shapes world of retrieval) "
+                                                     "cannot serve it")),
+    "no such directory": ("vqa", "vqa", "nowhere", ("--data nowhere: no such directory (task vqa reads a data "
+                                                  "directory in its own format)")),
     "no data": ("reasoning", "reasoning", None, "(a data directory in task reasoning's format)"),
 }
 
