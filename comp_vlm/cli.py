@@ -363,7 +363,8 @@ def _prune(args: argparse.Namespace) -> int:
     _prune_config(settings)  # validate the options before loading or training anything (errors name the flags)
     src = _resolve_model(args, task, device, source)
     model, data = src["model"], src["data"]
-    lengths = {key: round(value) for key, value in training_split_lengths(task, data.loaders).items()}
+    lengths = {key: round(value) for key, value in
+               training_split_lengths(task, data.loaders, model, data.settings.get("dir", "the data")).items()}
     if args.text_length:
         lengths["text_length"] = args.text_length
     reference = {**comp_vlm.get_adapter(model).default_reference(), **lengths}

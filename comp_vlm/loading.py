@@ -228,11 +228,35 @@ def task_dir_data(source: DataSource, model: Any, tokenizer: Any, processor: Any
                           f"read the images of {source.dir}")
     loaders = task_data(source.task)(source.dir, model, tokenizer, processor, batch_size, eval_batch_size, seed)
     task = make_task(source.task)
+    for role in ("val", "test"):
+        check_lengths_fit(model, sample_lengths(task, getattr(loaders, role)), f"the {role} split of {source.dir}")
     counts = {"n_train": len(loaders.train.data),
               **{f"n_{role}": sum(samples(task, b) for b in getattr(loaders, role)) for role in ("val", "test")}}
     settings = {**source.record(), **counts, "batch_size": batch_size, "eval_batch_size": eval_batch_size,
                 "seed": seed}
     return LoadedData(loaders, settings)
+
+
+#: the reference lengths that count text positions (the question or caption, and a decoder's answer)
+TEXT_LENGTH_KEYS = ("text_length", "answer_length")
+
+
+def sample_lengths(task: Any, batches: Any) -> dict[str, Any]:
+    """Every sample's ``task.reference_lengths`` over ``batches``, one tensor by key."""
+    import torch
+
+    per_batch = [task.reference_lengths(b) for b in batches]
+    return {key: torch.cat([p[key] for p in per_batch]) for key in (per_batch[0] if per_batch else {})}
+
+
+def check_lengths_fit(model: Any, lengths: dict[str, Any], data: str) -> None:
+    """Refuse texts (``lengths``' text and answer lengths, in tokens) longer than the model's text positions."""
+    positions = int(model.config.text_config.max_position_embeddings)
+    for key in TEXT_LENGTH_KEYS:
+        if key in lengths and int(lengths[key].max()) > positions:
+            raise ConfigError(f"the tokenizer makes texts of {int(lengths[key].max())} tokens ({key}) from {data}, "
+                              f"but the model has {positions} text positions: save the tokenizer with "
+                              f"model_max_length={positions}")
 
 
 def samples(task: Any, batch: Any) -> int:
@@ -256,11 +280,11 @@ def karpathy_data(source: DataSource, tokenizer: Any, processor: Any, batch_size
     return LoadedData(loaders, settings)
 
 
-def training_split_lengths(task: Any, loaders: Any) -> dict[str, float]:
+def training_split_lengths(task: Any, loaders: Any, model: Any = None, data_name: str = "the data") -> dict[str, float]:
     """The means of ``task.reference_lengths`` over the whole training split (``loaders.train.data``): the FLOPs
     reference of ``comp-vlm prune`` and the demo. Retrieval pairs, which hold their captions as tensors, give their
     texts alone (images unread); other records go through the task's collator in record order, every record once
-    (the shuffled loader is left where it is)."""
+    (the shuffled loader is left where it is), and with ``model`` their texts must fit its text positions."""
     import torch
 
     from .tasks.base import mean_reference_lengths
@@ -269,8 +293,11 @@ def training_split_lengths(task: Any, loaders: Any) -> dict[str, float]:
     if hasattr(data, "input_ids"):
         return mean_reference_lengths(task, [{"input_ids": data.input_ids, "attention_mask": data.attention_mask}])
     step = loaders.train.batch_size
-    return mean_reference_lengths(task, (data.batch(torch.arange(i, min(i + step, len(data))))
-                                         for i in range(0, len(data), step)))
+    lengths = sample_lengths(task, (data.batch(torch.arange(i, min(i + step, len(data))))
+                                    for i in range(0, len(data), step)))
+    if model is not None:
+        check_lengths_fit(model, lengths, f"the training split of {data_name}")
+    return {key: float(values.double().mean()) for key, values in lengths.items()}
 
 
 def check_fit(model: Any, batch: dict, text_length: int, data: str) -> None:

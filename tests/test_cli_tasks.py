@@ -5,6 +5,7 @@ model cannot run and of data in another format."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -44,6 +45,11 @@ def dirs(tmp_path_factory) -> dict[str, Path]:
              "nlvr2": root / "nlvr2", "vqav2": root / "vqav2"}
     write_nlvr2_dir(found["nlvr2"])
     write_vqav2_dir(found["vqav2"])
+    found["long"] = root / "long"  # NLVR2 whose test1 statements are longer than the models' 24 text positions
+    shutil.copytree(found["nlvr2"], found["long"])
+    rows = [json.loads(line) for line in (found["long"] / "data" / "test1.json").read_text().splitlines()]
+    (found["long"] / "data" / "test1.json").write_text(
+        "".join(json.dumps({**row, "sentence": " ".join(["red circle"] * 15)}) + "\n" for row in rows))
     return found
 
 
@@ -106,6 +112,8 @@ BAD = {  # name: (model, task, data) -> what the one error line names
     "no such directory": ("vqa", "vqa", "nowhere", ("--data nowhere: no such directory (task vqa reads a data "
                                                   "directory in its own format)")),
     "no data": ("reasoning", "reasoning", None, "(a data directory in task reasoning's format)"),
+    "texts too long": ("reasoning", "reasoning", "long", ("the tokenizer makes texts of 32 tokens (text_length) from "
+                                                         "the test split of")),
 }
 
 
