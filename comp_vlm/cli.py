@@ -439,8 +439,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(f"{settings['json']} test split: {settings['n_test']} captions of {images} image{'s' * (images != 1)} "
               f"({galleries})")
     metrics, key = result["metrics"], result["primary_metric"]
+    width = max(10, *map(len, metrics))
     for k in [key] + [k for k in metrics if k != key]:
-        print(f"  {k:10s} {metrics[k]:8.2f}")
+        print(f"  {k:{width}s} {metrics[k]:8.2f}")
     if args.json:
         write_json(args.json, result)
         print(f"wrote {args.json}")
