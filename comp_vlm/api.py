@@ -14,10 +14,12 @@ from .loading import (
     DataSource,
     check_data,
     check_fit,
+    check_task_data,
     load_image_processor,
     load_model_dir,
     load_model_tokenizer,
     processor_stats,
+    task_dir_data,
 )
 from .report import say
 from .search import prune
@@ -36,13 +38,50 @@ def check_task(task: str, gallery_size: int | None = 0, eval_pairs: int | None =
 # ---------------------------------------------------------------------------------------------------------------
 # evaluate
 # ---------------------------------------------------------------------------------------------------------------
-def missing_data_error(model: str | os.PathLike, option: str) -> ConfigError:
+def missing_data_error(model: str | os.PathLike, option: str, task: str = "retrieval") -> ConfigError:
     """The error for a model directory of the user's own given no data (``option``: ``--data`` or ``data=``):
-    its captions and images are not the synthetic world's, so the data must be named."""
+    its captions and images are not the synthetic world's, so the data must be named (a task that reads its own
+    format: a directory in that format)."""
+    from .tasks import task_data
+
     space = " " if option.startswith("--") else ""
+    if task_data(task) is not None:
+        return ConfigError(f"{model} is a model directory of your own: name its data, {option}{space}DIR (a data "
+                           f"directory in task {task}'s format)")
     return ConfigError(f"{model} is a model directory of your own: name its data, {option}{space}DIR (a COCO or "
                        f"Flickr30K directory in Karpathy's format) or {option}{space}synthetic (the built-in shapes "
                        "world, whose captions your tokenizer may not know)")
+
+
+def install_dense(model: Any) -> None:
+    """Install the adapter on a plain (dense) model, counting what it computes (no dead-compute option), so it runs
+    through the adapter as a pruned model does (a family's own ``generate`` and masks included); a model whose
+    adapter is installed already is left as it is."""
+    import comp_vlm
+
+    from .adapters.base import AdapterOptions
+
+    adapter = comp_vlm.get_adapter(model)
+    if not adapter.is_installed():
+        adapter.install(AdapterOptions(dead_compute=False))
+
+
+def _data_source(task: str, data: str) -> DataSource:
+    """``data`` for ``task``: a directory in the task's own format, or retrieval data (:func:`check_data`)."""
+    from .tasks import task_data
+
+    return check_task_data(task, data) if task_data(task) else check_data(data, roles=("test",))
+
+
+def _recorded_task(path: Path) -> str:
+    """The task recorded with a pruned model (its recipe), else retrieval."""
+    import comp_vlm
+
+    from .recipe import RECIPE_FILE
+
+    if not (path / RECIPE_FILE).is_file():
+        return "retrieval"
+    return comp_vlm.read_recipe(path).extra.get("task") or "retrieval"
 
 
 def _recorded_data(recorded: dict) -> DataSource:
@@ -51,11 +90,16 @@ def _recorded_data(recorded: dict) -> DataSource:
     if recorded.get("kind") == "karpathy":
         say(f"data: {recorded['json']}, as recorded with the model (--data to choose other data)")
         return check_data(recorded["json"], roles=("test",), what="the recorded data")
+    if recorded.get("kind") == "task":
+        say(f"data: {recorded['dir']}, as recorded with the model (--data to choose other data)")
+        return check_task_data(recorded["task"], recorded["dir"], what="the recorded data")
     return DataSource("synthetic")
 
 
 def _same_data(recorded: dict, source: DataSource) -> bool:
     """Whether a model is evaluated on the data it was pruned on (so the settings recorded with it apply)."""
+    if source.kind == "task":
+        return recorded.get("kind") == "task" and source.record() == {k: recorded.get(k) for k in source.record()}
     return recorded.get("kind", "synthetic") == source.kind and recorded.get("json") == source.record().get("json")
 
 
@@ -86,6 +130,22 @@ def _eval_settings(path: Path, source: DataSource, model: Any, processor: Any, r
     }
 
 
+def _task_test_split(path: Path, source: DataSource, model: Any, tokenizer: Any, processor: Any, recorded: dict,
+                     n_test: int | None, seed: int | None) -> tuple[dict, list]:
+    """The settings and test batches of a task's own data directory (its loader's test split, used whole)."""
+    from .zoo import BUILTINS, DEFAULT_PRESET
+
+    if n_test is not None:
+        raise ConfigError("--n-test sizes the synthetic test split; the test split of a data directory is used whole")
+    if processor is None:
+        raise ConfigError(f"{path} holds no image processor (preprocessor_config.json), needed to read the images "
+                          f"of {source.dir}")
+    eval_batch_size = recorded.get("eval_batch_size", BUILTINS[DEFAULT_PRESET].eval_batch_size)
+    seed = seed if seed is not None else recorded.get("seed", 0)
+    loaded = task_dir_data(source, model, tokenizer, processor, 1, eval_batch_size, seed)  # train unused: batch 1
+    return loaded.settings, loaded.loaders.test
+
+
 def _eval_batches(settings: dict, model: Any, tokenizer: Any, processor: Any, progress: bool) -> list[dict]:
     """The test batches ``settings`` describe."""
     if settings["kind"] == "synthetic":
@@ -102,53 +162,60 @@ def _eval_batches(settings: dict, model: Any, tokenizer: Any, processor: Any, pr
     return test
 
 
-def evaluate_dir(path: str | os.PathLike, data: str | None = None, task: str = "retrieval",
+def evaluate_dir(path: str | os.PathLike, data: str | None = None, task: str | None = None,
                  gallery_size: int | None = None, n_test: int | None = None, seed: int | None = None,
                  device: str = "cpu", progress: bool = True, data_option: str = "data=") -> dict[str, Any]:
     """Task metrics of the model directory ``path`` (pruned, or a dense model of a registered class) on a test split, with its
-    analytic FLOPs and parameters. ``data``: 'synthetic' or a Karpathy-format directory (default: the data recorded
-    with a pruned model; a dense model needs it, and ``data_option`` is how the error names it); ``gallery_size``,
-    ``n_test`` and ``seed`` default to the recorded ones when the data is the recorded data (0 galleries: one gallery
-    of the whole split)."""
+    analytic FLOPs and parameters. ``task``: default the task recorded with a pruned model, else retrieval.
+    ``data``: 'synthetic' or a Karpathy-format directory, or a directory in the format of a task that reads its own
+    (default: the data recorded with a pruned model; a dense model needs it, and ``data_option`` is how the error
+    names it); ``gallery_size``, ``n_test`` and ``seed`` default to the recorded ones when the data is the recorded
+    data (0 galleries: one gallery of the whole split)."""
     import comp_vlm
 
     from .recipe import RECIPE_FILE
 
-    check_task(task)
-    source = check_data(data, roles=("test",)) if data is not None else None
     path = Path(path)
+    task = task or _recorded_task(path)
+    check_task(task)
+    source = _data_source(task, data) if data is not None else None
     model = load_model_dir(path, device)
+    check_task(task).check_model(model)
     recipe = comp_vlm.read_recipe(path) if (path / RECIPE_FILE).is_file() else None
     tokenizer = load_model_tokenizer(path, model)
     processor = load_image_processor(path)
     recorded = dict((recipe.extra.get("data") or {}) if recipe else {})
     if source is None and recipe is None:
-        raise missing_data_error(path, data_option)
+        raise missing_data_error(path, data_option, task)
     source = source or _recorded_data(recorded)
     if not _same_data(recorded, source):
         recorded = {}
-    settings = _eval_settings(path, source, model, processor, recorded, n_test, seed)
+    if source.kind == "task":
+        settings, test = _task_test_split(path, source, model, tokenizer, processor, recorded, n_test, seed)
+    else:
+        settings = _eval_settings(path, source, model, processor, recorded, n_test, seed)
+        test = None
     gallery = gallery_size if gallery_size is not None else recorded.get("gallery_size")
-    retrieval = check_task(task, gallery, settings["n_test"])
-    test = _eval_batches(settings, model, tokenizer, processor, progress=progress)
+    evaluated = check_task(task, gallery, settings["n_test"])
+    if test is None:
+        test = _eval_batches(settings, model, tokenizer, processor, progress=progress)
+    if recipe is None:  # a plain transformers model runs through its adapter too, as the pruned one does
+        install_dense(model)
     t0 = time.perf_counter()
-    metrics = retrieval.evaluate(model, test)
+    metrics = evaluated.evaluate(model, test)
     seconds = time.perf_counter() - t0
     if recipe is not None:
         reference = dict(recipe.reference)
     else:  # a plain transformers model: count what it computes (no dead-compute option), at the task's reference
-        from .adapters.base import AdapterOptions
-
-        adapter = comp_vlm.get_adapter(model)
-        adapter.install(AdapterOptions(dead_compute=False))
-        reference = {**adapter.default_reference(), **split_reference(retrieval, test)}
+        reference = {**comp_vlm.get_adapter(model).default_reference(), **split_reference(evaluated, test)}
     flops = comp_vlm.count_flops(model, reference)
     dense_flops = recipe.dense_flops if recipe else flops
     images = len({i for b in test for i in b["image_ids"]}) if source.kind == "karpathy" else settings["n_test"]
+    gallery_size = getattr(evaluated, "gallery_size", 0)
     return {"model": str(path), "pruned": recipe is not None, "task": task, "data": settings, "split": "test",
-            "n": settings["n_test"], "images": images, "gallery_size": retrieval.gallery_size or settings["n_test"],
-            "one_gallery": retrieval.gallery_size is None,
-            "seed": settings.get("seed"), "metrics": metrics, "primary_metric": retrieval.primary_metric,
+            "n": settings["n_test"], "images": images, "gallery_size": gallery_size or settings["n_test"],
+            "one_gallery": gallery_size is None,
+            "seed": settings.get("seed"), "metrics": metrics, "primary_metric": evaluated.primary_metric,
             "flops": flops, "dense_flops": dense_flops, "flops_kept": flops / dense_flops,
             "params": comp_vlm.count_params(model), "reference": reference, "eval_seconds": seconds}
 

@@ -75,9 +75,21 @@ def write_checkpoint(directory: str | Path, state: dict, tensors: dict[str, torc
     # a full disk: one line naming the checkpoint and its size; the previous checkpoint stays
     with outputs.writing(target, needed), outputs.staged(target, KIND, overwrite=True, what="checkpoint directory",
                                                          replace_kinds=(KIND,)) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / TENSORS))
+        save_file(unshared(tensors), str(tmp / TENSORS))
         (tmp / STATE).write_text(text)
     return target
+
+
+def unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``tensors`` on the CPU, contiguous, a tensor sharing storage with an earlier one (tied weights: BLIP's LM head
+    and word embeddings) copied, since safetensors refuses shared tensors; loading fills both names again."""
+    out, seen = {}, set()
+    for key, value in tensors.items():
+        tensor = value.detach().to("cpu").contiguous()
+        ptr = tensor.untyped_storage().data_ptr()
+        out[key] = tensor.clone() if ptr in seen else tensor
+        seen.add(ptr)
+    return out
 
 
 _SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",

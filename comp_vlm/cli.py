@@ -18,17 +18,19 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from . import outputs, zoo
-from .api import check_task, missing_data_error
+from .api import check_task, install_dense, missing_data_error
 from .errors import CompVLMError, ConfigError, OutputError
 from .loading import (
     DataSource,
     check_data,
     check_fit,
+    check_task_data,
     karpathy_data,
     load_dense_dir,
     load_image_processor,
     load_model_tokenizer,
     processor_stats,
+    task_dir_data,
     training_split_lengths,
 )
 from .report import json_text, say, set_progress_lines, write_json, write_jsonl
@@ -137,9 +139,10 @@ def _check_json_path(option: str, path: str | None) -> None:
 
 
 def _describe_data(settings: dict) -> str:
-    """One line on the data of a search: where from, pairs per split."""
-    where = "synthetic world" if settings["kind"] == "synthetic" else settings["json"]
-    return f"{where}, {settings['n_train']} train / {settings['n_val']} val / {settings['n_test']} test pairs"
+    """One line on the data of a search: where from, pairs (samples of a task's own data) per split."""
+    where = {"synthetic": "synthetic world", "task": settings.get("dir")}.get(settings["kind"], settings.get("json"))
+    unit = "samples" if settings["kind"] == "task" else "pairs"
+    return f"{where}, {settings['n_train']} train / {settings['n_val']} val / {settings['n_test']} test {unit}"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -161,9 +164,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------------------------
 # prune
 # ---------------------------------------------------------------------------------------------------------------
-def _check_prune_data(args: argparse.Namespace, source: DataSource, spec: Any) -> int:
+def _check_prune_data(args: argparse.Namespace, source: DataSource, spec: Any) -> int | None:
     """Refuse options that do not fit the data, before any work; returns the pairs of the smaller evaluation split
-    (validation or test), which must fill a gallery."""
+    (validation or test), which must fill a gallery (None for a task's own data, which has no galleries; its loader
+    checks the batch size)."""
     if source.kind == "synthetic":
         return min(args.n_val or spec.n_val, args.n_test or spec.n_test)
     if args.model in zoo.BUILTINS:
@@ -173,6 +177,8 @@ def _check_prune_data(args: argparse.Namespace, source: DataSource, spec: Any) -
     if any(v is not None for v in (args.n_train, args.n_val, args.n_test)):
         raise ConfigError("--n-train/--n-val/--n-test size the synthetic world's splits; the splits of a data "
                           "directory are used whole")
+    if source.kind == "task":
+        return None
     batch = args.batch_size or spec.batch_size
     if batch > source.pairs["train"]:
         raise ConfigError(f"the training batch size {batch} (--batch-size) exceeds the {source.pairs['train']} "
@@ -189,14 +195,18 @@ def _model_path(args: argparse.Namespace) -> Path:
     return path
 
 
-def _prune_data(args: argparse.Namespace) -> str:
-    """``--data``; without it the synthetic world for a built-in model, which was trained on it. A model directory
-    must name its data."""
-    if args.data is not None:
-        return args.data
-    if args.model in zoo.BUILTINS:
-        return "synthetic"
-    raise missing_data_error(_model_path(args), "--data")
+def _prune_data(args: argparse.Namespace) -> DataSource:
+    """``--data`` checked for the task (:func:`check_task_data` for a task that reads its own format, else
+    :func:`check_data`); without it the synthetic world for a built-in model, which was trained on it. A model
+    directory must name its data."""
+    from .tasks import task_data
+
+    data = args.data
+    if data is None:
+        if args.model not in zoo.BUILTINS:
+            raise missing_data_error(_model_path(args), "--data", args.task)
+        data = "synthetic"
+    return check_task_data(args.task, data) if task_data(args.task) else check_data(data)
 
 
 def _longest_caption(loaders: Any) -> int:
@@ -205,8 +215,9 @@ def _longest_caption(loaders: Any) -> int:
 
 
 def _resolve_model(args: argparse.Namespace, task: Any, device: str, source: DataSource) -> dict:
-    """The dense model, its tokenizer and image processor, and the data: the Karpathy directory ``source`` read
-    through them, or the synthetic world made for the model."""
+    """The dense model (refused unless it runs ``task``), its tokenizer and image processor, and the data: the
+    directory ``source`` (Karpathy's format, or the task's own through its registered loader) read through them,
+    or the synthetic world made for the model."""
     if args.model in zoo.BUILTINS:
         spec = zoo.builtin_spec(args.model)
         if any(v is not None for v in (args.n_train, args.n_val, args.n_test, args.batch_size)):
@@ -222,11 +233,14 @@ def _resolve_model(args: argparse.Namespace, task: Any, device: str, source: Dat
     if (path / RECIPE_FILE).is_file():
         raise ConfigError(f"{path} is already pruned (it holds {RECIPE_FILE}); prune its dense model instead")
     model = load_dense_dir(path, device)
+    task.check_model(model)
     tokenizer = load_model_tokenizer(path, model)
     processor = load_image_processor(path)
     spec = zoo.BUILTINS[zoo.DEFAULT_PRESET]
     batch = args.batch_size or spec.batch_size
-    if source.kind == "karpathy":
+    if source.kind == "task":
+        data = task_dir_data(source, model, tokenizer, processor, batch, spec.eval_batch_size, args.seed)
+    elif source.kind == "karpathy":
         if processor is None:
             raise ConfigError(f"{path} holds no image processor (preprocessor_config.json), needed to read the "
                               f"images of --data {args.data}")
@@ -335,7 +349,7 @@ def _prune(args: argparse.Namespace) -> int:
     from .search import state as search_state
 
     device = _setup(args)
-    source = check_data(_prune_data(args))
+    source = _prune_data(args)
     spec = zoo.BUILTINS.get(args.model, zoo.BUILTINS[zoo.DEFAULT_PRESET])
     task = check_task(args.task, args.gallery_size, _check_prune_data(args, source, spec))
     snapshots = tuple(s for s in (args.snapshots or ()) if s != args.ratio)
@@ -349,7 +363,8 @@ def _prune(args: argparse.Namespace) -> int:
     _prune_config(settings)  # validate the options before loading or training anything (errors name the flags)
     src = _resolve_model(args, task, device, source)
     model, data = src["model"], src["data"]
-    lengths = {key: round(value) for key, value in training_split_lengths(task, data.loaders).items()}
+    lengths = {key: round(value) for key, value in
+               training_split_lengths(task, data.loaders, model, data.settings.get("dir", "the data")).items()}
     if args.text_length:
         lengths["text_length"] = args.text_length
     reference = {**comp_vlm.get_adapter(model).default_reference(), **lengths}
@@ -357,13 +372,15 @@ def _prune(args: argparse.Namespace) -> int:
     identity = search_state.check_resume(config, search_state.run_identity(model, data.settings, src["source"]))
     say(f"model: {src['source']} ({comp_vlm.count_params(model):,} params); data: {_describe_data(data.settings)}")
     dense_params = comp_vlm.count_params(model)
+    install_dense(model)  # the model runs through its adapter (e.g. a family's own generate), as in the search
     dense_metrics = task.evaluate(model, data.loaders.test)
     say(f"dense test {task.primary_metric}: {dense_metrics[task.primary_metric]:.2f}")
     say(f"CoMP search ({args.strategy}) to ratio {args.ratio}; FLOPs reference {reference}; "
         f"search checkpoints in {ckpt}" + (" (resuming)" if args.resume else ""))
     result = comp_vlm.prune(model, task, data.loaders.train, data.loaders.val, config, test_data=data.loaders.test,
                              identity=identity)
-    extra = {"data": {**data.settings, "gallery_size": task.gallery_size or 0}, "dense_model": src["source"]}
+    extra = {"data": {**data.settings, "gallery_size": getattr(task, "gallery_size", 0) or 0},
+             "dense_model": src["source"], "task": args.task}
     for r, (_, recipe) in result.snapshots.items():
         recipe.extra.update(extra)
     dense_flops = result.recipe.dense_flops
@@ -413,15 +430,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(f"{result['model']}: {kind}, {result['params']:,} params, {flops / 1e9:.4f} GFLOPs per sample at "
           f"{result['reference']}")
     galleries = "one gallery" if result["one_gallery"] else f"galleries of {result['gallery_size']}"
-    if settings["kind"] == "synthetic":
+    if settings["kind"] == "task":
+        print(f"{settings['dir']} test split ({result['task']}): {settings['n_test']} samples")
+    elif settings["kind"] == "synthetic":
         print(f"synthetic test split: {settings['n_test']} pairs ({galleries}), seed {settings['seed']}")
     else:
         images = result["images"]
         print(f"{settings['json']} test split: {settings['n_test']} captions of {images} image{'s' * (images != 1)} "
               f"({galleries})")
     metrics, key = result["metrics"], result["primary_metric"]
+    width = max(10, *map(len, metrics))
     for k in [key] + [k for k in metrics if k != key]:
-        print(f"  {k:10s} {metrics[k]:8.2f}")
+        print(f"  {k:{width}s} {metrics[k]:8.2f}")
     if args.json:
         write_json(args.json, result)
         print(f"wrote {args.json}")
@@ -581,6 +601,13 @@ def _model_classes() -> str:
     return ", ".join(c.__name__ for c in registered_model_classes())
 
 
+def _own_data_tasks() -> str:
+    """The tasks that read a data directory of their own format (:func:`comp_vlm.tasks.register_task_data`)."""
+    from .tasks import TASK_DATA
+
+    return ", ".join(TASK_DATA) or "none"
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .search import STRATEGIES, PruneConfig
     from .tasks import task_names
@@ -634,7 +661,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="training/validation/test data: 'synthetic' (the built-in shapes world; the default of "
                             "built-in models, to be named for a model directory), or a COCO/Flickr30K directory in Karpathy's format (dataset_*.json and the images; needs "
                             "--model DIR with a tokenizer and image processor): train+restval for the search and "
-                            "fine-tuning, val for the stage costs, test for the reported metrics")
+                            "fine-tuning, val for the stage costs, test for the reported metrics; for a task that "
+                            f"reads its own format ({_own_data_tasks()}), a directory in that format, split as the "
+                            "task defines (needs --model DIR)")
     prune.add_argument("--ratio", type=float, default=config.ratio, metavar="R",
                        help=f"fraction of dense FLOPs to remove, in (0, 1) {_default_help('ratio')}")
     prune.add_argument("--strategy", default=config.strategy, choices=STRATEGIES, metavar="NAME",
@@ -688,12 +717,15 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser(
         "eval", help="evaluate a pruned (or dense) model directory",
         description="Evaluate a model directory written by 'comp-vlm prune'/'demo' (or a dense model "
-                    f"directory: {_model_classes()}): task metrics on the test split of the synthetic world or of a Karpathy-format "
-                    "data directory, plus analytic FLOPs and parameters.")
+                    f"directory: {_model_classes()}): task metrics on the test split of the synthetic world, of a Karpathy-format "
+                    "data directory or of a data directory in the task's own format, plus analytic FLOPs and "
+                    "parameters.")
     ev.add_argument("model_dir", metavar="OUT", help="model directory")
-    ev.add_argument("--task", default="retrieval", choices=task_names(), help="task (default: retrieval)")
+    ev.add_argument("--task", default=None, choices=task_names(),
+                    help="task (default: the task recorded with a pruned model, else retrieval)")
     ev.add_argument("--data", default=None, metavar="synthetic|DIR",
-                    help="evaluation data: 'synthetic', or a Karpathy-format directory (its test split) "
+                    help="evaluation data: 'synthetic', or a Karpathy-format directory (its test split), or for "
+                         f"a task that reads its own format ({_own_data_tasks()}) a directory in it "
                          "(default: the data directory recorded with a pruned model; a dense model directory needs "
                          "--data)")
     ev.add_argument("--n-test", type=_positive_int, default=None, metavar="N",

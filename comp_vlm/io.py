@@ -25,7 +25,7 @@ from torch import nn
 
 from . import outputs, remote
 from .adapters.base import adapter_class_for, get_adapter
-from .checkpoint import safetensors_bytes
+from .checkpoint import safetensors_bytes, unshared
 from .errors import CheckpointError, RecipeError
 from .recipe import RECIPE_FILE, Recipe
 
@@ -64,14 +64,8 @@ def write_pruned_files(model: nn.Module, directory: Path, *, recipe: Recipe | No
 
 def untied_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's state on the CPU, a tensor that shares storage with an earlier one (tied weights: BLIP's LM head
-    and word embeddings) copied, since safetensors refuses shared tensors; loading fills both names again."""
-    state, seen = {}, set()
-    for key, value in model.state_dict().items():
-        tensor = value.detach().to("cpu").contiguous()
-        ptr = tensor.untyped_storage().data_ptr()
-        state[key] = tensor.clone() if ptr in seen else tensor
-        seen.add(ptr)
-    return state
+    and word embeddings) copied (:func:`comp_vlm.checkpoint.unshared`)."""
+    return unshared(model.state_dict())
 
 
 def save_pruned(

@@ -1,6 +1,7 @@
 """Loading what a user names: model directories (a comp-vlm pruned model or a dense transformers model of a class an
-adapter is registered for, safetensors only, never a pickle), their tokenizers and image processors, and retrieval data (``--data``: the built-in
-synthetic world or a Karpathy-format directory), each refused with a one-line error before any work when unfit."""
+adapter is registered for, safetensors only, never a pickle), their tokenizers and image processors, and data (``--data``: the built-in
+synthetic world or a Karpathy-format directory for retrieval, or a directory in the format of a task that reads its own),
+each refused with a one-line error before any work when unfit (a task's own data: when its loader reads it)."""
 
 from __future__ import annotations
 
@@ -159,15 +160,18 @@ class DataSource:
     """What ``--data`` names: the built-in synthetic world, or a Karpathy-format directory (COCO, Flickr30K): its
     JSON file and the caption pairs of each role it was checked for (see :data:`KARPATHY_ROLES`)."""
 
-    kind: str  # "synthetic" or "karpathy"
+    kind: str  # "synthetic", "karpathy" or "task" (a directory in a task's own format, read by its loader)
     dir: Path | None = None
     json: Path | None = None
     pairs: dict[str, int] = field(default_factory=dict)
+    task: str | None = None  # kind "task": the task whose registered loader reads ``dir``
 
     def record(self) -> dict[str, Any]:
         """How reports and recipes name the data."""
         if self.kind == "synthetic":
             return {"kind": "synthetic"}
+        if self.kind == "task":
+            return {"kind": "task", "task": self.task, "dir": str(self.dir)}
         return {"kind": "karpathy", "dir": str(self.dir), "json": str(self.json)}
 
 
@@ -201,6 +205,65 @@ def check_data(data: str, roles: tuple[str, ...] = tuple(KARPATHY_ROLES), what: 
     return DataSource("karpathy", found.parent, found, pairs)
 
 
+def check_task_data(task: str, data: str, what: str = "--data") -> DataSource:
+    """The data directory ``data`` of a task that reads its own format (:func:`comp_vlm.tasks.task_data`); its
+    contents are checked by the task's loader (:func:`task_dir_data`), which names the file and entry at fault."""
+    if data == "synthetic":
+        raise ConfigError(f"task {task} reads a data directory in its own format: {what} synthetic (the built-in "
+                          "shapes world of retrieval) cannot serve it")
+    path = Path(data)
+    if not path.is_dir():
+        raise ConfigError(f"{what} {data}: no such directory (task {task} reads a data directory in its own format)")
+    return DataSource("task", path.resolve(), task=task)
+
+
+def task_dir_data(source: DataSource, model: Any, tokenizer: Any, processor: Any, batch_size: int,
+                  eval_batch_size: int, seed: int) -> LoadedData:
+    """The loaders of a task's data directory (``source``, kind "task") through the task's registered loader, the
+    model's tokenizer and image processor; the settings record the directory and the samples of each split."""
+    from .tasks import make_task, task_data
+
+    if processor is None:
+        raise ConfigError(f"the model directory holds no image processor (preprocessor_config.json), needed to "
+                          f"read the images of {source.dir}")
+    loaders = task_data(source.task)(source.dir, model, tokenizer, processor, batch_size, eval_batch_size, seed)
+    task = make_task(source.task)
+    for role in ("val", "test"):
+        check_lengths_fit(model, sample_lengths(task, getattr(loaders, role)), f"the {role} split of {source.dir}")
+    counts = {"n_train": len(loaders.train.data),
+              **{f"n_{role}": sum(samples(task, b) for b in getattr(loaders, role)) for role in ("val", "test")}}
+    settings = {**source.record(), **counts, "batch_size": batch_size, "eval_batch_size": eval_batch_size,
+                "seed": seed}
+    return LoadedData(loaders, settings)
+
+
+#: the reference lengths that count text positions (the question or caption, and a decoder's answer)
+TEXT_LENGTH_KEYS = ("text_length", "answer_length")
+
+
+def sample_lengths(task: Any, batches: Any) -> dict[str, Any]:
+    """Every sample's ``task.reference_lengths`` over ``batches``, one tensor by key."""
+    import torch
+
+    per_batch = [task.reference_lengths(b) for b in batches]
+    return {key: torch.cat([p[key] for p in per_batch]) for key in (per_batch[0] if per_batch else {})}
+
+
+def check_lengths_fit(model: Any, lengths: dict[str, Any], data: str) -> None:
+    """Refuse texts (``lengths``' text and answer lengths, in tokens) longer than the model's text positions."""
+    positions = int(model.config.text_config.max_position_embeddings)
+    for key in TEXT_LENGTH_KEYS:
+        if key in lengths and int(lengths[key].max()) > positions:
+            raise ConfigError(f"the tokenizer makes texts of {int(lengths[key].max())} tokens ({key}) from {data}, "
+                              f"but the model has {positions} text positions: save the tokenizer with "
+                              f"model_max_length={positions}")
+
+
+def samples(task: Any, batch: Any) -> int:
+    """The samples of ``batch`` (the length of its task's per-sample reference lengths)."""
+    return int(next(iter(task.reference_lengths(batch).values())).shape[0])
+
+
 def karpathy_data(source: DataSource, tokenizer: Any, processor: Any, batch_size: int, eval_batch_size: int,
                   seed: int, progress: bool) -> LoadedData:
     """The retrieval loaders of a Karpathy directory, its images through ``processor``, its captions through
@@ -217,13 +280,24 @@ def karpathy_data(source: DataSource, tokenizer: Any, processor: Any, batch_size
     return LoadedData(loaders, settings)
 
 
-def training_split_lengths(task: Any, loaders: Any) -> dict[str, float]:
-    """The means of ``task.reference_lengths`` over the texts of the whole training split (``loaders.train.data``,
-    its images unread): the FLOPs reference of ``comp-vlm prune`` and the demo."""
+def training_split_lengths(task: Any, loaders: Any, model: Any = None, data_name: str = "the data") -> dict[str, float]:
+    """The means of ``task.reference_lengths`` over the whole training split (``loaders.train.data``): the FLOPs
+    reference of ``comp-vlm prune`` and the demo. Retrieval pairs, which hold their captions as tensors, give their
+    texts alone (images unread); other records go through the task's collator in record order, every record once
+    (the shuffled loader is left where it is), and with ``model`` their texts must fit its text positions."""
+    import torch
+
     from .tasks.base import mean_reference_lengths
 
     data = loaders.train.data
-    return mean_reference_lengths(task, [{"input_ids": data.input_ids, "attention_mask": data.attention_mask}])
+    if hasattr(data, "input_ids"):
+        return mean_reference_lengths(task, [{"input_ids": data.input_ids, "attention_mask": data.attention_mask}])
+    step = loaders.train.batch_size
+    lengths = sample_lengths(task, (data.batch(torch.arange(i, min(i + step, len(data))))
+                                    for i in range(0, len(data), step)))
+    if model is not None:
+        check_lengths_fit(model, lengths, f"the training split of {data_name}")
+    return {key: float(values.double().mean()) for key, values in lengths.items()}
 
 
 def check_fit(model: Any, batch: dict, text_length: int, data: str) -> None:
