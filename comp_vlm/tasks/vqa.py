@@ -203,9 +203,9 @@ class LlavaVQACollator:
         texts = [expanded.replace("{question}", q) for q in questions]
         bos = [] if self.tokenizer.bos_token_id is None else [int(self.tokenizer.bos_token_id)]
         rows = [bos + list(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
-        for text, row in zip(texts, rows):
+        for question, row in zip(questions, rows):
             if row.count(image_id) != image_tokens:
-                raise ConfigError(f"the LLaVA prompt {text[:60]!r}... holds {row.count(image_id)} tokens of the "
+                raise ConfigError(f"the LLaVA prompt of {question!r} holds {row.count(image_id)} tokens of the "
                                   f"model's image_token_id {image_id}, not the image's {image_tokens}: the tokenizer "
                                   f"must read {IMAGE_TOKEN} as one token of that id")
         return rows
