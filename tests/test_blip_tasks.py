@@ -114,7 +114,8 @@ def test_reasoning_and_vqa_are_registered_and_refuse_other_models():
     with pytest.raises(ConfigError, match=r"task reasoning needs a BlipForImageTextRetrieval model, not BlipForQuestionAnswering "
                                           r"\(tasks for BlipForQuestionAnswering: vqa\)"):
         make_task("reasoning").check_model(vqa)
-    with pytest.raises(ConfigError, match="task vqa needs a BlipForQuestionAnswering model, not BlipForImageTextRetrieval "
+    with pytest.raises(ConfigError, match="task vqa needs a BlipForQuestionAnswering or LlavaForConditionalGeneration "
+                                          "model, not BlipForImageTextRetrieval "
                                           r"\(tasks for BlipForImageTextRetrieval: reasoning\)"):
         make_task("vqa").check_model(retrieval)
 
