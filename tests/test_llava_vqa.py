@@ -247,9 +247,10 @@ def test_vqa_accuracy_of_llava_is_the_official_accuracy_of_its_generated_answers
 
 
 # ---- a short search ----------------------------------------------------------------------------------------------------
-def test_a_short_prune_of_llava_with_the_vqa_task_completes(vqav2_dir, tokenizer, processor):
-    # the KV cache of a token-pruned LLaVA does not decode yet (adapters/llava.py): generate without it
-    task, model = VQATask(max_answer_tokens=3, use_cache=False), make_llava(0, "sdpa")
+@pytest.mark.parametrize("use_cache", [False, True])
+def test_a_short_prune_of_llava_with_the_vqa_task_completes(vqav2_dir, tokenizer, processor, use_cache):
+    # the evaluation generates on the token-pruned model, with and without its (pruned) KV cache
+    task, model = VQATask(max_answer_tokens=3, use_cache=use_cache), make_llava(0, "sdpa")
     loaders = task_data("vqa")(vqav2_dir, model, tokenizer, processor, batch_size=4)
     expected = {key: round(v) for key, v in mean_reference_lengths(task, loaders.train).items()}
     config = quick(ratio=0.2, stage_steps=2, finetune_steps=1, calibration_batches=1, reference=None)
