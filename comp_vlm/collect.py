@@ -7,6 +7,9 @@ mask). The weights ω come from CIT token scores: a layer's attention uses that 
 layer's (the last layer's MLP its own, gathered to the tokens its MLP saw). The MLP input of one layer waits in a
 one-layer transient buffer until the next layer's scores exist. Persistent memory: one float64 per channel.
 
+The anchor (ω_0 = 1) is the tower's pooled token; a tower with no pooled token (SigLIP's vision tower,
+``TokenState.start(pooled_token=False)``) has none, and every token is weighted by its score.
+
 Reduced tokens (``token_reducer``): a fused token is never prunable, so the sites' scores give it 0 and ``cip``
 weights it ω = 0, as any always-kept token other than the anchor (``uniform-rms``: 1/N, ``no-cip``: 1, like any
 other token). A merged token is weighted by its own score: under proportional attention the attention it receives
@@ -80,7 +83,7 @@ class StatsCollector:
         return self.wants_probs(module) and torch.is_grad_enabled() and not in_backward()
 
     def _weights(self, scores: torch.Tensor | None, state: TokenState) -> torch.Tensor:
-        return importance.token_weights(scores, state.valid, state.pooled_slot, self.weighting)
+        return importance.token_weights(scores, state.valid, state.anchor_slot, self.weighting)
 
     def _add(self, key: tuple[str, str, int], x: torch.Tensor, weights: torch.Tensor) -> None:
         stat = importance.channel_stat(x.detach(), weights)

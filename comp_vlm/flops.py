@@ -19,6 +19,7 @@ from .structure import (
     merge_pairs,
     resolve_couplings,
     site_token_counts,
+    source_output_tokens,
 )
 
 __all__ = ["TowerFlops", "attention_flops", "cross_attention_flops", "kept_token_count", "merge_flops", "mlp_flops",
@@ -107,7 +108,7 @@ class TowerFlops:
 
 def tower_flops(tower: TowerStructure) -> TowerFlops:
     """FLOPs of one tower at its reference shape, following the token counts through every site (its couplings,
-    if any, already resolved: :func:`model_tower_flops`)."""
+    if any, already resolved: :func:`model_tower_flops`); ``output_token_flops`` for each token leaving it."""
     per_layer, tin, tmlp = [], [], []
     for layer, (n_in, n), pairs in zip(tower.layers, site_token_counts(tower), merge_pairs(tower)):
         tin.append(n_in)
@@ -115,7 +116,8 @@ def tower_flops(tower: TowerStructure) -> TowerFlops:
         tmlp.append(n_mlp)
         per_layer.append(attention_flops(n_in, layer) + merge_flops(pairs, layer) + cross_attention_flops(n, layer)
                          + mlp_flops(n_mlp, layer))
-    return TowerFlops(tower.extra_flops + sum(per_layer), tuple(per_layer), tuple(tin), tuple(tmlp))
+    head = tower.output_token_flops * source_output_tokens(tower) if tower.output_token_flops else 0
+    return TowerFlops(tower.extra_flops + head + sum(per_layer), tuple(per_layer), tuple(tin), tuple(tmlp))
 
 
 def model_tower_flops(towers: Sequence[TowerStructure], couplings: Sequence[Coupling]) -> dict[str, TowerFlops]:

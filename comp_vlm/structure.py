@@ -76,7 +76,9 @@ class TowerStructure:
     prunable tokens (``tokens - always_kept``, span tokens aside); none listed: one pool :data:`TOKEN_POOL` holds
     them all. ``span_tokens``: of ``tokens``, those other towers bring in through ``token_span`` couplings, and
     ``span_pools`` the pools they join (both set by :func:`resolve_couplings`). ``reducer``: what its sites do with
-    the tokens they do not keep (:data:`REDUCERS`)."""
+    the tokens they do not keep (:data:`REDUCERS`). ``output_token_flops``: FLOPs per token leaving the last layer
+    outside the layers (a pooling head that reads every kept token: SigLIP's attention-pooling head projects the
+    keys and values of each)."""
 
     name: str
     tokens: int
@@ -88,6 +90,7 @@ class TowerStructure:
     pools: tuple[tuple[str, int], ...] = ()
     span_pools: tuple[tuple[str, int], ...] = ()
     reducer: str = "drop"
+    output_token_flops: int = 0
 
     def __post_init__(self) -> None:
         if self.reducer not in REDUCERS:

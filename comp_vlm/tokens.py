@@ -25,6 +25,7 @@ import torch
 from torch.nn import functional as nn_functional
 
 SLOT_FIELDS = ("positions", "valid", "prunable", "pool", "size")  # the (B, n) fields of a TokenState, gathered together
+NO_POOLED = -1  # TokenState.pooled of a tower with no pooled token (no position matches it)
 
 
 @dataclass(frozen=True)
@@ -49,10 +50,16 @@ class TokenState:
         valid: torch.Tensor | None = None,
         pooled: torch.Tensor | None = None,
         always_kept: torch.Tensor | None = None,
+        pooled_token: bool = True,
     ) -> TokenState:
-        """State at a tower's input. ``always_kept`` (B, n) marks tokens no site may drop (CLS, BOS, EOS...)."""
+        """State at a tower's input. ``always_kept`` (B, n) marks tokens no site may drop (CLS, BOS, EOS...).
+        ``pooled`` (B,): where the tower pools (default slot 0); ``pooled_token=False``: the tower has no pooled
+        token (SigLIP's vision tower pools every token through an attention head), so no slot is kept for it,
+        token scores are the attention every token receives, and CIP has no anchor (:attr:`anchor_slot`)."""
         positions = torch.arange(length, device=device).expand(batch, length)
         valid = torch.ones(batch, length, dtype=torch.bool, device=device) if valid is None else valid.bool()
+        if not pooled_token:
+            pooled = torch.full((batch,), NO_POOLED, dtype=torch.long, device=device)
         pooled = torch.zeros(batch, dtype=torch.long, device=device) if pooled is None else pooled.long()
         keep = positions == pooled[:, None]
         if always_kept is not None:
@@ -71,6 +78,21 @@ class TokenState:
     def pooled_slot(self) -> torch.Tensor:
         """(B,) slot index of the pooled token in the current sequence."""
         return (self.positions == self.pooled[:, None]).int().argmax(dim=1)
+
+    @property
+    def has_pooled(self) -> bool:
+        """Whether the tower pools at one token (False: ``TokenState.start(pooled_token=False)``)."""
+        return bool((self.pooled != NO_POOLED).all())
+
+    @property
+    def anchor_slot(self) -> torch.Tensor | None:
+        """CIP's anchor (Eq. 4, ω_0 = 1): the pooled token's slot, None where the tower has no pooled token."""
+        return self.pooled_slot if self.has_pooled else None
+
+    @property
+    def pooled_mask(self) -> torch.Tensor:
+        """(B, n) bool: the slot of the pooled token (none where the tower has none)."""
+        return (self.positions == self.pooled[:, None]) & (self.pooled != NO_POOLED)[:, None]
 
     def slot_fields(self, slots: torch.Tensor) -> dict[str, torch.Tensor]:
         """The per-slot fields (:data:`SLOT_FIELDS`) at ``slots`` (B, n')."""
@@ -113,7 +135,8 @@ def select_tokens(scores: torch.Tensor, state: TokenState, keep_ratio: float | S
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Choose the slots a site keeps.
 
-    Keeps every valid non-prunable slot plus, of each token pool, its top-k prunable slots by ``scores`` (ties
+    Keeps every valid non-prunable slot and the pooled token's (a masked pooled token, e.g. SigLIP's last
+    position under a padding mask, stays a query that no token attends to) plus, of each token pool, its top-k prunable slots by ``scores`` (ties
     broken by lower index; k from the pool's ratio: ``keep_ratio``, one for every pool or one per pool). Returns
     ``(slots, slot_valid)``: (B, n') indices into the current sequence, kept ones first in ascending order, then
     fillers (dropped slots, marked invalid) up to the longest sample's count.
@@ -122,7 +145,7 @@ def select_tokens(scores: torch.Tensor, state: TokenState, keep_ratio: float | S
     ratios = [keep_ratio] * len(members) if isinstance(keep_ratio, (int, float)) else list(keep_ratio)
     if len(ratios) != len(members):
         raise ValueError(f"{len(ratios)} keep ratios for {len(members)} token pools")
-    keep = state.valid & ~state.prunable
+    keep = (state.valid & ~state.prunable) | state.pooled_mask  # the pooled query even where it is no valid key
     for pool, ratio in zip(members, ratios):
         keep = keep | top_k(scores, pool, ratio)
     return packed(keep)
@@ -179,15 +202,16 @@ def keep_pooled_only(hidden: torch.Tensor, state: TokenState) -> tuple[torch.Ten
 
 
 def scatter_to_full(hidden: torch.Tensor, state: TokenState) -> torch.Tensor:
-    """Put the valid slots back at their original positions of a zero (B, N, D) tensor. A fused token sits at its
-    position id, that of the last token it absorbed (a dropped token's place, which drop leaves at zero); a merged
+    """Put the valid slots (and the pooled one) back at their original positions of a zero (B, N, D) tensor. A
+    fused token sits at its position id, that of the last token it absorbed (a dropped token's place, which drop leaves at zero); a merged
     token at its own position, or in a causal tower at the last token it holds (:func:`merge_tokens`)."""
     if not state.gathered:
         return hidden
     b, _, d = hidden.shape
     out = hidden.new_zeros(b, state.full_length, d)
     batch_idx = torch.arange(b, device=hidden.device)[:, None].expand_as(state.positions)
-    out[batch_idx[state.valid], state.positions[state.valid]] = hidden[state.valid]
+    placed = state.valid | state.pooled_mask
+    out[batch_idx[placed], state.positions[placed]] = hidden[placed]
     return out
 
 

@@ -1,3 +1,3 @@
 """Model adapters, one file per family, registered by model class."""
 
-from . import blip, clip, llava  # noqa: F401
+from . import blip, clip, llava, siglip  # noqa: F401

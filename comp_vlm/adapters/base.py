@@ -10,7 +10,8 @@ How to add a family
    :meth:`~ModelAdapter.default_reference` and :meth:`~ModelAdapter.tower_io` (the FLOPs reference), and
    :meth:`~ModelAdapter._install_forward` / :meth:`~ModelAdapter._uninstall_forward` (the instance forwards).
 3. Override the optional hooks where the default does not fit: :meth:`~ModelAdapter.layer_fields`,
-   :meth:`~ModelAdapter.pool_tokens`, :meth:`~ModelAdapter.couplings`, :meth:`~ModelAdapter.layer_runtime`,
+   :meth:`~ModelAdapter.pool_tokens`, :meth:`~ModelAdapter.output_token_flops` (a pooling head reading every
+   kept token), :meth:`~ModelAdapter.couplings`, :meth:`~ModelAdapter.layer_runtime`,
    :meth:`~ModelAdapter.validate_recipe` (to add checks, then call ``super()``).
 4. Write the forwards :meth:`~ModelAdapter._install_forward` puts on the instance (no class is patched). A tower
    forward starts a :class:`comp_vlm.tokens.TokenState` (through :func:`comp_vlm.adapters.runtime.label_pools`),
@@ -304,6 +305,12 @@ class ModelAdapter(ABC):
             raise ConfigError(f"{self.family} adapter: tower {spec.name!r} has token pools "
                               f"{[p.name for p in pools]}; override pool_tokens to count each")
         return {pools[0].name: prunable} if pools else {}
+
+    def output_token_flops(self, spec: TowerSpec, reference: dict) -> int:
+        """FLOPs outside ``spec``'s layers per token leaving its last layer at ``reference`` (a pooling head that
+        reads every kept token: SigLIP's attention-pooling head); 0 by default (the tower pools one token, and
+        :meth:`tower_io` counts its head). The FLOPs model multiplies it by the tokens the sites leave."""
+        return 0
 
     def couplings(self) -> tuple[Coupling, ...]:
         """How the towers feed one another (cross-attention K/V, an input span), for the FLOPs model; none by
@@ -624,7 +631,8 @@ class ModelAdapter(ABC):
             tokens, always, extra = self.tower_io(spec, ref)
             pools = tuple(self.pool_tokens(spec, ref, tokens - always).items())
             towers.append(TowerStructure(spec.name, tokens, always, tuple(layers), extra, pools=pools,
-                                         reducer=self.options.token_reducer))
+                                         reducer=self.options.token_reducer,
+                                         output_token_flops=self.output_token_flops(spec, ref)))
         return towers
 
     @final

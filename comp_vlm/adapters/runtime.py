@@ -51,8 +51,9 @@ which returns the scorer of one layer forward with its draws fixed (see :func:`c
 # ---- scorers ------------------------------------------------------------------------------------------------------
 def attention_scores(probs: torch.Tensor, head_mask: torch.Tensor | None, state: TokenState, causal: bool,
                      ) -> torch.Tensor:
-    """CIT (Eq. 6-7), the default: the pooled query's row for causal towers, received attention otherwise."""
-    if causal:
+    """CIT (Eq. 6-7), the default: the pooled query's row for causal towers, received attention otherwise (and in
+    a tower with no pooled token, where every valid query counts)."""
+    if causal and state.has_pooled:
         return importance.cit_pooled_row(probs, head_mask, state.pooled_slot, state.prunable)
     query_rows = state.valid & (state.positions != state.pooled[:, None])
     return importance.cit_received_attention(probs, head_mask, query_rows, state.prunable)

@@ -23,13 +23,16 @@ pairs (a shorter remainder is left out) and the metrics are averaged over galler
 on how large the test split is.
 
 The training loss uses the same relevance inside a batch: the targets of a row are spread evenly over every
-column relevant to it (same caption or same image), so duplicates are not pushed apart as false negatives.
+column relevant to it (same caption or same image), so duplicates are not pushed apart as false negatives. It is
+the family's contrastive loss of the two embeddings (:func:`register_contrastive_loss`: SigLIP's is sigmoid with
+``logit_bias``), else symmetric InfoNCE at ``exp(logit_scale)`` (CLIP); the task computes it from the embeddings,
+never through the model's ``return_loss``, so embeddings gathered from several processes can feed it.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -96,6 +99,25 @@ def contrastive_loss(
     target = positives.float()
     return (F.cross_entropy(logits, target / target.sum(1, keepdim=True))
             + F.cross_entropy(logits.t(), target.t() / target.t().sum(1, keepdim=True))) / 2
+
+
+ContrastiveLoss = Callable[[nn.Module, torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+"""``loss(model, image_emb, text_emb, positives) -> scalar``: a family's contrastive loss of a batch's projected,
+unnormalised embeddings (B, D), reading the model's temperature (and bias); ``positives`` as for
+:func:`contrastive_loss`."""
+
+CONTRASTIVE_LOSSES: dict[type, ContrastiveLoss] = {}
+"""The families' contrastive losses by model class (:func:`register_contrastive_loss`)."""
+
+
+def register_contrastive_loss(model_class: type, loss: ContrastiveLoss) -> None:
+    """Make ``loss`` the retrieval loss of ``model_class`` and its subclasses (a family file calls it)."""
+    CONTRASTIVE_LOSSES[model_class] = loss
+
+
+def family_contrastive_loss(model: nn.Module) -> ContrastiveLoss | None:
+    """The contrastive loss registered for ``model``'s class or its nearest registered base (None: InfoNCE)."""
+    return next((CONTRASTIVE_LOSSES[c] for c in type(model).__mro__ if c in CONTRASTIVE_LOSSES), None)
 
 
 def _ranks(queries: torch.Tensor, gallery: torch.Tensor, q_of_pair: torch.Tensor, g_of_pair: torch.Tensor,
@@ -212,8 +234,17 @@ class RetrievalTask(Task):
         return (self.encode_images(model, batch["pixel_values"]),
                 self.encode_texts(model, batch["input_ids"], batch.get("attention_mask")))
 
+    def pair_loss(self, model: nn.Module, img: torch.Tensor, txt: torch.Tensor,
+                  positives: torch.Tensor | None = None) -> torch.Tensor:
+        """The contrastive loss of image and text embeddings ``(B, D)``: the family's
+        (:func:`register_contrastive_loss`), else symmetric InfoNCE at :meth:`scale`."""
+        family = family_contrastive_loss(model)
+        if family is not None:
+            return family(model, img, txt, positives)
+        return contrastive_loss(img, txt, self.scale(model), positives)
+
     def _contrastive(self, model: nn.Module, batch: Batch, img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
-        return contrastive_loss(img, txt, self.scale(model), batch_positives(batch, img.shape[0], img.device))
+        return self.pair_loss(model, img, txt, batch_positives(batch, img.shape[0], img.device))
 
     def _kd(self, student: nn.Module, teacher: nn.Module, batch: Batch, img: torch.Tensor,
             txt: torch.Tensor) -> torch.Tensor:
@@ -248,12 +279,11 @@ class RetrievalTask(Task):
         text_keys: list[Hashable] = []
         losses: list[float] = []
         with eval_mode(model), torch.no_grad():
-            scale = self.scale(model)
             for batch in loader:
                 batch = self.batch_to(batch, device)
                 img = self.encode_images(model, batch["pixel_values"])
                 txt = self.encode_texts(model, batch["input_ids"], batch.get("attention_mask"))
-                losses.append(float(contrastive_loss(img, txt, scale, batch_positives(batch, len(img), device))))
+                losses.append(float(self.pair_loss(model, img, txt, batch_positives(batch, len(img), device))))
                 offset = len(image_keys)
                 # keys of different kinds never collide: positions are ints, real keys come from the data
                 if "match_keys" in batch:

@@ -243,10 +243,69 @@ def llava_features(model: nn.Module, inputs: Inputs) -> torch.Tensor:
 LLAVA = Case("llava", "LlavaForConditionalGeneration", make_llava, llava_batch, llava_sample, llava_outputs,
              llava_loss, llava_at_reference, llava_features, {"image_size": 16, "text_length": 8})
 
+# ---- SigLIP ---------------------------------------------------------------------------------------------------------
+
+SIGLIP_VOCAB, SIGLIP_LENGTH = 30, 10  # ids: 1 pad, 2 EOS, 3.. words; texts padded to max_length, no attention mask
+SIGLIP_TEXTS = [[5, 9, 11, 7, 21], [12, 8], [23, 4, 6, 17, 25, 9, 13, 19, 27], [3, 14, 26]]
+
+
+def make_siglip(seed: int, attn: str) -> nn.Module:
+    """A tiny SiglipModel: vision 16 px, patch 4 (16 patches, no CLS), 3 layers; text 3 layers of 10 positions."""
+    from transformers import SiglipConfig, SiglipModel
+
+    text = {"vocab_size": SIGLIP_VOCAB, "hidden_size": 24, "intermediate_size": 40, "num_hidden_layers": 3,
+            "num_attention_heads": 4, "max_position_embeddings": SIGLIP_LENGTH, "projection_size": 24,
+            "pad_token_id": 1, "bos_token_id": 0, "eos_token_id": 2}
+    vision = {"hidden_size": 24, "intermediate_size": 36, "num_hidden_layers": 3, "num_attention_heads": 4,
+              "image_size": 16, "patch_size": 4}
+    torch.manual_seed(seed)
+    model = SiglipModel._from_config(SiglipConfig(text_config=text, vision_config=vision), attn_implementation=attn)
+    with torch.no_grad():  # random init is small: scale weights up so attention is not uniform and tokens differ
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and "embed" not in name:
+                p.mul_(3.0)
+    return model.eval()
+
+
+def siglip_ids(texts: list[list[int]]) -> torch.Tensor:
+    """Each text, then EOS, padded to max_length (as SigLIP was trained)."""
+    rows = [t + [2] for t in texts]
+    return torch.tensor([r + [1] * (SIGLIP_LENGTH - len(r)) for r in rows])
+
+
+def siglip_batch() -> Inputs:
+    pixels = torch.randn(len(SIGLIP_TEXTS), 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    return {"pixel_values": pixels, "input_ids": siglip_ids(SIGLIP_TEXTS)}
+
+
+def siglip_sample(batch: Inputs, i: int) -> Inputs:
+    """Sample i alone, at the same max_length (where SigLIP's "alone" is defined)."""
+    return {k: v[i:i + 1] for k, v in batch.items()}
+
+
+def siglip_outputs(model: nn.Module, inputs: Inputs) -> tuple[torch.Tensor, ...]:
+    out = model(**inputs)
+    return out.image_embeds, out.text_embeds
+
+
+def siglip_loss(model: nn.Module, inputs: Inputs) -> torch.Tensor:
+    return model(**inputs, return_loss=True).loss
+
+
+def siglip_at_reference(model: nn.Module, reference: dict) -> Inputs:
+    length = int(reference["text_length"])
+    ids = torch.randint(3, SIGLIP_VOCAB, (1, length), generator=torch.Generator().manual_seed(2))
+    size = int(reference["image_size"])
+    return {"pixel_values": torch.randn(1, 3, size, size), "input_ids": ids}
+
+
+SIGLIP = Case("siglip", "SiglipModel", make_siglip, siglip_batch, siglip_sample, siglip_outputs, siglip_loss,
+              siglip_at_reference, clip_features, {"image_size": 16, "text_length": SIGLIP_LENGTH})
+
 CaseKey = tuple[str, str]  # (family, model class name)
 
 CASES: dict[CaseKey, Case] = {(case.family, case.model_class): case
-                             for case in (CLIP, BLIP_RETRIEVAL, BLIP_VQA, LLAVA)}
+                             for case in (CLIP, BLIP_RETRIEVAL, BLIP_VQA, LLAVA, SIGLIP)}
 
 
 def case_id(key: CaseKey) -> str:
