@@ -17,6 +17,7 @@ from torch import nn
 
 from .dense import DenseTraining
 from .errors import ConfigError
+from .registry import register_once
 from .report import say
 
 #: PruneConfig fields a preset may not override: the run's target and identity, not how the model is searched
@@ -126,10 +127,7 @@ BUILTINS: dict[str, ModelPreset] = {
 
 def register_preset(preset: ModelPreset) -> ModelPreset:
     """Make ``preset`` a built-in model (``--model NAME``, the demo, the benchmarks); a name is registered once."""
-    if preset.name in BUILTINS:
-        raise ConfigError(f"built-in model {preset.name!r} is already registered")
-    BUILTINS[preset.name] = preset
-    return preset
+    return register_once(BUILTINS, preset.name, preset, f"built-in model {preset.name!r}")
 
 
 #: the preset ``prune`` and ``eval`` take data and batch defaults from for a model directory of the user's
@@ -196,10 +194,7 @@ DENSE_BUILDERS: dict[str, DenseBuilder] = {}
 
 def register_dense_builder(family: str, builder: DenseBuilder) -> DenseBuilder:
     """Make ``builder`` build the presets of ``family``; a family registers one."""
-    if family in DENSE_BUILDERS:
-        raise ConfigError(f"family {family!r} already has a dense builder")
-    DENSE_BUILDERS[family] = builder
-    return builder
+    return register_once(DENSE_BUILDERS, family, builder, f"a dense builder for family {family!r}")
 
 
 def dense_builder(family: str) -> DenseBuilder:

@@ -105,6 +105,13 @@ def test_registering_a_name_twice_is_refused(family):
         tasks.register_task(TASK, lambda g, e: FixedLengthTask())
     with pytest.raises(ConfigError, match="already registered"):
         zoo.register_preset(family)
+    with pytest.raises(ConfigError, match="^a dense builder for family 'clip' is already registered$"):
+        zoo.register_dense_builder("clip", zoo.DENSE_BUILDERS["clip"])
+    from comp_vlm.tasks.vqa import VQA_COLLATORS, register_vqa_collator
+
+    name = next(iter(VQA_COLLATORS))
+    with pytest.raises(ConfigError, match=f"^a vqa collator for {name} is already registered$"):
+        register_vqa_collator(name, VQA_COLLATORS[name])
     with pytest.raises(ConfigError, match="not supported yet"):
         check_task("no-such-task")
 

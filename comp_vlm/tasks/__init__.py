@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..errors import ConfigError
+from ..registry import register_once
 from .base import Task
 from .reasoning import ReasoningTask, nlvr2_loaders, reasoning_task
 from .retrieval import RetrievalTask, retrieval_metrics, retrieval_task
@@ -23,10 +24,7 @@ TASKS: dict[str, TaskFactory] = {}
 def register_task(name: str, factory: TaskFactory) -> TaskFactory:
     """Make ``name`` a task ``--task`` and :func:`make_task` accept, built by ``factory``; a name is registered
     once."""
-    if name in TASKS:
-        raise ConfigError(f"task {name!r} is already registered")
-    TASKS[name] = factory
-    return factory
+    return register_once(TASKS, name, factory, f"task {name!r}")
 
 
 #: (data directory, model, tokenizer, image processor, batch_size, eval_batch_size, seed) -> loaders with ``train``

@@ -239,12 +239,9 @@ VQA_COLLATORS: dict[str, VQACollatorFactory] = {}
 
 def register_vqa_collator(model_class: str, factory: VQACollatorFactory) -> VQACollatorFactory:
     """Make ``factory`` build the ``vqa`` collator of models of class ``model_class`` (by name; once each)."""
-    from ..errors import ConfigError
+    from ..registry import register_once
 
-    if model_class in VQA_COLLATORS:
-        raise ConfigError(f"a vqa collator for {model_class} is already registered")
-    VQA_COLLATORS[model_class] = factory
-    return factory
+    return register_once(VQA_COLLATORS, model_class, factory, f"a vqa collator for {model_class}")
 
 
 def vqa_collator(model: nn.Module, tokenizer: Any, image_processor: Any) -> Callable[[Sequence[Any]], dict[str, Any]]:
