@@ -117,8 +117,8 @@ def exploration_probabilities(stages_since: Sequence[float], tau: float = 5.0) -
     return [x / s for x in w]
 
 
-#: what a token mode's stages remove, by name in stage logs (``removed_by``) and reports
-TOKEN_MODE_PARTS = {"T_v": "vision_tokens", "T_l": "text_tokens"}
+#: what a token mode's stages remove, by ``tower/kind`` name in stage logs (``removed_by``) and reports
+TOKEN_MODE_PARTS = {"T_v": "vision/tokens", "T_l": "text/tokens"}
 
 
 def mode_part(mode: str) -> str:

@@ -69,7 +69,7 @@ def test_the_pruner_plans_a_pc_stage_from_those_groups_alone():
         before = pruner.flops_kept()
         plan = pruner._plan_params("P_c", 0.05 * pruner.dense_flops)
         assert plan.units and {(kind, tower) for kind, tower, _ in plan.units} == {("neuron", "text")}
-        assert set(plan.removed_by) == {"neurons"}
+        assert set(plan.removed_by) == {"text/neurons"}  # P_c's share, by tower and kind
         assert plan.flops_after < before
         pruner._restore_plan(plan)
         heads = pruner._plan_params("P_l", 0.02 * pruner.dense_flops)  # P_l is now the text heads alone

@@ -55,8 +55,8 @@ def test_random_scores_remove_heads_and_neurons_in_proportion_to_their_flops(set
         target = 0.3 * sum(tf.per_layer)
         plan = pruner._plan_params("P_v", target)
         removed = plan.removed_by
-        shares.append((removed.get("heads", 0.0) * pruner.dense_flops / head_total,
-                       removed.get("neurons", 0.0) * pruner.dense_flops / neuron_total))
+        shares.append((removed.get("vision/heads", 0.0) * pruner.dense_flops / head_total,
+                       removed.get("vision/neurons", 0.0) * pruner.dense_flops / neuron_total))
     head_share = sum(h for h, _ in shares) / len(shares)
     neuron_share = sum(n for _, n in shares) / len(shares)
     assert head_share == pytest.approx(0.3, abs=0.08)

@@ -22,7 +22,18 @@ from .arms import (
     label_of,
     order_key,
 )
-from .stats import arm_mean, best_rule, delta, flops_went_where, headline, labels_of, mean_ci, paired, verdict
+from .stats import (
+    arm_mean,
+    best_rule,
+    delta,
+    flops_went_where,
+    headline,
+    labels_of,
+    mean_ci,
+    paired,
+    removed_by_tower,
+    verdict,
+)
 from .store import by_suite
 
 
@@ -166,6 +177,32 @@ def flops_section(stages: list[dict], h: str, ratio: str = "0.8") -> list[str]:
     return lines
 
 
+def tower_section(stages: list[dict], h: str, ratio: str = "0.8") -> list[str]:
+    """Per arm, the mean over seeds of the FLOPs removed up to ``ratio`` per ``tower/kind`` part (P_c's
+    cross-attention heads, each tower's share), and per tower in all; only runs whose log names the towers."""
+    by_arm: dict[str, list[dict[str, float]]] = {}
+    for st in stages:
+        parts = removed_by_tower(st, ratio)
+        if parts is not None:
+            by_arm.setdefault(label_of(st), []).append(parts)
+    if not by_arm:
+        return []
+    parts = sorted({p for runs in by_arm.values() for run in runs for p in run})
+    towers = sorted({p.partition("/")[0] for p in parts})
+    lines = ["", f"{h} Where each arm's FLOPs went at {ratio}, by tower and kind (mean over seeds)", "",
+             (f"Fraction of the dense FLOPs removed up to the {ratio} snapshot per `tower/kind` of the stage log's "
+              "`removed_by`, then per tower in all (runs whose log names the towers)."), "",
+             "| arm | runs | " + " | ".join([*parts, *(f"{t} (all)" for t in towers)]) + " |",
+             "|---|---|" + "---|" * (len(parts) + len(towers))]
+    for arm in sorted(by_arm, key=order_key):
+        runs = by_arm[arm]
+        cells = [statistics.fmean(run.get(p, 0.0) for run in runs) for p in parts]
+        cells += [statistics.fmean(sum(v for p, v in run.items() if p.partition("/")[0] == t) for run in runs)
+                  for t in towers]
+        lines.append(f"| {arm} | {len(runs)} | " + " | ".join(f"{c:.3f}" for c in cells) + " |")
+    return lines
+
+
 def structure_section(stages: list[dict], h: str = "##", ratio: str = "0.8") -> list[str]:
     """How each arm spent its FLOPs at ``ratio``: mean kept fraction of heads and neurons, and the fraction of
     tokens that survive to the last layer (product of the site keep ratios), per tower."""
@@ -299,6 +336,7 @@ def suite_report(key: str, records: list[dict], stages: list[dict], stem: str, m
     lines += repeat(table, [x for x in labels if x != CONTROL])
     staged = labels_of(stages)
     lines += repeat(flops_section(stages, h), staged)
+    lines += repeat(tower_section(stages, h), staged)
     lines += repeat(structure_section(stages, h), staged)
     lines += repeat(cost_section(stages, h), staged)
     lines += repeat(mode_gap_section(stages), [x for x in staged if base_name(x) in GAP_ARMS])

@@ -74,7 +74,44 @@ def headline(records: list[dict], ratio: float, arm: str = "comp") -> list[str]:
     return lines
 
 
-REMOVED_PARTS = ("heads", "neurons", *TOKEN_MODE_PARTS.values())
+#: the report's columns of where FLOPs went; ``removed_by`` parts (``tower/kind``) sum into them by kind
+REMOVED_PARTS = ("heads", "neurons", "vision_tokens", "text_tokens")
+#: stage logs from before parts were keyed by tower: token parts name their tower, heads and neurons do not
+LEGACY_PARTS = {"vision_tokens": TOKEN_MODE_PARTS["T_v"], "text_tokens": TOKEN_MODE_PARTS["T_l"]}
+TOKEN_COLUMNS = {part: column for column, part in LEGACY_PARTS.items()}
+
+
+def tower_kind(removed_by: dict[str, float]) -> dict[str, float]:
+    """A stage's ``removed_by`` with old keys mapped to ``tower/kind`` ones where they name a tower."""
+    return {LEGACY_PARTS.get(part, part): value for part, value in removed_by.items()}
+
+
+def column_of(part: str) -> str:
+    """The report column a ``removed_by`` part sums into: its token column, else its kind ("text/heads": heads;
+    kinds other than heads and neurons, e.g. P_c's cross_heads, count only in ``params``)."""
+    return TOKEN_COLUMNS.get(part, part.rpartition("/")[2])
+
+
+def logged_removals(stage: dict, ratio: str) -> list[dict[str, float]] | None:
+    """The stages' ``removed_by`` (``tower/kind`` keys) up to the ``ratio`` snapshot; None where the run did not
+    reach ``ratio`` or a stage did not log it."""
+    last = snapshot_position(stage, ratio)
+    if last is None:
+        return None
+    removed_by = (stage.get("removed_by") or [None] * (last + 1))[:last + 1]
+    return None if any(x is None for x in removed_by) else [tower_kind(x) for x in removed_by]
+
+
+def removed_by_tower(stage: dict, ratio: str = "0.8") -> dict[str, float] | None:
+    """Fractions of the dense FLOPs removed up to the ``ratio`` snapshot per ``tower/kind`` part; None where the
+    run did not reach ``ratio`` or its log does not name every part's tower (older logs)."""
+    logged = logged_removals(stage, ratio)
+    if logged is None or any("/" not in part for x in logged for part in x):
+        return None
+    out: dict[str, float] = {}
+    for part, value in itertools.chain.from_iterable(x.items() for x in logged):
+        out[part] = out.get(part, 0.0) + value
+    return out
 
 
 def snapshot_position(stage: dict, ratio: str) -> int | None:
@@ -89,20 +126,27 @@ def snapshot_position(stage: dict, ratio: str) -> int | None:
 
 def flops_went_where(stage: dict, ratio: str = "0.8") -> dict[str, float | None] | None:
     """Fractions of the dense FLOPs removed up to the ``ratio`` snapshot by heads, neurons, vision tokens and text
-    tokens (the stages' ``removed_by``), with ``params`` = heads + neurons. A log without ``removed_by``
+    tokens (the stages' ``removed_by``, summed over towers), with ``params`` every unit kind's (heads + neurons,
+    and e.g. P_c's cross-attention heads). A log without ``removed_by``
     attributes each stage's removal by its mode: T_v / T_l to vision / text tokens, the rest to ``params`` (heads
     and neurons then None). None where the run did not reach ``ratio``."""
     last = snapshot_position(stage, ratio)
     if last is None:
         return None
-    removed_by = (stage.get("removed_by") or [None] * (last + 1))[:last + 1]
-    if all(x is not None for x in removed_by):
-        parts: dict[str, float | None] = {p: sum(x.get(p, 0.0) for x in removed_by) for p in REMOVED_PARTS}
-        parts["params"] = parts["heads"] + parts["neurons"]
+    logged = logged_removals(stage, ratio)
+    if logged is not None:
+        parts: dict[str, float | None] = dict.fromkeys(REMOVED_PARTS, 0.0)
+        params = 0.0
+        for part, value in itertools.chain.from_iterable(x.items() for x in logged):
+            column = column_of(part)
+            if column in parts:
+                parts[column] += value
+            params += 0.0 if part in TOKEN_COLUMNS else value
+        parts["params"] = params
         return parts
     kept = [1.0] + list(stage["flops_kept"])
     steps = stage.get("flops_removed_step") or [a - b for a, b in itertools.pairwise(kept)]
     out = {"heads": None, "neurons": None, "params": 0.0, "vision_tokens": 0.0, "text_tokens": 0.0}
     for mode, removed in zip(stage["modes"][:last + 1], steps[:last + 1]):
-        out[TOKEN_MODE_PARTS.get(mode, "params")] += removed
+        out[TOKEN_COLUMNS[TOKEN_MODE_PARTS[mode]] if mode in TOKEN_MODE_PARTS else "params"] += removed
     return out

@@ -67,8 +67,13 @@ class StagePlan:
     losses_removed: list[float] = field(default_factory=list)
     floor_limited: bool = True  # a shortfall of this stage means floors, not a per-stage bound
     unbounded: float | None = None  # the planned step when param_max_cut cut this stage to ``requested``
-    removed_by: dict[str, float] = field(default_factory=dict)  # FLOPs fraction removed per unit kind / token kind
+    removed_by: dict[str, float] = field(default_factory=dict)  # FLOPs fraction removed per "tower/kind" part
     probe_s: float = 0.0  # cost_measure "probe": seconds spent measuring every live mode before this stage began
+
+
+def removed_part(group: UnitGroup) -> str:
+    """A unit group's name in stage logs' ``removed_by``: ``tower/kinds`` ("text/cross_heads", "vision/neurons")."""
+    return f"{group.tower}/{group.spec.plural}"
 
 
 def bootstrap_se(deltas: list[float], resamples: int, seed: int) -> float:
@@ -393,8 +398,8 @@ class Pruner:
         chosen: dict[UnitKey, list[int]] = {}
         for j in torch.nonzero(new).flatten().tolist():
             group, u = keys[j]
-            plural = group.spec.plural
-            plan.removed_by[plural] = plan.removed_by.get(plural, 0.0) + costs[j] / self.dense_flops
+            part = removed_part(group)
+            plan.removed_by[part] = plan.removed_by.get(part, 0.0) + costs[j] / self.dense_flops
             self.selected[group.key][u] = True
             chosen.setdefault(group.key, []).append(u)
         plan.units = {key: torch.tensor(v) for key, v in chosen.items()}
