@@ -5,7 +5,9 @@ from __future__ import annotations
 import math
 import shlex
 import statistics
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from bench_world import FULL, SMOKE
 from emoji_bench import MODEL_PREFIX
@@ -151,13 +153,19 @@ def fixes_section(records: list[dict], ratios: list[float], h: str) -> list[str]
     return lines
 
 
+def runs_by_arm(stages: list[dict], per_run: Callable[[dict], Any]) -> dict[str, list[Any]]:
+    """``per_run(stage record)`` of every run, grouped by arm label; runs where it gives None are left out."""
+    by_arm: dict[str, list[Any]] = {}
+    for st in stages:
+        value = per_run(st)
+        if value is not None:
+            by_arm.setdefault(label_of(st), []).append(value)
+    return by_arm
+
+
 def flops_section(stages: list[dict], h: str, ratio: str = "0.8") -> list[str]:
     """Per arm, the mean over seeds of where the FLOPs removed up to the ``ratio`` snapshot came from."""
-    by_arm: dict[str, list[dict]] = {}
-    for st in stages:
-        parts = flops_went_where(st, ratio)
-        if parts is not None:
-            by_arm.setdefault(label_of(st), []).append(parts)
+    by_arm = runs_by_arm(stages, lambda st: flops_went_where(st, ratio))
     if not by_arm:
         return []
     lines = ["", f"{h} Where each arm's FLOPs went at {ratio} (mean over seeds)", "",
@@ -180,11 +188,7 @@ def flops_section(stages: list[dict], h: str, ratio: str = "0.8") -> list[str]:
 def tower_section(stages: list[dict], h: str, ratio: str = "0.8") -> list[str]:
     """Per arm, the mean over seeds of the FLOPs removed up to ``ratio`` per ``tower/kind`` part (P_c's
     cross-attention heads, each tower's share), and per tower in all; only runs whose log names the towers."""
-    by_arm: dict[str, list[dict[str, float]]] = {}
-    for st in stages:
-        parts = removed_by_tower(st, ratio)
-        if parts is not None:
-            by_arm.setdefault(label_of(st), []).append(parts)
+    by_arm = runs_by_arm(stages, lambda st: removed_by_tower(st, ratio))
     if not by_arm:
         return []
     parts = sorted({p for runs in by_arm.values() for run in runs for p in run})
