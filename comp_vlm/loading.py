@@ -251,12 +251,17 @@ def sample_lengths(task: Any, batches: Any) -> dict[str, Any]:
 
 def check_lengths_fit(model: Any, lengths: dict[str, Any], data: str) -> None:
     """Refuse texts (``lengths``' text and answer lengths, in tokens) longer than the model's text positions."""
-    positions = int(model.config.text_config.max_position_embeddings)
     for key in TEXT_LENGTH_KEYS:
-        if key in lengths and int(lengths[key].max()) > positions:
-            raise ConfigError(f"the tokenizer makes texts of {int(lengths[key].max())} tokens ({key}) from {data}, "
-                              f"but the model has {positions} text positions: save the tokenizer with "
-                              f"model_max_length={positions}")
+        if key in lengths:
+            check_text_positions(model, int(lengths[key].max()), data, f"texts of {{}} tokens ({key})")
+
+
+def check_text_positions(model: Any, tokens: int, data: str, what: str = "captions of {} tokens") -> None:
+    """Refuse texts of ``tokens`` tokens (the longest of ``data``) when the model has fewer text positions."""
+    positions = int(model.config.text_config.max_position_embeddings)
+    if tokens > positions:
+        raise ConfigError(f"the tokenizer makes {what.format(tokens)} from {data}, but the model has {positions} text "
+                          f"positions: save the tokenizer with model_max_length={positions}")
 
 
 def samples(task: Any, batch: Any) -> int:
@@ -304,11 +309,8 @@ def check_fit(model: Any, batch: dict, text_length: int, data: str) -> None:
     """Refuse inputs ``model`` cannot take: images (``batch``'s) of another size than its own (the image
     processor's crop), captions (up to ``text_length`` tokens) longer than its text positions."""
     size = int(model.config.vision_config.image_size)
-    positions = int(model.config.text_config.max_position_embeddings)
     shape = tuple(batch["pixel_values"].shape[-2:])
     if shape != (size, size):
         raise ConfigError(f"the image processor makes {shape[0]}x{shape[1]} images of {data}, but the model takes "
                           f"{size}x{size}: save the model with its own image processor")
-    if text_length > positions:
-        raise ConfigError(f"the tokenizer makes captions of {text_length} tokens from {data}, but the model has "
-                          f"{positions} text positions: save the tokenizer with model_max_length={positions}")
+    check_text_positions(model, text_length, data)
