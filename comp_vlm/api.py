@@ -73,17 +73,6 @@ def _data_source(task: str, data: str) -> DataSource:
     return check_task_data(task, data) if task_data(task) else check_data(data, roles=("test",))
 
 
-def _recorded_task(path: Path) -> str:
-    """The task recorded with a pruned model (its recipe), else retrieval."""
-    import comp_vlm
-
-    from .recipe import RECIPE_FILE
-
-    if not (path / RECIPE_FILE).is_file():
-        return "retrieval"
-    return comp_vlm.read_recipe(path).extra.get("task") or "retrieval"
-
-
 def _recorded_data(recorded: dict) -> DataSource:
     """Without ``data``: the data directory a pruned model was pruned on (recorded in its recipe), else the
     synthetic world."""
@@ -176,12 +165,12 @@ def evaluate_dir(path: str | os.PathLike, data: str | None = None, task: str | N
     from .recipe import RECIPE_FILE
 
     path = Path(path)
-    task = task or _recorded_task(path)
-    check_task(task)
+    recipe = comp_vlm.read_recipe(path) if (path / RECIPE_FILE).is_file() else None
+    task = task or (recipe.extra.get("task") if recipe else None) or "retrieval"  # the recorded task, else retrieval
+    checked = check_task(task)
     source = _data_source(task, data) if data is not None else None
     model = load_model_dir(path, device)
-    check_task(task).check_model(model)
-    recipe = comp_vlm.read_recipe(path) if (path / RECIPE_FILE).is_file() else None
+    checked.check_model(model)
     tokenizer = load_model_tokenizer(path, model)
     processor = load_image_processor(path)
     recorded = dict((recipe.extra.get("data") or {}) if recipe else {})
