@@ -61,7 +61,7 @@ from comp_vlm.data.karpathy import read_karpathy
 from comp_vlm.dense import cache_key
 from comp_vlm.importance import normalize_scores
 from comp_vlm.tasks.retrieval import gallery_metrics
-from comp_vlm.tokens import kept_counts, select_tokens
+from comp_vlm.tokens import TokenState, kept_counts, select_tokens
 
 KEEPS = (0.7, 0.5, 0.3, 0.1)
 SCORERS = ("attention", "random")
@@ -118,19 +118,12 @@ def patch_scores(rec: dict[str, torch.Tensor]) -> torch.Tensor:
 def kept_patches(scores: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, prunable: torch.Tensor,
                  keep: float, n_patches: int) -> torch.Tensor:
     """(N, P) bool: the patches a site keeping ``keep`` of the prunable slots keeps, by ``tokens.select_tokens``."""
-    state = _State(positions, valid, prunable)
-    slots, slot_valid = select_tokens(scores, state, keep)  # type: ignore[arg-type]
+    pooled = torch.zeros(len(positions), dtype=torch.long)  # the CLS token, position 0: never prunable
+    slots, slot_valid = select_tokens(scores, TokenState(positions, valid, prunable, pooled), keep)
     pos = positions.gather(1, slots)
     out = torch.zeros(len(scores), n_patches + 1, dtype=torch.bool)
     out.scatter_(1, torch.where(slot_valid, pos, torch.zeros_like(pos)), True)
     return out[:, 1:]
-
-
-class _State:
-    """The fields of a TokenState that ``select_tokens`` reads."""
-
-    def __init__(self, positions: torch.Tensor, valid: torch.Tensor, prunable: torch.Tensor) -> None:
-        self.positions, self.valid, self.prunable = positions, valid, prunable
 
 
 def coverage(kept: torch.Tensor, fg: torch.Tensor, threshold: float, objects: torch.Tensor) -> dict[str, float]:

@@ -125,10 +125,9 @@ def top_k(scores: torch.Tensor, members: torch.Tensor, keep_ratio: float) -> tor
 
 def pool_members(state: TokenState) -> list[torch.Tensor]:
     """(B, n) bool per pool: its prunable slots."""
-    pool = getattr(state, "pool", None)  # a duck-typed state (benchmarks/token_foreground.py) holds one pool
-    if pool is None:
+    if state.pool is None:
         return [state.prunable]
-    return [state.prunable & (pool == p) for p in range(state.n_pools)]
+    return [state.prunable & (state.pool == p) for p in range(state.n_pools)]
 
 
 def select_tokens(scores: torch.Tensor, state: TokenState, keep_ratio: float | Sequence[float],
