@@ -123,18 +123,23 @@ def reference_problem(value: Any) -> str | None:
     return None
 
 
+def choice_problem(value: Any, choices: Any) -> str | None:
+    """``value`` is one of ``choices`` (names, in the order the error lists them)."""
+    return None if value in choices else f"must be one of {', '.join(choices)}, got {value!r}"
+
+
 def token_scorer_problem(value: str) -> str | None:
     """A token scorer is one of the built-in scorers, by name (imported here: this module needs no torch)."""
     from .adapters.runtime import TOKEN_SCORERS
 
-    return None if value in TOKEN_SCORERS else f"must be one of {', '.join(TOKEN_SCORERS)}, got {value!r}"
+    return choice_problem(value, TOKEN_SCORERS)
 
 
 def token_reducer_problem(value: str) -> str | None:
     """A token reducer is one of the built-in reducers, by name."""
     from .adapters.runtime import TOKEN_REDUCERS
 
-    return None if value in TOKEN_REDUCERS else f"must be one of {', '.join(TOKEN_REDUCERS)}, got {value!r}"
+    return choice_problem(value, TOKEN_REDUCERS)
 
 
 #: PruneConfig (and AdapterOptions) fields with a content check: a function returning what is wrong, or None.

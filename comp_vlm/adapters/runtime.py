@@ -223,12 +223,6 @@ TOKEN_REDUCERS: dict[str, TokenReducer] = {"drop": drop_step, "fuse": fuse_step,
 KEY_REDUCERS = ("merge",)  # reducers that read the layer's attention keys (a family must expose them)
 
 
-def check_token_reducer(name: str) -> None:
-    """Raise ConfigError unless ``name`` is a reducer."""
-    if name not in TOKEN_REDUCERS:
-        raise ConfigError(f"unknown token_reducer {name!r}; choose from {', '.join(TOKEN_REDUCERS)}")
-
-
 KEYS = "comp_captured_keys"
 
 
