@@ -13,6 +13,7 @@ from .loading import (
     KARPATHY_ROLES,
     DataSource,
     check_data,
+    check_data_for,
     check_fit,
     check_task_data,
     load_image_processor,
@@ -64,13 +65,6 @@ def install_dense(model: Any) -> None:
     adapter = comp_vlm.get_adapter(model)
     if not adapter.is_installed():
         adapter.install(AdapterOptions(dead_compute=False))
-
-
-def _data_source(task: str, data: str) -> DataSource:
-    """``data`` for ``task``: a directory in the task's own format, or retrieval data (:func:`check_data`)."""
-    from .tasks import task_data
-
-    return check_task_data(task, data) if task_data(task) else check_data(data, roles=("test",))
 
 
 def _recorded_data(recorded: dict) -> DataSource:
@@ -168,7 +162,7 @@ def evaluate_dir(path: str | os.PathLike, data: str | None = None, task: str | N
     recipe = comp_vlm.read_recipe(path) if (path / RECIPE_FILE).is_file() else None
     task = task or (recipe.extra.get("task") if recipe else None) or "retrieval"  # the recorded task, else retrieval
     checked = check_task(task)
-    source = _data_source(task, data) if data is not None else None
+    source = check_data_for(task, data, roles=("test",)) if data is not None else None
     model = load_model_dir(path, device)
     checked.check_model(model)
     tokenizer = load_model_tokenizer(path, model)

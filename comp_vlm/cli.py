@@ -22,9 +22,8 @@ from .api import check_task, install_dense, missing_data_error
 from .errors import CompVLMError, ConfigError, OutputError
 from .loading import (
     DataSource,
-    check_data,
+    check_data_for,
     check_fit,
-    check_task_data,
     karpathy_data,
     load_dense_dir,
     load_image_processor,
@@ -196,17 +195,14 @@ def _model_path(args: argparse.Namespace) -> Path:
 
 
 def _prune_data(args: argparse.Namespace) -> DataSource:
-    """``--data`` checked for the task (:func:`check_task_data` for a task that reads its own format, else
-    :func:`check_data`); without it the synthetic world for a built-in model, which was trained on it. A model
-    directory must name its data."""
-    from .tasks import task_data
-
+    """``--data`` checked for the task (:func:`comp_vlm.loading.check_data_for`); without it the synthetic world for
+    a built-in model, which was trained on it. A model directory must name its data."""
     data = args.data
     if data is None:
         if args.model not in zoo.BUILTINS:
             raise missing_data_error(_model_path(args), "--data", args.task)
         data = "synthetic"
-    return check_task_data(args.task, data) if task_data(args.task) else check_data(data)
+    return check_data_for(args.task, data)
 
 
 def _longest_caption(loaders: Any) -> int:

@@ -47,7 +47,7 @@ def write_pruned_files(model: nn.Module, directory: Path, *, recipe: Recipe | No
 
     _check_sliced(model)
     recipe = recipe or get_adapter(model).recipe()
-    state = untied_state(model)
+    state = unshared(model.state_dict())  # tied weights (BLIP's LM head) copied: safetensors refuses them
     metadata = {"format": "pt", "comp_vlm": "1"}
     with outputs.writing(directory / WEIGHTS_FILE, safetensors_bytes(state, metadata)):
         save_file(state, str(directory / WEIGHTS_FILE), metadata=metadata)
@@ -60,12 +60,6 @@ def write_pruned_files(model: nn.Module, directory: Path, *, recipe: Recipe | No
     for extra in (tokenizer, image_processor, processor):
         if extra is not None:
             extra.save_pretrained(directory)
-
-
-def untied_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's state on the CPU, a tensor that shares storage with an earlier one (tied weights: BLIP's LM head
-    and word embeddings) copied (:func:`comp_vlm.checkpoint.unshared`)."""
-    return unshared(model.state_dict())
 
 
 def save_pruned(

@@ -217,6 +217,14 @@ def check_task_data(task: str, data: str, what: str = "--data") -> DataSource:
     return DataSource("task", path.resolve(), task=task)
 
 
+def check_data_for(task: str, data: str, roles: tuple[str, ...] = tuple(KARPATHY_ROLES)) -> DataSource:
+    """``data`` checked for ``task``: a directory in the task's own format (:func:`check_task_data`), else retrieval
+    data (:func:`check_data`, the Karpathy ``roles`` it needs)."""
+    from .tasks import task_data
+
+    return check_task_data(task, data) if task_data(task) else check_data(data, roles=roles)
+
+
 def task_dir_data(source: DataSource, model: Any, tokenizer: Any, processor: Any, batch_size: int,
                   eval_batch_size: int, seed: int) -> LoadedData:
     """The loaders of a task's data directory (``source``, kind "task") through the task's registered loader, the
